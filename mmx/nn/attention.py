@@ -1,0 +1,324 @@
+"""Multi-head scaled dot-product attention: one class for self- and cross-attention.
+
+Queries come from ``x`` (image features, action steps, decoder tokens); keys and values come from
+``context`` (text tokens, observation tokens, encoder memory), or from ``x`` itself when
+``context`` is None (Vaswani et al., 2017, "Attention Is All You Need").
+
+The output always comes from :func:`torch.nn.functional.scaled_dot_product_attention` (fused
+kernels on GPU and CPU); attention probabilities are computed beside it, only when asked for.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmx.context import Context, unpack_context
+
+__all__ = ["CrossAttention", "MultiHeadAttention", "prepare_mask", "attention_probs", "AttentionHook"]
+
+# A hook sees (module, q [B, H, L, Dh], k [B, H, S, Dh], mask) for every call; see ``CrossAttention.hooks``.
+AttentionHook = Callable[["CrossAttention", torch.Tensor, torch.Tensor, "torch.Tensor | None"], None]
+
+
+def prepare_mask(
+    mask: torch.Tensor | None, batch: int, heads: int, queries: int, keys: int, dtype: torch.dtype
+) -> torch.Tensor | None:
+    """Check a user mask and shape it to broadcast against ``[B, H, L, S]``.
+
+    Accepted forms (bool: True = may attend; floating: added to the scores, ``-inf`` = masked):
+      * ``[B, S]`` key padding (the usual text mask),
+      * ``[B, L, S]`` per query,
+      * ``[B | 1, H | 1, L | 1, S]`` anything broadcastable to ``[B, H, L, S]``.
+    A float mask is cast to ``dtype`` (the query dtype) as SDPA requires.
+    """
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask must be a torch.Tensor or None; got {type(mask).__name__}")
+    if mask.dtype != torch.bool and not mask.is_floating_point():
+        raise TypeError(
+            f"mask must be bool (True = may attend) or floating (additive, -inf = masked); got {mask.dtype}. "
+            "A 0/1 integer attention_mask from a tokenizer converts with mask.bool()."
+        )
+    expected = (batch, heads, queries, keys)
+    if mask.ndim == 2:
+        if tuple(mask.shape) != (batch, keys):
+            raise ValueError(f"a 2-D mask is key padding [B, S] = {(batch, keys)}; got {tuple(mask.shape)}")
+        mask = mask[:, None, None, :]  # (B, 1, 1, S)
+    elif mask.ndim == 3:
+        mask = mask[:, None, :, :]  # (B, 1, L, S)
+    elif mask.ndim != 4:
+        raise ValueError(
+            f"mask must be [B, S], [B, L, S] or broadcastable to [B, H, L, S] = {expected}; "
+            f"got {mask.ndim}-D shape {tuple(mask.shape)}"
+        )
+    if any(m not in (1, e) for m, e in zip(mask.shape, expected)) or mask.shape[-1] != keys:
+        raise ValueError(
+            f"mask of shape {tuple(mask.shape)} cannot broadcast to [B, H, L, S] = {expected} "
+            "(the key dimension S must match exactly)"
+        )
+    if mask.is_floating_point() and mask.dtype != dtype:
+        mask = mask.to(dtype)
+    return mask
+
+
+def _fix_empty_rows(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unmask rows that have no key left, so softmax stays finite; return the mask and a row keep-factor.
+
+    Returns ``(safe_mask, row_has_key)`` where ``row_has_key`` is ``[*, 1]`` broadcastable to the
+    output ``[B, H, L, Dv]``; multiplying by it zeroes those rows (and their gradients).
+    No host synchronisation: everything stays on the device.
+    """
+    allowed = mask if mask.dtype == torch.bool else ~torch.isneginf(mask)
+    row_has_key = allowed.any(dim=-1, keepdim=True)  # (B|1, H|1, L|1, 1)
+    if mask.dtype == torch.bool:
+        safe = mask | ~row_has_key
+    else:
+        safe = mask.masked_fill(~row_has_key, 0.0)
+    return safe, row_has_key
+
+
+def _causal_mask(queries: int, keys: int, device: torch.device) -> torch.Tensor:
+    """Bool ``[L, S]``: query i may see key j when ``j <= i + (S - L)`` (aligned to the last key).
+
+    With L == S this is the usual lower triangle; with fewer queries than keys (decoding with a
+    key/value cache) the queries are the last L positions of the sequence.
+    """
+    return torch.ones(queries, keys, dtype=torch.bool, device=device).tril(diagonal=keys - queries)
+
+
+def attention_probs(
+    q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Explicit ``softmax(q k^T * scale + mask)`` as ``[B, H, L, S]`` in float32.
+
+    ``mask`` must already be prepared (see :func:`prepare_mask`). Rows whose keys are all masked
+    are zeros. Used for attention maps; the forward output never comes from here.
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scores = torch.einsum("bhld,bhsd->bhls", q.float(), k.float()) * scale  # (B, H, L, S)
+    allowed = None
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            allowed = mask
+        else:
+            scores = scores + mask.float()
+            allowed = ~torch.isneginf(mask)
+    if causal:
+        tri = _causal_mask(q.shape[-2], k.shape[-2], q.device)
+        allowed = tri if allowed is None else allowed & tri
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        row_has_key = allowed.any(dim=-1, keepdim=True)
+        scores = scores.masked_fill(~row_has_key, 0.0)
+        return scores.softmax(dim=-1) * row_has_key
+    return scores.softmax(dim=-1)
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention with queries from ``x`` and keys/values from ``context``.
+
+    ``context=None`` makes it self-attention. Queries and keys use ``dim_head`` per head, values
+    ``value_dim_head`` (default ``dim_head``). Parameter names (``to_q``, ``to_k``, ``to_v``,
+    ``to_out.0``) match diffusers' ``Attention`` and latent-diffusion checkpoints.
+
+    Args:
+        query_dim: width of ``x``.
+        context_dim: width of ``context`` tokens; None means ``query_dim`` (self-attention).
+        heads: number of heads H.
+        dim_head: query/key width per head; None means ``query_dim // heads``.
+        value_dim_head: value width per head; None means ``dim_head``.
+        out_dim: output width; None means ``query_dim``.
+        dropout: dropout on the output projection.
+        qkv_bias: bias in the q/k/v projections.
+    """
+
+    def __init__(
+        self,
+        query_dim: int,
+        context_dim: int | None = None,
+        heads: int = 8,
+        dim_head: int | None = 64,
+        value_dim_head: int | None = None,
+        out_dim: int | None = None,
+        dropout: float = 0.0,
+        qkv_bias: bool = False,
+    ) -> None:
+        super().__init__()
+        if dim_head is None:
+            if not isinstance(heads, int) or heads <= 0 or query_dim % heads != 0:
+                raise ValueError(
+                    f"dim_head=None splits query_dim across heads, so query_dim must be divisible by heads; "
+                    f"got query_dim={query_dim}, heads={heads}"
+                )
+            dim_head = query_dim // heads
+        for name, value in (("query_dim", query_dim), ("heads", heads), ("dim_head", dim_head)):
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int; got {value!r}")
+        if context_dim is not None and (not isinstance(context_dim, int) or context_dim <= 0):
+            raise ValueError(f"context_dim must be a positive int or None; got {context_dim!r}")
+        self.query_dim = query_dim
+        self.context_dim = context_dim if context_dim is not None else query_dim
+        self.is_cross = context_dim is not None
+        self.heads = heads
+        self.dim_head = dim_head
+        self.value_dim_head = value_dim_head or dim_head
+        self.out_dim = out_dim or query_dim
+        self.scale = 1.0 / math.sqrt(dim_head)
+
+        self.to_q = nn.Linear(query_dim, heads * dim_head, bias=qkv_bias)
+        self.to_k = nn.Linear(self.context_dim, heads * dim_head, bias=qkv_bias)
+        self.to_v = nn.Linear(self.context_dim, heads * self.value_dim_head, bias=qkv_bias)
+        self.to_out = nn.Sequential(nn.Linear(heads * self.value_dim_head, self.out_dim), nn.Dropout(dropout))
+        # Callables run on every forward with (module, q, k, mask); the attention recorder uses them.
+        self.hooks: dict[int, AttentionHook] = {}
+
+    def extra_repr(self) -> str:
+        return (
+            f"query_dim={self.query_dim}, context_dim={self.context_dim if self.is_cross else None}, "
+            f"heads={self.heads}, dim_head={self.dim_head}, value_dim_head={self.value_dim_head}"
+        )
+
+    def add_hook(self, hook: AttentionHook) -> Callable[[], None]:
+        """Call ``hook(module, q, k, mask)`` on every forward; returns a function that removes it."""
+        key = id(hook)
+        self.hooks[key] = hook
+        return lambda: self.hooks.pop(key, None)
+
+    # -- projections ----------------------------------------------------------------------------
+    def _check_inputs(self, x: torch.Tensor, context: torch.Tensor | None) -> None:
+        if not isinstance(x, torch.Tensor) or x.ndim != 3 or x.shape[-1] != self.query_dim:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"x must be [B, L, query_dim={self.query_dim}]; got {got}")
+        if context is None:
+            return
+        if not isinstance(context, torch.Tensor) or context.ndim != 3 or context.shape[-1] != self.context_dim:
+            got = tuple(context.shape) if isinstance(context, torch.Tensor) else type(context).__name__
+            raise ValueError(f"context must be [B, S, context_dim={self.context_dim}]; got {got}")
+        if context.shape[0] != x.shape[0]:
+            raise ValueError(
+                f"x and context must have the same batch size B; got x {tuple(x.shape)}, context {tuple(context.shape)}"
+            )
+
+    def project(
+        self, x: torch.Tensor, context: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Project to per-head ``q [B, H, L, Dh]``, ``k [B, H, S, Dh]``, ``v [B, H, S, Dv]``."""
+        self._check_inputs(x, context)
+        source = x if context is None else context
+        b, l, _ = x.shape
+        s = source.shape[1]
+        q = self.to_q(x).view(b, l, self.heads, self.dim_head).transpose(1, 2)  # (B, H, L, Dh)
+        k = self.to_k(source).view(b, s, self.heads, self.dim_head).transpose(1, 2)  # (B, H, S, Dh)
+        v = self.to_v(source).view(b, s, self.heads, self.value_dim_head).transpose(1, 2)  # (B, H, S, Dv)
+        return q, k, v
+
+    # -- forward --------------------------------------------------------------------------------
+    def forward(
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor | Context | None = None,
+        mask: torch.Tensor | None = None,
+        causal: bool = False,
+        return_attention: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Attend from ``x [B, L, query_dim]`` to ``context [B, S, context_dim]`` (or to ``x``).
+
+        Args:
+            x: queries' source, ``[B, L, query_dim]``.
+            context: keys/values' source, a ``[B, S, context_dim]`` tensor or a :class:`Context`
+                (whose mask is used unless ``mask`` is given); None for self-attention.
+            mask: bool (True = may attend) or additive float; ``[B, S]``, ``[B, L, S]`` or
+                broadcastable to ``[B, H, L, S]``. A query whose keys are all masked (in every
+                head) gets a zero output; in some heads only, those heads contribute zeros.
+            causal: query i sees key j only when ``j <= i + S - L``.
+            return_attention: also return the probabilities ``[B, H, L, S]`` (float32),
+                computed beside the fused output.
+
+        Returns:
+            ``[B, L, out_dim]``, or ``(output, probs)`` when ``return_attention``.
+        """
+        context, mask = unpack_context(context, mask)
+        q, k, v = self.project(x, context)
+        b, h, l, _ = q.shape
+        s = k.shape[2]
+        mask = prepare_mask(mask, b, h, l, s, q.dtype)
+        for hook in list(self.hooks.values()):
+            hook(self, q, k, mask)
+        out, row_has_key = self._sdpa(q, k, v, mask, causal)  # (B, H, L, Dv)
+        out = out.transpose(1, 2).reshape(b, l, h * self.value_dim_head)  # (B, L, H*Dv)
+        out = self.to_out(out)
+        if row_has_key is not None:
+            # A query with no key to attend to (in any head) gets no update at all, bias included.
+            out = out * row_has_key.any(dim=1).to(out.dtype)  # (B|1, L|1, 1)
+        if return_attention:
+            return out, attention_probs(q, k, mask, causal, self.scale)
+        return out
+
+    def attention_probs(
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor | Context | None = None,
+        mask: torch.Tensor | None = None,
+        causal: bool = False,
+    ) -> torch.Tensor:
+        """Only the attention probabilities ``[B, H, L, S]`` (float32) for these inputs."""
+        context, mask = unpack_context(context, mask)
+        q, k, _ = self.project(x, context)
+        mask = prepare_mask(mask, q.shape[0], self.heads, q.shape[2], k.shape[2], q.dtype)
+        return attention_probs(q, k, mask, causal, self.scale)
+
+    def _sdpa(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Fused attention ``[B, H, L, Dv]`` and, when a mask is in play, ``row_has_key [*, L|1, 1]``."""
+        l, s = q.shape[2], k.shape[2]
+        if mask is None:
+            if not causal or l == s:
+                return F.scaled_dot_product_attention(q, k, v, is_causal=causal and l > 1), None
+            if l > s:
+                # The first L - S queries see no key at all: give them zeros.
+                mask = _causal_mask(l, s, q.device)
+            else:
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=_causal_mask(l, s, q.device)), None
+        elif causal:
+            tri = _causal_mask(l, s, q.device)
+            mask = mask & tri if mask.dtype == torch.bool else mask.masked_fill(~tri, float("-inf"))
+        mask, row_has_key = _fix_empty_rows(mask)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return out * row_has_key.to(out.dtype), row_has_key
+
+
+class MultiHeadAttention(CrossAttention):
+    """Self-attention: :class:`CrossAttention` with keys and values from ``x`` itself."""
+
+    def __init__(
+        self,
+        query_dim: int,
+        heads: int = 8,
+        dim_head: int = 64,
+        value_dim_head: int | None = None,
+        out_dim: int | None = None,
+        dropout: float = 0.0,
+        qkv_bias: bool = False,
+    ) -> None:
+        super().__init__(
+            query_dim, None, heads=heads, dim_head=dim_head, value_dim_head=value_dim_head,
+            out_dim=out_dim, dropout=dropout, qkv_bias=qkv_bias,
+        )
+
+    def forward(  # type: ignore[override]
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        causal: bool = False,
+        return_attention: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Self-attention over ``x [B, L, query_dim]``; ``mask`` as in :meth:`CrossAttention.forward`."""
+        return super().forward(x, None, mask=mask, causal=causal, return_attention=return_attention)

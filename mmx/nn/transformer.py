@@ -1,0 +1,195 @@
+"""Transformer blocks that let feature maps and sequences read a context.
+
+``TransformerBlock`` is the pre-norm block of latent diffusion (Rombach et al., 2022):
+self-attention, cross-attention to the context, GEGLU feed-forward (Shazeer, 2020), each residual.
+``SpatialTransformer`` wraps it for ``[B, C, H, W]`` maps and ``TemporalTransformer`` for
+``[B, C, T]`` sequences: normalise, project to tokens, run the blocks, project back (output
+projection zero-initialised, so a freshly inserted block is the identity), add the input.
+Parameter names follow diffusers' ``BasicTransformerBlock`` / ``Transformer2DModel``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmx.context import Context, unpack_context
+from mmx.nn.attention import CrossAttention
+
+__all__ = ["GEGLU", "FeedForward", "TransformerBlock", "SpatialTransformer", "TemporalTransformer", "group_norm"]
+
+
+def group_norm(channels: int, groups: int | None = None, eps: float = 1e-6) -> nn.GroupNorm:
+    """GroupNorm over ``channels``; ``groups=None`` picks the largest divisor of channels up to 32."""
+    if groups is None:
+        groups = max(g for g in range(1, min(32, channels) + 1) if channels % g == 0)
+    if not isinstance(groups, int) or groups <= 0 or channels % groups != 0:
+        raise ValueError(f"norm groups must be a positive divisor of channels={channels}; got {groups!r}")
+    return nn.GroupNorm(groups, channels, eps=eps, affine=True)
+
+
+class GEGLU(nn.Module):
+    """``a * gelu(b)`` where ``[a, b]`` is one linear projection split in two (Shazeer, 2020)."""
+
+    def __init__(self, dim_in: int, dim_out: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out * 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, gate = self.proj(x).chunk(2, dim=-1)
+        return a * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    """Position-wise feed-forward ``dim -> mult*dim -> dim`` with a GEGLU (or GELU) hidden layer."""
+
+    def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0, gated: bool = True) -> None:
+        super().__init__()
+        inner = dim * mult
+        act: nn.Module = GEGLU(dim, inner) if gated else nn.Sequential(nn.Linear(dim, inner), nn.GELU())
+        self.net = nn.Sequential(act, nn.Dropout(dropout), nn.Linear(inner, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: ``x + SelfAttn(LN x)``, ``x + CrossAttn(LN x, context)``, ``x + FF(LN x)``.
+
+    Args:
+        dim: token width of ``x``.
+        context_dim: width of the context tokens; None builds no cross-attention.
+        heads, dim_head: attention heads and width per head (shared by both attentions).
+        ff_mult: hidden width of the feed-forward as a multiple of ``dim``.
+        dropout: dropout in the attention outputs and the feed-forward.
+        self_attention: build the self-attention sub-layer.
+        gated_ff: GEGLU (True) or GELU (False) feed-forward.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        context_dim: int | None = None,
+        heads: int = 8,
+        dim_head: int = 64,
+        ff_mult: int = 4,
+        dropout: float = 0.0,
+        self_attention: bool = True,
+        gated_ff: bool = True,
+    ) -> None:
+        super().__init__()
+        if not self_attention and context_dim is None:
+            raise ValueError("a TransformerBlock needs self_attention=True or a context_dim for cross-attention")
+        self.dim = dim
+        self.context_dim = context_dim
+        self.norm1 = nn.LayerNorm(dim) if self_attention else None
+        self.attn1 = CrossAttention(dim, None, heads, dim_head, dropout=dropout) if self_attention else None
+        self.norm2 = nn.LayerNorm(dim) if context_dim is not None else None
+        self.attn2 = CrossAttention(dim, context_dim, heads, dim_head, dropout=dropout) if context_dim else None
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim, ff_mult, dropout, gated=gated_ff)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor | Context | None = None,
+        mask: torch.Tensor | None = None,
+        self_mask: torch.Tensor | None = None,
+        causal: bool = False,
+    ) -> torch.Tensor:
+        """``x [B, L, dim]`` reads ``context [B, S, context_dim]``; returns ``[B, L, dim]``.
+
+        ``mask`` masks context tokens (a Context brings its own); ``self_mask`` and ``causal``
+        apply to the self-attention.
+        """
+        context, mask = unpack_context(context, mask)
+        if self.attn1 is not None:
+            x = x + self.attn1(self.norm1(x), mask=self_mask, causal=causal)
+        if self.attn2 is not None:
+            if context is None:
+                raise ValueError(f"this block cross-attends to a context of width {self.context_dim}; got context=None")
+            x = x + self.attn2(self.norm2(x), context, mask=mask)
+        elif context is not None:
+            raise ValueError("this block was built without cross-attention (context_dim=None) but got a context")
+        return x + self.ff(self.norm3(x))
+
+
+class _ChannelsTransformer(nn.Module):
+    """Shared body of Spatial/TemporalTransformer: ``[B, C, *grid]`` <-> ``[B, prod(grid), D]`` tokens."""
+
+    spatial_dims: int = 2
+    layout: str = "[B, C, H, W]"
+
+    def __init__(
+        self,
+        channels: int,
+        context_dim: int | None = None,
+        heads: int = 8,
+        dim_head: int = 64,
+        depth: int = 1,
+        dropout: float = 0.0,
+        self_attention: bool = True,
+        ff_mult: int = 4,
+        norm_groups: int | None = None,
+    ) -> None:
+        super().__init__()
+        inner = heads * dim_head
+        self.channels = channels
+        self.context_dim = context_dim
+        self.norm = group_norm(channels, norm_groups)
+        self.proj_in = nn.Linear(channels, inner)
+        self.transformer_blocks = nn.ModuleList(
+            TransformerBlock(inner, context_dim, heads, dim_head, ff_mult, dropout, self_attention)
+            for _ in range(depth)
+        )
+        self.proj_out = nn.Linear(inner, channels)
+        nn.init.zeros_(self.proj_out.weight)
+        nn.init.zeros_(self.proj_out.bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor | Context | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Let every position of ``x`` read ``context``; returns a tensor shaped like ``x``."""
+        if not isinstance(x, torch.Tensor) or x.ndim != 2 + self.spatial_dims or x.shape[1] != self.channels:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"{type(self).__name__} expects x {self.layout} with C={self.channels}; got {got}")
+        context, mask = unpack_context(context, mask)
+        b, c, *grid = x.shape
+        h = self.norm(x).flatten(2).transpose(1, 2)  # (B, L, C), L = prod(grid)
+        h = self.proj_in(h)  # (B, L, D)
+        for block in self.transformer_blocks:
+            h = block(h, context, mask=mask)
+        h = self.proj_out(h).transpose(1, 2).reshape(b, c, *grid)  # (B, C, *grid)
+        return x + h
+
+
+class SpatialTransformer(_ChannelsTransformer):
+    """Cross-attention for 2D maps: each of the H*W positions of ``x [B, C, H, W]`` is a query.
+
+    Args:
+        channels: C of the feature map.
+        context_dim: width of the context tokens (None: self-attention only).
+        heads, dim_head: attention heads; the inner token width is ``heads * dim_head``.
+        depth: number of :class:`TransformerBlock`.
+        dropout: dropout inside the blocks.
+        self_attention: include self-attention among positions in each block.
+        ff_mult: feed-forward expansion.
+        norm_groups: GroupNorm groups (None: largest divisor of C up to 32).
+    """
+
+    spatial_dims = 2
+    layout = "[B, C, H, W]"
+
+
+class TemporalTransformer(_ChannelsTransformer):
+    """Cross-attention for sequences ``x [B, C, T]`` (e.g. an action chunk in a 1D UNet).
+
+    Arguments as :class:`SpatialTransformer`; each of the T steps is a query.
+    """
+
+    spatial_dims = 1
+    layout = "[B, C, T]"
