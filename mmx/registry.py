@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable, Generic, Iterator, TypeVar
 
 __all__ = ["Registry", "UnknownNameError"]
@@ -52,8 +53,31 @@ class Registry(Generic[T]):
         return self._entries[key]
 
     def build(self, name: str, /, *args: Any, **kwargs: Any) -> T:
-        """Instantiate the entry registered as ``name`` with the given arguments."""
-        return self.get(name)(*args, **kwargs)
+        """Instantiate the entry registered as ``name``; an unknown keyword lists the valid ones."""
+        entry = self.get(name)
+        valid = self.parameters(name)
+        if valid is not None:
+            unknown = sorted(set(kwargs) - set(valid))
+            if unknown:
+                raise TypeError(
+                    f"{self.kind} {name!r} got unknown argument(s) {', '.join(unknown)}; "
+                    f"valid arguments: {', '.join(valid)}"
+                )
+        return entry(*args, **kwargs)
+
+    def build_from_dict(self, spec: dict[str, Any]) -> T:
+        """Build from plain data such as a YAML mapping: ``{"name": "clip", **arguments}``."""
+        if not isinstance(spec, dict) or "name" not in spec:
+            raise ValueError(f"a {self.kind} spec must be a mapping with a 'name' key; got {spec!r}")
+        arguments = dict(spec)
+        return self.build(arguments.pop("name"), **arguments)
+
+    def parameters(self, name: str) -> list[str] | None:
+        """Keyword arguments the entry accepts, or None when it takes ``**kwargs``."""
+        signature = inspect.signature(self.get(name))
+        if any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values()):
+            return None
+        return [n for n, p in signature.parameters.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
 
     def names(self) -> list[str]:
         """Every registered name and alias, sorted."""

@@ -292,7 +292,11 @@ class CrossAttention(nn.Module):
             mask = mask & tri if mask.dtype == torch.bool else mask.masked_fill(~tri, float("-inf"))
         mask, row_has_key = _fix_empty_rows(mask)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return out * row_has_key.to(out.dtype), row_has_key
+        if row_has_key.shape[1] > 1:
+            # Heads disagree on which rows are empty: zero those heads here. Otherwise the row is
+            # zeroed once, after the output projection (see forward).
+            out = out * row_has_key.to(out.dtype)
+        return out, row_has_key
 
 
 class MultiHeadAttention(CrossAttention):

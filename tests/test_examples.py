@@ -1,0 +1,31 @@
+"""Smoke runs of the examples: they must keep working on the public API."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).parents[1] / "examples"
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_import_blocks_example_trains_and_the_caption_helps():
+    example = _load("import_blocks")
+    results = example.main(steps=120)
+    plain, conditioned = results["plain CNN"], results["CNN + mmx.SpatialTransformer"]
+    assert conditioned < plain, f"reading the caption should lower the loss: {conditioned:.4f} vs {plain:.4f}"
+
+
+def test_import_blocks_adds_few_lines():
+    """The conditioned CNN is the plain one plus a handful of lines."""
+    source = (EXAMPLES / "import_blocks.py").read_text()
+    start = source.index("class TextConditionedCNN")
+    end = source.index("# ---- data and training")
+    added = [line for line in source[start:end].splitlines() if line.strip()]
+    assert len(added) <= 30
