@@ -124,21 +124,41 @@ def run_once(fn, x, ctx, mask, backward):
 
 
 def time_all(impls, case, device, backward, repeats):
-    """Median seconds per call for each implementation, measured round-robin to share drift."""
+    """Median seconds per call for each implementation.
+
+    Each sample times ``inner`` back-to-back calls (enough for ~50 ms), and the implementations
+    take turns in a rotating order, so drift of the machine is shared by all of them.
+    """
     x, ctx, mask = inputs(case, device, grad=backward)
     names = [n for n in "abcd" if not (n == "c" and mask is not None)]
     times = {n: [] for n in names}
-    for n in names:  # warm-up
-        for _ in range(2):
-            run_once(impls[n], x, ctx, mask, backward)
-    sync(device)
+    inner = {}
+    for n in names:  # warm-up, and how many calls make one sample
+        run_once(impls[n], x, ctx, mask, backward)
+        sync(device)
+        start = time.perf_counter()
+        run_once(impls[n], x, ctx, mask, backward)
+        sync(device)
+        inner[n] = max(1, min(20, int(0.05 / max(time.perf_counter() - start, 1e-6))))
     for r in range(repeats):
         for n in names[r % len(names):] + names[: r % len(names)]:
             start = time.perf_counter()
-            run_once(impls[n], x, ctx, mask, backward)
+            for _ in range(inner[n]):
+                run_once(impls[n], x, ctx, mask, backward)
             sync(device)
-            times[n].append(time.perf_counter() - start)
+            times[n].append((time.perf_counter() - start) / inner[n])
     return {n: statistics.median(t) for n, t in times.items()}
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _rss_kib(field: str) -> int:
@@ -197,7 +217,7 @@ def main() -> None:
 
     meta = {
         "date": dt.date.today().isoformat(),
-        "device": torch.cuda.get_device_name(0) if device.type == "cuda" else f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        "device": torch.cuda.get_device_name(0) if device.type == "cuda" else f"cpu: {_cpu_name()}, {torch.get_num_threads()} threads",
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,
         "heads": HEADS,

@@ -117,7 +117,10 @@ class HFTextEncoder(TextEncoder):
 def _load(name_or_path: str) -> tuple[Any, torch.nn.Module]:
     """Tokenizer and (encoder-only) model of ``name_or_path``; errors name it."""
     import transformers
+    from transformers.utils import logging as hf_logging
 
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a per-tensor loading bar for a model that loads in a second
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(name_or_path)
         config = transformers.AutoConfig.from_pretrained(name_or_path)
@@ -132,6 +135,9 @@ def _load(name_or_path: str) -> tuple[Any, torch.nn.Module]:
         else:
             hint = "without network, pass a local folder or a hub id already in the HuggingFace cache"
         raise OSError(f"could not load HuggingFace model {name_or_path!r} ({hint}): {e}") from e
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
     return tokenizer, model
 
 
