@@ -1,0 +1,17 @@
+"""Glue between networks and diffusers schedulers: training loss and sampling. No files, no data sets."""
+
+from mmx.diffusion.loss import PREDICTION_TYPES, diffusion_loss, drop_conditions
+from mmx.diffusion.sampling import StepCallback, pad_context, sample
+from mmx.diffusion.schedulers import SCHEDULERS, make_scheduler, sampler_from
+
+__all__ = [
+    "PREDICTION_TYPES",
+    "SCHEDULERS",
+    "StepCallback",
+    "diffusion_loss",
+    "drop_conditions",
+    "make_scheduler",
+    "pad_context",
+    "sample",
+    "sampler_from",
+]

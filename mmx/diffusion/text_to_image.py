@@ -1,0 +1,125 @@
+"""Text-to-image diffusion: a frozen text encoder, a denoising UNet and a diffusers noise schedule.
+
+Holds no files: saving and loading runs is the trainer's job (``mmx.train``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from mmx.context import Context
+from mmx.diffusion.loss import diffusion_loss, drop_conditions
+from mmx.diffusion.sampling import StepCallback, pad_context, sample
+from mmx.diffusion.schedulers import sampler_from
+
+__all__ = ["TextToImage"]
+
+
+class TextToImage(nn.Module):
+    """Caption -> Context -> denoiser, for training (:meth:`loss`) and generation (:meth:`generate`).
+
+    Args:
+        unet: ``unet(x_t, t, context) -> prediction`` (an mmx ``UNet2D`` or ``DiffusersUNet2D``).
+        text_encoder: an mmx text encoder (``HFTextEncoder``, ``CLIPTextEncoder``).
+        scheduler: the diffusers training scheduler (its config sets the prediction type).
+        image_size: ``(channels, height, width)`` of generated images.
+        cond_drop_prob: share of captions replaced by the empty caption in training (for guidance).
+        min_snr_gamma: min-SNR-gamma loss weighting (None: plain MSE).
+        max_tokens: pad every batch of tokens to this length (None: to the longest caption).
+    """
+
+    def __init__(
+        self,
+        unet: nn.Module,
+        text_encoder: nn.Module,
+        scheduler: Any,
+        image_size: tuple[int, int, int] = (3, 32, 32),
+        cond_drop_prob: float = 0.1,
+        min_snr_gamma: float | None = None,
+        max_tokens: int | None = None,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= cond_drop_prob < 1.0:
+            raise ValueError(f"cond_drop_prob must be in [0, 1); got {cond_drop_prob}")
+        self.unet = unet
+        self.text_encoder = text_encoder
+        self.scheduler = scheduler
+        self.image_size = tuple(image_size)
+        self.cond_drop_prob = cond_drop_prob
+        self.min_snr_gamma = min_snr_gamma
+        self.max_tokens = max_tokens
+        self._cache: dict[str, Context] = {}
+
+    # -- text ------------------------------------------------------------------------------------
+    def encode(self, captions: Sequence[str]) -> Context:
+        """Context of ``captions``; a frozen encoder's outputs are cached per caption (computed once)."""
+        captions = list(captions)
+        if not getattr(self.text_encoder, "frozen", False):
+            return self._pad(self.text_encoder(captions))
+        missing = list(dict.fromkeys(c for c in captions if c not in self._cache))
+        if missing:
+            ctx = self.text_encoder(missing)
+            for i, caption in enumerate(missing):
+                n = int(ctx.mask[i].sum())  # real tokens: their states do not depend on the padding
+                self._cache[caption] = Context(
+                    tokens=ctx.tokens[i : i + 1, :n].detach(), mask=ctx.mask[i : i + 1, :n],
+                    pooled=None if ctx.pooled is None else ctx.pooled[i : i + 1].detach(),
+                    words=None if ctx.words is None else [ctx.words[i]],
+                )
+        return self._pad_join([self._cache[c] for c in captions])
+
+    def _pad(self, ctx: Context) -> Context:
+        return pad_context(ctx, self.max_tokens) if self.max_tokens else ctx
+
+    def _pad_join(self, rows: list[Context]) -> Context:
+        s = self.max_tokens or max(r.tokens.shape[1] for r in rows)
+        b, d = len(rows), rows[0].dim
+        tokens = rows[0].tokens.new_zeros(b, s, d)
+        mask = torch.zeros(b, s, dtype=torch.bool, device=tokens.device)
+        for i, r in enumerate(rows):
+            n = min(r.tokens.shape[1], s)
+            tokens[i, :n] = r.tokens[0, :n]
+            mask[i, :n] = r.mask[0, :n]
+        pooled = None if rows[0].pooled is None else torch.cat([r.pooled for r in rows])
+        words = None if rows[0].words is None else [r.words[0] for r in rows]
+        return Context(tokens=tokens, mask=mask, pooled=pooled, words=words)
+
+    def null_context(self) -> Context:
+        """The Context of the empty caption (the unconditional input of guidance)."""
+        return self.encode([""])
+
+    # -- training --------------------------------------------------------------------------------
+    def loss(
+        self, images: torch.Tensor, captions: Sequence[str], generator: torch.Generator | None = None,
+        unet: nn.Module | None = None,
+    ) -> torch.Tensor:
+        """Denoising loss of ``images [B, C, H, W]`` in [-1, 1] given their captions.
+
+        ``unet`` overrides ``self.unet`` (the trainer passes its distributed wrapper).
+        """
+        ctx = self.encode(captions)
+        if self.cond_drop_prob > 0:
+            null = pad_context(self.null_context(), ctx.tokens.shape[1])
+            ctx = drop_conditions(ctx, null, self.cond_drop_prob, generator)
+        return diffusion_loss(unet or self.unet, images, ctx, self.scheduler, self.min_snr_gamma, generator)
+
+    # -- generation ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: Sequence[str],
+        num_steps: int = 25,
+        guidance_scale: float = 3.0,
+        sampler: str = "ddim",
+        generator: torch.Generator | None = None,
+        callback: StepCallback | None = None,
+    ) -> torch.Tensor:
+        """Images ``[B, C, H, W]`` in [-1, 1] for ``prompts`` (of any lengths), with guidance in one batched call."""
+        ctx = self.encode(prompts)
+        null = self.null_context() if guidance_scale != 1.0 else None
+        scheduler = sampler_from(self.scheduler, sampler)
+        x = sample(self.unet, scheduler, ctx, self.image_size, num_steps, guidance_scale, null, generator, callback)
+        return x.clamp(-1, 1)

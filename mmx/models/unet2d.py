@@ -1,0 +1,222 @@
+"""Text-conditioned 2D UNet: ResBlocks with a timestep embedding, SpatialTransformers that read a Context.
+
+Layout as in latent diffusion (Rombach et al., 2022) and DDPM (Ho et al., 2020): per level,
+``layers_per_block`` residual blocks each optionally followed by a SpatialTransformer (queries =
+the feature map, keys/values = text tokens), a strided-conv downsample; a middle block; the mirror
+path up with skip connections. The model predicts noise (or v, or x0): it knows nothing of the
+noise schedule. Saves and loads with its full config through diffusers' ``ModelMixin`` /
+``ConfigMixin`` (``save_pretrained`` writes safetensors + config.json).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from torch import nn
+
+from mmx.context import Context, unpack_context
+from mmx.nn import ResBlock2D, SpatialTransformer, group_norm, timestep_embedding
+
+__all__ = ["UNet2D", "DiffusersUNet2D"]
+
+
+class _Level(nn.Module):
+    """``n`` ResBlocks, each optionally followed by a SpatialTransformer."""
+
+    def __init__(self, channels_in: list[int], channels_out: int, emb_dim: int, attention: bool, attn_kwargs: dict,
+                 dropout: float, norm_groups: int | None) -> None:
+        super().__init__()
+        self.resnets = nn.ModuleList(
+            ResBlock2D(c_in, channels_out, emb_dim, dropout=dropout, norm_groups=norm_groups) for c_in in channels_in
+        )
+        self.attentions = nn.ModuleList(
+            SpatialTransformer(channels_out, norm_groups=norm_groups, **attn_kwargs) for _ in channels_in
+        ) if attention else None
+
+
+class UNet2D(ModelMixin, ConfigMixin):
+    """Conditional UNet for images ``[B, C, H, W]`` reading text tokens through cross-attention.
+
+    Args:
+        in_channels, out_channels: image channels in and predicted channels out.
+        channels: width of each level, e.g. ``(64, 128, 128)``; H and W must divide by ``2**(levels-1)``.
+        layers_per_block: residual blocks per level on the way down (one more on the way up).
+        attention_levels: per level, whether its blocks carry a SpatialTransformer (cross-attention).
+        self_attention_levels: per level, whether those transformers also self-attend (None: none do).
+        heads, dim_head: attention heads and width per head.
+        context_dim: width D of the text tokens.
+        pooled_dim: width of a pooled text vector added to the time embedding (None: not used).
+        transformer_depth: TransformerBlocks per SpatialTransformer.
+        norm_groups: GroupNorm groups (None: largest divisor of the channels up to 32).
+        dropout: dropout in residual blocks and attention.
+        mid_attention: put a SpatialTransformer in the middle block.
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        in_channels: int = 3,
+        out_channels: int = 3,
+        channels: tuple[int, ...] = (64, 128, 128),
+        layers_per_block: int = 2,
+        attention_levels: tuple[bool, ...] = (False, True, True),
+        self_attention_levels: tuple[bool, ...] | None = None,
+        heads: int = 4,
+        dim_head: int = 32,
+        context_dim: int = 384,
+        pooled_dim: int | None = None,
+        transformer_depth: int = 1,
+        norm_groups: int | None = None,
+        dropout: float = 0.0,
+        mid_attention: bool = True,
+    ) -> None:
+        super().__init__()
+        levels = len(channels)
+        self_attention_levels = self_attention_levels or (False,) * levels
+        if len(attention_levels) != levels or len(self_attention_levels) != levels:
+            raise ValueError(
+                f"attention_levels {tuple(attention_levels)} and self_attention_levels {tuple(self_attention_levels)} "
+                f"need one entry per level of channels {tuple(channels)}"
+            )
+        self.levels = levels
+        emb_dim = channels[0] * 4
+        self.time_embedding = nn.Sequential(nn.Linear(channels[0], emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.pooled_proj = nn.Linear(pooled_dim, emb_dim) if pooled_dim else None
+
+        def attn_kwargs(level: int) -> dict:
+            return dict(context_dim=context_dim, heads=heads, dim_head=dim_head, depth=transformer_depth,
+                        dropout=dropout, self_attention=bool(self_attention_levels[level]))
+
+        self.conv_in = nn.Conv2d(in_channels, channels[0], 3, padding=1)
+        self.down = nn.ModuleList()
+        self.downsamplers = nn.ModuleList()
+        skips = [channels[0]]
+        c = channels[0]
+        for i, width in enumerate(channels):
+            ins = [c] + [width] * (layers_per_block - 1)
+            self.down.append(_Level(ins, width, emb_dim, attention_levels[i], attn_kwargs(i), dropout, norm_groups))
+            c = width
+            skips += [width] * layers_per_block
+            if i < levels - 1:
+                self.downsamplers.append(nn.Conv2d(c, c, 3, stride=2, padding=1))
+                skips.append(c)
+        self.mid_res1 = ResBlock2D(c, c, emb_dim, dropout=dropout, norm_groups=norm_groups)
+        self.mid_attn = SpatialTransformer(c, norm_groups=norm_groups, **attn_kwargs(levels - 1)) if mid_attention else None
+        self.mid_res2 = ResBlock2D(c, c, emb_dim, dropout=dropout, norm_groups=norm_groups)
+        self.up = nn.ModuleList()
+        self.upsamplers = nn.ModuleList()
+        for i, width in reversed(list(enumerate(channels))):
+            ins = []
+            for _ in range(layers_per_block + 1):
+                ins.append(c + skips.pop())
+                c = width
+            self.up.append(_Level(ins, width, emb_dim, attention_levels[i], attn_kwargs(i), dropout, norm_groups))
+            if i > 0:
+                self.upsamplers.append(nn.Conv2d(c, c, 3, padding=1))
+        self.norm_out = group_norm(c, norm_groups)
+        self.conv_out = nn.Conv2d(c, out_channels, 3, padding=1)
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+
+    def _check(self, x: torch.Tensor) -> None:
+        cfg = self.config
+        factor = 2 ** (self.levels - 1)
+        if x.ndim != 4 or x.shape[1] != cfg.in_channels:
+            raise ValueError(f"UNet2D expects x [B, C={cfg.in_channels}, H, W]; got {tuple(x.shape)}")
+        if x.shape[2] % factor or x.shape[3] % factor:
+            raise ValueError(
+                f"UNet2D with {self.levels} levels needs H and W divisible by {factor}; got H={x.shape[2]}, W={x.shape[3]}"
+            )
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        context: Context | torch.Tensor,
+        mask: torch.Tensor | None = None,
+        pooled: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Predict ``[B, out_channels, H, W]`` from noisy ``x [B, C, H, W]`` at timesteps ``t [B]``.
+
+        ``context`` is a :class:`Context` (its mask and pooled vector are used) or tokens
+        ``[B, S, context_dim]`` with ``mask [B, S]``; padding tokens never receive attention.
+        """
+        self._check(x)
+        if isinstance(context, Context) and pooled is None:
+            pooled = context.pooled
+        tokens, mask = unpack_context(context, mask)
+        if t.ndim == 0:
+            t = t.expand(x.shape[0])
+        emb = self.time_embedding(timestep_embedding(t, self.config.channels[0]).to(x.dtype))  # (B, E)
+        if self.pooled_proj is not None:
+            if pooled is None:
+                raise ValueError(f"this UNet2D adds a pooled text vector (pooled_dim={self.config.pooled_dim}); got none")
+            emb = emb + self.pooled_proj(pooled.to(emb.dtype))
+
+        h = self.conv_in(x)
+        skips = [h]
+        for i, level in enumerate(self.down):
+            for j, res in enumerate(level.resnets):
+                h = res(h, emb)
+                if level.attentions is not None:
+                    h = level.attentions[j](h, tokens, mask)
+                skips.append(h)
+            if i < self.levels - 1:
+                h = self.downsamplers[i](h)
+                skips.append(h)
+        h = self.mid_res1(h, emb)
+        if self.mid_attn is not None:
+            h = self.mid_attn(h, tokens, mask)
+        h = self.mid_res2(h, emb)
+        for i, level in enumerate(self.up):
+            for j, res in enumerate(level.resnets):
+                h = res(torch.cat([h, skips.pop()], dim=1), emb)
+                if level.attentions is not None:
+                    h = level.attentions[j](h, tokens, mask)
+            if i < self.levels - 1:
+                h = self.upsamplers[i](F.interpolate(h, scale_factor=2.0, mode="nearest"))
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class DiffusersUNet2D(nn.Module):
+    """diffusers' ``UNet2DConditionModel`` behind the same ``forward(x, t, context, mask)`` as UNet2D.
+
+    The Context mask goes in as ``encoder_attention_mask``. Built from the same arguments as
+    :class:`UNet2D` (cross-attention on the levels in ``attention_levels``).
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        out_channels: int = 3,
+        channels: tuple[int, ...] = (64, 128, 128),
+        layers_per_block: int = 2,
+        attention_levels: tuple[bool, ...] = (False, True, True),
+        heads: int = 4,
+        dim_head: int = 32,
+        context_dim: int = 384,
+        norm_groups: int = 32,
+        sample_size: int = 32,
+    ) -> None:
+        super().__init__()
+        from diffusers import UNet2DConditionModel
+
+        down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention_levels)
+        up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention_levels))
+        self.unet = UNet2DConditionModel(
+            sample_size=sample_size, in_channels=in_channels, out_channels=out_channels,
+            block_out_channels=tuple(channels), layers_per_block=layers_per_block,
+            down_block_types=down, up_block_types=up, cross_attention_dim=context_dim,
+            # diffusers' UNet2DConditionModel reads `attention_head_dim` as the number of heads, and
+            # its per-head width is then channels // heads; `dim_head` only documents the intent.
+            attention_head_dim=heads, norm_num_groups=norm_groups,
+        )
+        self.heads, self.dim_head = heads, dim_head
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: Context | torch.Tensor,
+                mask: torch.Tensor | None = None, pooled: torch.Tensor | None = None) -> torch.Tensor:
+        """Same contract as :meth:`UNet2D.forward`."""
+        tokens, mask = unpack_context(context, mask)
+        return self.unet(x, t, encoder_hidden_states=tokens, encoder_attention_mask=mask).sample

@@ -1,0 +1,108 @@
+"""Diffusion glue: loss targets, min-SNR weights, condition dropout, guided sampling with any scheduler."""
+
+import pytest
+import torch
+
+from mmx import Context
+from mmx.diffusion import diffusion_loss, drop_conditions, make_scheduler, pad_context, sample, sampler_from
+
+
+class Recorder(torch.nn.Module):
+    """A fake denoiser that remembers its inputs and returns a fixed function of them."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+        self.w = torch.nn.Parameter(torch.tensor(0.5))
+
+    def forward(self, x, t, context):
+        self.calls.append((x.clone(), t.clone(), context))
+        return self.w * x + context.tokens.mean(dim=(1, 2))[:, None, None, None]
+
+
+def _ctx(b=2, s=4, d=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return Context(tokens=torch.randn(b, s, d, generator=g), mask=torch.ones(b, s, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_loss_uses_the_schedulers_target(prediction_type):
+    scheduler = make_scheduler("ddpm", num_train_timesteps=100, prediction_type=prediction_type)
+    model = Recorder()
+    x0 = torch.randn(2, 1, 4, 4)
+    g = torch.Generator().manual_seed(3)
+    loss = diffusion_loss(model, x0, _ctx(), scheduler, generator=g)
+    x_t, t, ctx = model.calls[0]
+    g = torch.Generator().manual_seed(3)
+    t_ref = torch.randint(0, 100, (2,), generator=g)
+    noise = torch.randn(x0.shape, generator=g)
+    assert torch.equal(t, t_ref)
+    torch.testing.assert_close(x_t, scheduler.add_noise(x0, noise, t))
+    target = {"epsilon": noise, "v_prediction": scheduler.get_velocity(x0, noise, t), "sample": x0}[prediction_type]
+    pred = model.w * x_t + ctx.tokens.mean(dim=(1, 2))[:, None, None, None]
+    torch.testing.assert_close(loss, ((pred - target) ** 2).mean())
+
+
+def test_min_snr_weights_downweight_low_noise_steps():
+    from diffusers.training_utils import compute_snr
+
+    scheduler = make_scheduler("ddpm", num_train_timesteps=100)
+    model = Recorder()
+    x0 = torch.randn(2, 1, 4, 4)
+    plain = diffusion_loss(model, x0, _ctx(), scheduler, generator=torch.Generator().manual_seed(3))
+    weighted = diffusion_loss(model, x0, _ctx(), scheduler, min_snr_gamma=5.0, generator=torch.Generator().manual_seed(3))
+    t = model.calls[0][1]
+    snr = compute_snr(scheduler, t)
+    assert torch.all(torch.minimum(snr, torch.full_like(snr, 5.0)) / snr <= 1)
+    assert weighted <= plain + 1e-6
+
+
+def test_drop_conditions_replaces_rows_with_the_null_context():
+    ctx, null = _ctx(b=64), _ctx(b=1, seed=9)
+    dropped = drop_conditions(ctx, null, 0.5, torch.Generator().manual_seed(0))
+    same = (dropped.tokens == ctx.tokens).all(dim=(1, 2))
+    is_null = (dropped.tokens == null.tokens).all(dim=(1, 2))
+    assert torch.all(same ^ is_null) and 15 < int(is_null.sum()) < 49
+    assert drop_conditions(ctx, null, 0.0) is ctx
+
+
+def test_guidance_scale_one_equals_the_conditional_prediction():
+    scheduler = sampler_from(make_scheduler("ddpm", num_train_timesteps=100), "ddim")
+    ctx, null = _ctx(), _ctx(b=1, s=2, seed=5)
+    plain = sample(Recorder(), scheduler, ctx, (1, 4, 4), num_steps=4, generator=torch.Generator().manual_seed(0))
+    model = Recorder()
+    guided = sample(model, scheduler, ctx, (1, 4, 4), num_steps=4, guidance_scale=3.0, null_context=null,
+                    generator=torch.Generator().manual_seed(0))
+    assert not torch.allclose(plain, guided)
+    # one batched call per step: conditional rows first, then the (padded) empty caption
+    x, t, batch_ctx = model.calls[0]
+    assert x.shape[0] == 4 and batch_ctx.tokens.shape == (4, 4, 3)
+    assert batch_ctx.mask[2:, 2:].sum() == 0
+    # with guidance 1.0 the null context is never used
+    with_null = sample(Recorder(), scheduler, ctx, (1, 4, 4), num_steps=4, guidance_scale=1.0, null_context=null,
+                       generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(with_null, plain)
+
+
+@pytest.mark.parametrize("name", ["ddpm", "ddim", "dpm++", "euler"])
+def test_every_sampler_runs_with_callback_and_seed(name):
+    train = make_scheduler("ddpm", num_train_timesteps=100, prediction_type="v_prediction")
+    steps = []
+    run = lambda: sample(Recorder(), sampler_from(train, name), _ctx(), (1, 4, 4), num_steps=5, guidance_scale=2.0,
+                         null_context=_ctx(b=1), generator=torch.Generator().manual_seed(1),
+                         callback=lambda i, t, x: steps.append(i))
+    a = run()
+    assert steps == list(range(5)) and torch.isfinite(a).all()
+    torch.testing.assert_close(run(), a)
+
+
+def test_pad_context_and_errors():
+    ctx = _ctx(s=3)
+    padded = pad_context(ctx, 5)
+    assert padded.tokens.shape == (2, 5, 3) and padded.mask[:, 3:].sum() == 0
+    with pytest.raises(ValueError, match="down to 2"):
+        pad_context(ctx, 2)
+    with pytest.raises(ValueError, match="null_context"):
+        sample(Recorder(), make_scheduler("ddim"), ctx, (1, 2, 2), guidance_scale=2.0)
+    with pytest.raises(KeyError, match="valid names"):
+        make_scheduler("heun2")

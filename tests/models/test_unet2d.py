@@ -1,0 +1,91 @@
+"""UNet2D: shapes, masks honoured, save/load round trip, clear errors; the diffusers backbone option."""
+
+import pytest
+import torch
+
+from mmx import Context
+from mmx.models import DiffusersUNet2D, UNet2D
+
+TINY = dict(channels=(16, 32), layers_per_block=1, attention_levels=(False, True), heads=2, dim_head=8,
+            context_dim=12, norm_groups=8)
+
+
+def _ctx(b=2, s=5):
+    mask = torch.ones(b, s, dtype=torch.bool)
+    mask[0, 3:] = False
+    return Context(tokens=torch.randn(b, s, 12), mask=mask)
+
+
+def _perturbed(model):
+    """Zero-initialised output layers make the output 0 at init; give them weights for the checks."""
+    torch.manual_seed(1)
+    for name, p in model.named_parameters():
+        if "conv_out" in name or "proj_out" in name or "conv2" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    return model
+
+
+def test_forward_shape_non_square_and_pooled():
+    torch.manual_seed(0)
+    model = UNet2D(**TINY, pooled_dim=6, self_attention_levels=(False, True))
+    ctx = Context(tokens=torch.randn(2, 5, 12), mask=torch.ones(2, 5, dtype=torch.bool), pooled=torch.randn(2, 6))
+    out = model(torch.randn(2, 3, 8, 12), torch.tensor([3, 900]), ctx)
+    assert out.shape == (2, 3, 8, 12)
+    assert torch.all(out == 0), "the last conv is zero-initialised"
+
+
+def test_masked_padding_tokens_do_not_change_the_output():
+    torch.manual_seed(0)
+    model = _perturbed(UNet2D(**TINY)).eval()
+    x, t, ctx = torch.randn(2, 3, 8, 8), torch.tensor([10, 500]), _ctx()
+    out = model(x, t, ctx)
+    tokens = ctx.tokens.clone()
+    tokens[0, 3:] = 1e3
+    torch.testing.assert_close(model(x, t, Context(tokens=tokens, mask=ctx.mask)), out)
+    assert not torch.allclose(model(x, t, Context(tokens=tokens, mask=torch.ones_like(ctx.mask))), out)
+
+
+def test_timestep_and_text_change_the_output():
+    torch.manual_seed(0)
+    model = _perturbed(UNet2D(**TINY)).eval()
+    x, ctx = torch.randn(2, 3, 8, 8), _ctx()
+    out = model(x, torch.tensor([10, 10]), ctx)
+    assert not torch.allclose(out, model(x, torch.tensor([700, 700]), ctx))
+    assert not torch.allclose(out, model(x, torch.tensor([10, 10]), _ctx()))
+
+
+def test_save_load_round_trip_gives_identical_outputs(tmp_path):
+    torch.manual_seed(0)
+    model = _perturbed(UNet2D(**TINY)).eval()
+    model.save_pretrained(tmp_path / "unet")
+    assert (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    loaded = UNet2D.from_pretrained(tmp_path / "unet").eval()
+    x, t, ctx = torch.randn(2, 3, 8, 8), torch.tensor([1, 2]), _ctx()
+    assert torch.equal(model(x, t, ctx), loaded(x, t, ctx))
+    assert loaded.config.channels == [16, 32] or tuple(loaded.config.channels) == (16, 32)
+
+
+def test_errors_name_the_problem():
+    model = UNet2D(**TINY)
+    with pytest.raises(ValueError, match="divisible by 2; got H=7"):
+        model(torch.randn(1, 3, 7, 8), torch.tensor([1]), _ctx(1))
+    with pytest.raises(ValueError, match=r"C=3"):
+        model(torch.randn(1, 4, 8, 8), torch.tensor([1]), _ctx(1))
+    with pytest.raises(ValueError, match="one entry per level"):
+        UNet2D(channels=(16, 32), attention_levels=(True,), norm_groups=8)
+    with pytest.raises(ValueError, match="pooled"):
+        UNet2D(**TINY, pooled_dim=6)(torch.randn(2, 3, 8, 8), torch.tensor([1, 1]), _ctx())
+
+
+def test_diffusers_backbone_takes_the_same_call_and_honours_the_mask():
+    torch.manual_seed(0)
+    model = DiffusersUNet2D(channels=(16, 32), layers_per_block=1, attention_levels=(False, True), heads=2,
+                            context_dim=12, norm_groups=8, sample_size=8).eval()
+    for p in model.unet.conv_out.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    x, t, ctx = torch.randn(2, 3, 8, 8), torch.tensor([10, 500]), _ctx()
+    out = model(x, t, ctx)
+    assert out.shape == (2, 3, 8, 8)
+    tokens = ctx.tokens.clone()
+    tokens[0, 3:] = 1e3
+    torch.testing.assert_close(model(x, t, Context(tokens=tokens, mask=ctx.mask)), out, atol=1e-5, rtol=1e-4)
