@@ -48,3 +48,28 @@ def test_encode_from_a_config_file():
 def test_encode_missing_config_names_the_path():
     result = runner.invoke(app, ["encode", "--config", "configs/nope.yaml", "hello"])
     assert result.exit_code == 2 and "configs/nope.yaml" in result.output
+
+
+def test_train_sample_eval_on_the_tiny_recipe(tmp_path):
+    run = tmp_path / "run"
+    result = runner.invoke(app, ["train", "configs/shapes_t2i_tiny.yaml", "train.max_steps=2", "train.validate_every=2",
+                                 "--out", str(run)])
+    assert result.exit_code == 0, result.output
+    assert "trained 2 steps" in result.output and (run / "model" / "unet" / "config.json").is_file()
+    result = runner.invoke(app, ["sample", str(run), "-p", "a red circle on the left", "-p", "a green square",
+                                 "--steps", "2", "--out", str(tmp_path / "s")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "s" / "grid.png").is_file() and (tmp_path / "s" / "001.png").is_file()
+    result = runner.invoke(app, ["eval", str(run), "--num", "4", "--steps", "2"])
+    assert result.exit_code == 0, result.output
+    assert "held-out caption accuracy" in result.output and (run / "eval" / "eval.json").is_file()
+
+
+def test_train_config_typo_lists_valid_keys(tmp_path):
+    result = runner.invoke(app, ["train", "configs/shapes_t2i_tiny.yaml", "train.max_stepz=2", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "valid keys" in result.output and "train.max_steps" in result.output
+
+
+def test_sample_from_a_folder_that_is_no_run(tmp_path):
+    result = runner.invoke(app, ["sample", str(tmp_path), "-p", "a red circle"])
+    assert result.exit_code == 2 and "config.yaml" in result.output

@@ -3,11 +3,13 @@
 from mmx.diffusion.loss import PREDICTION_TYPES, diffusion_loss, drop_conditions
 from mmx.diffusion.sampling import StepCallback, pad_context, sample
 from mmx.diffusion.schedulers import SCHEDULERS, make_scheduler, sampler_from
+from mmx.diffusion.text_to_image import TextToImage
 
 __all__ = [
     "PREDICTION_TYPES",
     "SCHEDULERS",
     "StepCallback",
+    "TextToImage",
     "diffusion_loss",
     "drop_conditions",
     "make_scheduler",

@@ -116,10 +116,14 @@ class TextToImage(nn.Module):
         sampler: str = "ddim",
         generator: torch.Generator | None = None,
         callback: StepCallback | None = None,
+        unet: nn.Module | None = None,
     ) -> torch.Tensor:
-        """Images ``[B, C, H, W]`` in [-1, 1] for ``prompts`` (of any lengths), with guidance in one batched call."""
+        """Images ``[B, C, H, W]`` in [-1, 1] for ``prompts`` (of any lengths), with guidance in one batched call.
+
+        ``unet`` overrides ``self.unet`` (e.g. the trainer's EMA-weighted copy).
+        """
         ctx = self.encode(prompts)
         null = self.null_context() if guidance_scale != 1.0 else None
         scheduler = sampler_from(self.scheduler, sampler)
-        x = sample(self.unet, scheduler, ctx, self.image_size, num_steps, guidance_scale, null, generator, callback)
+        x = sample(unet or self.unet, scheduler, ctx, self.image_size, num_steps, guidance_scale, null, generator, callback)
         return x.clamp(-1, 1)

@@ -52,6 +52,8 @@ class UNet2D(ModelMixin, ConfigMixin):
         norm_groups: GroupNorm groups (None: largest divisor of the channels up to 32).
         dropout: dropout in residual blocks and attention.
         mid_attention: put a SpatialTransformer in the middle block.
+        patch_size: fold ``p x p`` pixel patches into channels before the first conv and unfold
+            after the last (pixel-unshuffle / shuffle): p*p times fewer positions at every level.
     """
 
     @register_to_config
@@ -71,8 +73,11 @@ class UNet2D(ModelMixin, ConfigMixin):
         norm_groups: int | None = None,
         dropout: float = 0.0,
         mid_attention: bool = True,
+        patch_size: int = 1,
     ) -> None:
         super().__init__()
+        if patch_size < 1:
+            raise ValueError(f"patch_size must be >= 1; got {patch_size}")
         levels = len(channels)
         self_attention_levels = self_attention_levels or (False,) * levels
         if len(attention_levels) != levels or len(self_attention_levels) != levels:
@@ -89,7 +94,8 @@ class UNet2D(ModelMixin, ConfigMixin):
             return dict(context_dim=context_dim, heads=heads, dim_head=dim_head, depth=transformer_depth,
                         dropout=dropout, self_attention=bool(self_attention_levels[level]))
 
-        self.conv_in = nn.Conv2d(in_channels, channels[0], 3, padding=1)
+        self.patch_size = patch_size
+        self.conv_in = nn.Conv2d(in_channels * patch_size**2, channels[0], 3, padding=1)
         self.down = nn.ModuleList()
         self.downsamplers = nn.ModuleList()
         skips = [channels[0]]
@@ -116,18 +122,19 @@ class UNet2D(ModelMixin, ConfigMixin):
             if i > 0:
                 self.upsamplers.append(nn.Conv2d(c, c, 3, padding=1))
         self.norm_out = group_norm(c, norm_groups)
-        self.conv_out = nn.Conv2d(c, out_channels, 3, padding=1)
+        self.conv_out = nn.Conv2d(c, out_channels * patch_size**2, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
 
     def _check(self, x: torch.Tensor) -> None:
         cfg = self.config
-        factor = 2 ** (self.levels - 1)
+        factor = 2 ** (self.levels - 1) * self.patch_size
         if x.ndim != 4 or x.shape[1] != cfg.in_channels:
             raise ValueError(f"UNet2D expects x [B, C={cfg.in_channels}, H, W]; got {tuple(x.shape)}")
         if x.shape[2] % factor or x.shape[3] % factor:
             raise ValueError(
-                f"UNet2D with {self.levels} levels needs H and W divisible by {factor}; got H={x.shape[2]}, W={x.shape[3]}"
+                f"UNet2D with {self.levels} levels and patch_size {self.patch_size} needs H and W divisible by "
+                f"{factor}; got H={x.shape[2]}, W={x.shape[3]}"
             )
 
     def forward(
@@ -155,6 +162,8 @@ class UNet2D(ModelMixin, ConfigMixin):
                 raise ValueError(f"this UNet2D adds a pooled text vector (pooled_dim={self.config.pooled_dim}); got none")
             emb = emb + self.pooled_proj(pooled.to(emb.dtype))
 
+        if self.patch_size > 1:
+            x = F.pixel_unshuffle(x, self.patch_size)  # (B, C*p*p, H/p, W/p)
         h = self.conv_in(x)
         skips = [h]
         for i, level in enumerate(self.down):
@@ -177,7 +186,8 @@ class UNet2D(ModelMixin, ConfigMixin):
                     h = level.attentions[j](h, tokens, mask)
             if i < self.levels - 1:
                 h = self.upsamplers[i](F.interpolate(h, scale_factor=2.0, mode="nearest"))
-        return self.conv_out(F.silu(self.norm_out(h)))
+        out = self.conv_out(F.silu(self.norm_out(h)))
+        return F.pixel_shuffle(out, self.patch_size) if self.patch_size > 1 else out
 
 
 class DiffusersUNet2D(nn.Module):

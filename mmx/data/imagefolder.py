@@ -1,0 +1,160 @@
+"""Captioned images in a folder, listed in ``metadata.jsonl`` (the Hugging Face imagefolder layout).
+
+``root/metadata.jsonl`` holds one JSON object per line, ``{"file_name": "a.png", "text": "..."}``,
+with ``file_name`` relative to ``root``. A ``metadata.csv`` with the same columns is read when
+there is no ``metadata.jsonl``. Every listed file must exist when the dataset is built; an image
+that cannot be decoded raises :class:`ImageDecodeError` naming the file when it is loaded.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import Dataset
+
+__all__ = ["ImageDecodeError", "ImageFolderCaptions", "load_rgb"]
+
+logger = logging.getLogger(__name__)
+
+METADATA_FILES = ("metadata.jsonl", "metadata.csv")
+
+
+class ImageDecodeError(OSError):
+    """An image file that exists but cannot be decoded (corrupt, truncated or not an image)."""
+
+
+def load_rgb(path: str | Path) -> Image.Image:
+    """Open any image as 8-bit RGB (alpha composited over black, EXIF rotation applied); errors name the file."""
+    path = Path(path)
+    try:
+        with Image.open(path) as opened:
+            opened.load()
+            image = ImageOps.exif_transpose(opened)
+            return _to_rgb(image)
+    except FileNotFoundError:
+        raise
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise ImageDecodeError(f"cannot decode image {path}: {err}") from err
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any PIL mode (RGBA, LA, P, CMYK, L, 1, I;16, I, F) to RGB."""
+    mode = image.mode
+    if mode == "RGB":
+        return image.copy()
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        if mode.startswith("I;16") or values.max(initial=0) > 255:
+            values = values / 257.0  # 16-bit range -> 8-bit
+        grey = np.clip(np.rint(values), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    if mode == "P" and "transparency" in image.info:
+        image, mode = image.convert("RGBA"), "RGBA"
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        return Image.alpha_composite(black, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _read_metadata(path: Path, image_column: str, caption_column: str) -> list[tuple[str, str]]:
+    """``(file_name, caption)`` rows of a metadata.jsonl / metadata.csv; errors name the file and line."""
+    rows: list[tuple[str, str]] = []
+    if path.suffix == ".jsonl":
+        with path.open(encoding="utf-8") as handle:
+            records = []
+            for line_no, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}:{line_no}: not valid JSON ({err.msg})") from err
+                records.append((line_no, record))
+    else:
+        with path.open(encoding="utf-8", newline="") as handle:
+            records = [(line_no, rec) for line_no, rec in enumerate(csv.DictReader(handle), start=2)]
+    for line_no, record in records:
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}:{line_no}: expected an object with {image_column!r} and {caption_column!r}")
+        for column in (image_column, caption_column):
+            if column not in record:
+                raise KeyError(
+                    f"{path}:{line_no}: no column {column!r}; columns there: {', '.join(map(str, record)) or 'none'}"
+                )
+        caption = record[caption_column]
+        if not isinstance(caption, str):
+            raise ValueError(f"{path}:{line_no}: caption {caption_column!r} must be a string; got {caption!r}")
+        rows.append((str(record[image_column]), caption))
+    return rows
+
+
+class ImageFolderCaptions(Dataset):
+    """Images with captions from ``root/metadata.jsonl``: ``image`` [3, size, size] in [-1, 1], ``caption``."""
+
+    def __init__(
+        self,
+        root: str | Path,
+        size: int = 64,
+        center_crop: bool = True,
+        random_flip: bool = False,
+        caption_column: str = "text",
+        image_column: str = "file_name",
+    ) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"image folder {self.root} does not exist or is not a directory")
+        if size < 1:
+            raise ValueError(f"size must be positive; got {size}")
+        metadata = next((self.root / name for name in METADATA_FILES if (self.root / name).is_file()), None)
+        if metadata is None:
+            raise FileNotFoundError(f"no {' or '.join(METADATA_FILES)} in {self.root}")
+        self.metadata = metadata
+        self.size, self.center_crop, self.random_flip = size, center_crop, random_flip
+        self.caption_column, self.image_column = caption_column, image_column
+        self.items: list[tuple[Path, str]] = []
+        for file_name, caption in _read_metadata(metadata, image_column, caption_column):
+            path = self.root / file_name
+            if not path.is_file():
+                raise FileNotFoundError(f"image {path} listed in {metadata} does not exist")
+            self.items.append((path, caption))
+        if not self.items:
+            raise ValueError(f"{metadata} lists no images")
+        logger.debug("ImageFolderCaptions: %d images from %s", len(self.items), metadata)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def _resize_crop(self, image: Image.Image) -> Image.Image:
+        """Resize the shorter side to ``size``, then crop a ``size x size`` square (centre or random)."""
+        width, height = image.size
+        scale = self.size / min(width, height)
+        new_w, new_h = max(self.size, round(width * scale)), max(self.size, round(height * scale))
+        if (new_w, new_h) != (width, height):
+            image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
+        if self.center_crop:
+            left, top = (new_w - self.size) // 2, (new_h - self.size) // 2
+        else:
+            left = int(torch.randint(new_w - self.size + 1, ()))
+            top = int(torch.randint(new_h - self.size + 1, ()))
+        return image.crop((left, top, left + self.size, top + self.size))
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        """``image`` [3, H, W] float in [-1, 1], ``caption`` str, ``file_name`` (path relative to root)."""
+        path, caption = self.items[index]
+        image = self._resize_crop(load_rgb(path))
+        if self.random_flip and bool(torch.rand(()) < 0.5):
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        pixels = torch.from_numpy(np.array(image, dtype=np.uint8))  # [H, W, 3]
+        tensor = pixels.permute(2, 0, 1).float().div(127.5).sub(1.0)  # [3, H, W]
+        return {"image": tensor, "caption": caption, "file_name": str(path.relative_to(self.root))}
+
+    def __repr__(self) -> str:
+        return f"ImageFolderCaptions(root={str(self.root)!r}, size={self.size}, items={len(self.items)})"

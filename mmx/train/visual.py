@@ -1,0 +1,59 @@
+"""Pictures a person would rather look at than read: sample grids with their captions."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+__all__ = ["save_grid", "to_uint8"]
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """``[B, C, H, W]`` in [-1, 1] -> ``[B, H, W, C]`` uint8 on the CPU."""
+    return ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
+
+
+def save_grid(
+    images: torch.Tensor,
+    captions: Sequence[str],
+    path: str | Path,
+    correct: Sequence[bool] | None = None,
+    title: str | None = None,
+    columns: int = 4,
+) -> Path:
+    """Write a PNG grid: each image with its caption; a green/red frame when ``correct`` is given."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = to_uint8(images)
+    n = len(pixels)
+    columns = max(1, min(columns, n))
+    rows = (n + columns - 1) // columns
+    fig, axes = plt.subplots(rows, columns, figsize=(2.4 * columns, 2.7 * rows + (0.4 if title else 0)), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for i, ax in enumerate(axes.flat[:n]):
+        ax.imshow(pixels[i].numpy(), interpolation="nearest")
+        ax.set_title("\n".join(textwrap.wrap(captions[i], 26)), fontsize=7)
+        if correct is not None:
+            ax.axis("on")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_edgecolor("tab:green" if correct[i] else "tab:red")
+                spine.set_linewidth(3)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+    return path

@@ -1,0 +1,179 @@
+"""Synthetic shapes: determinism, the compositional split, masks and word alignment, batching."""
+
+import string
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from mmx.data import (
+    COLOURS,
+    DATASETS,
+    HELDOUT_COLOUR_SHAPE,
+    HELDOUT_SHAPE_POSITION,
+    POSITIONS,
+    SHAPES,
+    ShapesDataset,
+    ShapeSpec,
+    caption_for,
+    caption_with_words,
+    collate,
+    object_masks,
+    render,
+)
+from mmx.registry import UnknownNameError
+
+PLACE_WORDS = {
+    "left": {"left"},
+    "right": {"right"},
+    "top": {"top"},
+    "bottom": {"bottom"},
+    "centre": {"centre", "middle"},
+}
+
+
+@pytest.fixture(scope="module")
+def train_specs():
+    ds = ShapesDataset("train", length=2000, seed=0)
+    return [ds.specs(i) for i in range(len(ds))]
+
+
+def test_same_seed_and_index_give_the_same_sample():
+    a, b = ShapesDataset(seed=3, length=50), ShapesDataset(seed=3, length=50)
+    _ = [b[i] for i in range(20, 0, -1)]  # access order must not matter
+    for i in (0, 7, 49):
+        sa, sb = a[i], b[i]
+        assert sa["caption"] == sb["caption"] and torch.equal(sa["image"], sb["image"])
+    assert torch.equal(a[-1]["image"], a[49]["image"])
+    other = ShapesDataset(seed=4, length=50)
+    assert [a[i]["caption"] for i in range(20)] != [other[i]["caption"] for i in range(20)]
+    with pytest.raises(IndexError):
+        a[50]
+
+
+def test_train_never_shows_or_names_a_heldout_pair(train_specs):
+    ds = ShapesDataset("train", length=2000, seed=0)
+    for objects in train_specs:
+        for o in objects:
+            assert (o.colour, o.shape) not in HELDOUT_COLOUR_SHAPE
+            assert (o.shape, o.position) not in HELDOUT_SHAPE_POSITION
+    for i in range(0, 2000, 10):  # the caption names exactly the drawn objects
+        sample = ds[i]
+        words = sample["caption"].split()
+        for o in sample["objects"]:
+            assert (words[o.words[0]], words[o.words[1]]) == (o.colour, o.shape)
+
+
+def test_every_colour_shape_and_position_occurs_in_train(train_specs):
+    seen = [o for objects in train_specs for o in objects]
+    assert {o.colour for o in seen} == set(COLOURS)
+    assert {o.shape for o in seen} == set(SHAPES)
+    assert {o.position for o in seen} == set(POSITIONS)
+    assert {len(objects) for objects in train_specs} == {1, 2}
+    for objects in train_specs:  # two objects never share a position
+        assert len({o.position for o in objects}) == len(objects)
+
+
+def test_every_heldout_sample_has_a_heldout_object():
+    ds = ShapesDataset("heldout", length=500, seed=0)
+    kinds = set()
+    for i in range(len(ds)):
+        objects = ds.specs(i)
+        pairs = [o for o in objects if ds.is_heldout(o.colour, o.shape, o.position)]
+        assert pairs, objects
+        kinds |= {(o.colour, o.shape) for o in pairs} | {(o.shape, o.position) for o in pairs}
+    assert set(HELDOUT_COLOUR_SHAPE) | set(HELDOUT_SHAPE_POSITION) <= kinds
+
+
+def test_custom_heldout_pairs_and_invalid_ones():
+    ds = ShapesDataset("train", length=300, heldout_colour_shape=[("green", "square")], heldout_shape_position=[])
+    assert all((o.colour, o.shape) != ("green", "square") for i in range(300) for o in ds.specs(i))
+    assert any((o.shape, o.position) == ("circle", "top") for i in range(300) for o in ds.specs(i))
+    with pytest.raises(ValueError, match="no training object with shape circle"):
+        ShapesDataset(heldout_shape_position=[("circle", p) for p in POSITIONS])
+    with pytest.raises(ValueError, match="purple"):
+        ShapesDataset(heldout_colour_shape=[("purple", "circle")])
+    with pytest.raises(ValueError, match="needs at least one held-out pair"):
+        ShapesDataset("heldout", heldout_colour_shape=[], heldout_shape_position=[])
+    with pytest.raises(ValueError, match="unknown split"):
+        ShapesDataset("test")
+
+
+def test_captions_are_lower_case_words_with_paraphrases():
+    ds = ShapesDataset("train", length=400)
+    captions = [ds[i]["caption"] for i in range(400)]
+    allowed = set(string.ascii_lowercase + " ")
+    assert all(set(c) <= allowed and c == " ".join(c.split()) for c in captions)
+    assert len({c.split()[0] for c in captions}) >= 3  # several templates start differently
+    joined = " ".join(captions)
+    for phrase in ("in the middle", "in the centre", "on the left", "at the top", " and "):
+        assert phrase in joined
+
+
+def test_masks_cover_the_object_pixels_and_align_with_words():
+    ds = ShapesDataset("train", length=200)
+    for i in range(0, 200, 5):
+        sample = ds[i]
+        image, words = sample["image"], sample["caption"].split()
+        coloured = (image > 0).any(dim=0)  # [H, W] non-background pixels
+        union = torch.zeros_like(coloured)
+        for o in sample["objects"]:
+            assert o.mask.dtype == torch.bool and o.mask.shape == (32, 32) and o.mask.sum() >= 30
+            assert not (union & o.mask).any()  # objects never overlap
+            union |= o.mask
+            rgb = torch.tensor(COLOURS[o.colour]) / 127.5 - 1
+            assert torch.allclose(image[:, o.mask], rgb[:, None].expand(3, int(o.mask.sum())))
+            assert words[o.words[0]] == o.colour and words[o.words[1]] == o.shape
+            assert {words[j] for j in o.position_words} <= PLACE_WORDS[o.position] and o.position_words
+            assert torch.equal(sample["word_masks"][o.words[0]], o.mask)
+            assert torch.equal(sample["word_masks"][o.words[1]], o.mask)
+        assert torch.equal(union, coloured)
+        assert len(sample["word_masks"]) == 2 * len(sample["objects"])
+
+
+def test_objects_keep_a_gap_at_every_pair_of_positions():
+    for size in (32, 64):
+        for shape in SHAPES:
+            masks = object_masks([ShapeSpec("red", shape, p) for p in POSITIONS], size)
+            grown = []
+            for m in masks:  # dilate by one pixel (8-neighbourhood)
+                t = torch.from_numpy(m)[None, None].float()
+                grown.append(torch.nn.functional.max_pool2d(t, 3, 1, 1)[0, 0].bool().numpy())
+            for a in range(len(masks)):
+                assert not masks[a][[0, -1], :].any() and not masks[a][:, [0, -1]].any()  # off the border
+                for b in range(a + 1, len(masks)):
+                    assert not (grown[a] & masks[b]).any(), (size, shape, a, b)
+
+
+def test_render_shapes_sizes_and_antialias():
+    objects = [ShapeSpec("blue", "circle", "centre"), ShapeSpec("yellow", "triangle", "left")]
+    crisp = render(objects, 32)
+    assert crisp.dtype == np.uint8 and crisp.shape == (32, 32, 3)
+    assert {tuple(p) for p in crisp.reshape(-1, 3)} == {(0, 0, 0), COLOURS["blue"], COLOURS["yellow"]}
+    soft = render(objects, 32, antialias=True)
+    assert len({tuple(p) for p in soft.reshape(-1, 3)}) > 3  # blended edges
+    areas = [m.sum() for m in object_masks([ShapeSpec("red", s, "centre") for s in SHAPES], 64)]
+    assert areas[1] == 256 and 0.7 < areas[0] / 256 < 0.85 and 0.4 < areas[2] / 256 < 0.6  # square, circle, triangle
+    big = ShapesDataset(size=64, length=3)[0]
+    assert big["image"].shape == (3, 64, 64) and big["objects"][0].mask.shape == (64, 64)
+
+
+def test_caption_for_is_deterministic_by_rng():
+    objects = [ShapeSpec("green", "square", "bottom"), ShapeSpec("red", "circle", "centre")]
+    first = caption_for(objects, np.random.default_rng(1))
+    assert first == caption_for(objects, np.random.default_rng(1))
+    text, refs = caption_with_words(objects, np.random.default_rng(1))
+    assert text == first and [text.split()[r.shape] for r in refs] == ["square", "circle"]
+    assert "and" in text.split()
+
+
+def test_dataloader_with_collate_and_registry():
+    ds = DATASETS.build("shapes", split="heldout", length=10, seed=1)
+    batch = next(iter(DataLoader(ds, batch_size=4, collate_fn=collate)))
+    assert batch["image"].shape == (4, 3, 32, 32) and batch["image"].dtype == torch.float32
+    assert batch["image"].min() >= -1 and batch["image"].max() <= 1
+    assert len(batch["caption"]) == 4 and isinstance(batch["caption"][0], str)
+    assert len(batch["objects"]) == 4 and len(batch["word_masks"]) == 4
+    with pytest.raises(UnknownNameError, match="imagefolder, shapes"):
+        DATASETS.get("mnist")
