@@ -6,12 +6,34 @@ D width, T time steps, C channels.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from dataclasses import dataclass, replace
-from typing import NamedTuple, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import torch
 
-__all__ = ["Context", "WordSpan", "unpack_context"]
+__all__ = ["Context", "WordSpan", "unpack_context", "conditional_rows", "current_conditional_rows"]
+
+# Which batch rows of the model call under way carry the real prompts (the rest are the
+# unconditional rows of classifier-free guidance). Set by the sampling loop around each call, read
+# by observers such as the attention recorder, so they never have to guess the batch layout.
+_CONDITIONAL_ROWS: contextvars.ContextVar[slice | None] = contextvars.ContextVar("mmx_conditional_rows", default=None)
+
+
+@contextlib.contextmanager
+def conditional_rows(rows: slice) -> Iterator[None]:
+    """Declare, for the model calls inside the block, which batch rows are conditional."""
+    token = _CONDITIONAL_ROWS.set(rows)
+    try:
+        yield
+    finally:
+        _CONDITIONAL_ROWS.reset(token)
+
+
+def current_conditional_rows() -> slice | None:
+    """The conditional rows declared by the enclosing :func:`conditional_rows`, or None."""
+    return _CONDITIONAL_ROWS.get()
 
 
 class WordSpan(NamedTuple):

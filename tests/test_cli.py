@@ -73,3 +73,12 @@ def test_train_config_typo_lists_valid_keys(tmp_path):
 def test_sample_from_a_folder_that_is_no_run(tmp_path):
     result = runner.invoke(app, ["sample", str(tmp_path), "-p", "a red circle"])
     assert result.exit_code == 2 and "config.yaml" in result.output
+
+
+def test_demo_retrains_the_tiny_recipe_and_reports_accuracy(tmp_path):
+    """`mmx demo --train` end to end on the tiny recipe (the shipped model is checked in test_demo_asset)."""
+    result = runner.invoke(app, ["demo", "--train", "--config", "configs/shapes_t2i_tiny.yaml", "--num", "4",
+                                 "--steps", "2", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "held-out caption accuracy" in result.output
+    assert (tmp_path / "heldout_grid.png").is_file() and (tmp_path / "run" / "model" / "unet").is_dir()

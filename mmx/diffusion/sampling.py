@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 import torch
 
-from mmx.context import Context
+from mmx.context import Context, conditional_rows
 
 __all__ = ["sample", "pad_context", "StepCallback"]
 
@@ -87,7 +87,8 @@ def sample(
     for i, t in enumerate(scheduler.timesteps):
         x_in = torch.cat([x, x]) if guided else x
         x_in = scheduler.scale_model_input(x_in, t)
-        pred = model(x_in, t.expand(x_in.shape[0]), model_context)
+        with conditional_rows(slice(0, b)):  # the prompts' rows come first; observers read this
+            pred = model(x_in, t.expand(x_in.shape[0]), model_context)
         if guided:
             cond, uncond = pred.chunk(2)
             pred = uncond + guidance_scale * (cond - uncond)

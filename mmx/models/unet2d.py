@@ -225,6 +225,21 @@ class DiffusersUNet2D(nn.Module):
         )
         self.heads, self.dim_head = heads, dim_head
 
+    def save_pretrained(self, path: str) -> None:
+        """Write the wrapped diffusers model (safetensors + config.json)."""
+        self.unet.save_pretrained(path)
+
+    @classmethod
+    def from_pretrained(cls, path: str) -> "DiffusersUNet2D":
+        """Load a folder written by :meth:`save_pretrained`."""
+        from diffusers import UNet2DConditionModel
+
+        wrapper = cls.__new__(cls)
+        nn.Module.__init__(wrapper)
+        wrapper.unet = UNet2DConditionModel.from_pretrained(path)
+        wrapper.heads = wrapper.dim_head = None
+        return wrapper
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: Context | torch.Tensor,
                 mask: torch.Tensor | None = None, pooled: torch.Tensor | None = None) -> torch.Tensor:
         """Same contract as :meth:`UNet2D.forward`."""

@@ -89,3 +89,23 @@ def test_diffusers_backbone_takes_the_same_call_and_honours_the_mask():
     tokens = ctx.tokens.clone()
     tokens[0, 3:] = 1e3
     torch.testing.assert_close(model(x, t, Context(tokens=tokens, mask=ctx.mask)), out, atol=1e-5, rtol=1e-4)
+
+
+def test_diffusers_backbone_save_load_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = DiffusersUNet2D(channels=(16, 32), layers_per_block=1, attention_levels=(False, True), heads=2,
+                            context_dim=12, norm_groups=8, sample_size=8).eval()
+    model.save_pretrained(tmp_path / "u")
+    loaded = DiffusersUNet2D.from_pretrained(tmp_path / "u").eval()
+    x, t, ctx = torch.randn(2, 3, 8, 8), torch.tensor([1, 2]), _ctx()
+    assert torch.equal(model(x, t, ctx), loaded(x, t, ctx))
+
+
+def test_patch_size_folds_pixels_and_keeps_the_image_shape():
+    torch.manual_seed(0)
+    model = _perturbed(UNet2D(**TINY, patch_size=2))
+    assert model.conv_in.in_channels == 12 and model.conv_out.out_channels == 12
+    out = model(torch.randn(2, 3, 8, 12), torch.tensor([5, 6]), _ctx())
+    assert out.shape == (2, 3, 8, 12)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        model(torch.randn(1, 3, 6, 8), torch.tensor([1]), _ctx(1))

@@ -1,0 +1,245 @@
+"""Record cross-attention maps while the model's output keeps coming from fused attention.
+
+For every cross-attention call the recorder computes ``softmax(Q K^T * scale + mask)`` for the
+conditional rows only, sums over heads at once, resamples the map of each layer to one grid and
+adds it into a float32 running sum per token: memory does not grow with the number of sampling
+steps (in the spirit of DAAM, Tang et al. 2023, without storing every map).
+
+Works on mmx models (through :meth:`mmx.nn.CrossAttention.add_hook`) and on diffusers'
+``UNet2DConditionModel`` (through an attention processor that records and then delegates to the
+original processor, so outputs stay bit-identical).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmx.context import current_conditional_rows
+from mmx.nn.attention import CrossAttention
+
+__all__ = ["AttentionRecorder"]
+
+logger = logging.getLogger(__name__)
+
+LayerFilter = Callable[[str], bool]
+
+
+def _layer_filter(layers: Sequence[str] | LayerFilter | None) -> LayerFilter:
+    if layers is None:
+        return lambda name: True
+    if callable(layers):
+        return layers
+    wanted = tuple(layers)
+    return lambda name: any(part in name for part in wanted)
+
+
+class AttentionRecorder:
+    """Context manager that streams text-to-region attention of a model into per-token sums.
+
+    Args:
+        model: an mmx model (any module holding cross-attention :class:`CrossAttention`) or a
+            diffusers ``UNet2DConditionModel`` (directly or wrapped, e.g. ``DiffusersUNet2D``).
+        image_size: ``(H, W)`` of the image the queries come from; each layer's query count L must
+            be ``(H / f) * (W / f)`` for some integer downsampling f (non-square images work).
+        grid: ``(h, w)`` of the common grid the maps are resampled to (default: ``image_size``
+            divided by the smallest downsampling factor seen, i.e. the finest attention layer).
+        layers: substrings of module names to keep, or a predicate on the name (None: every
+            cross-attention layer).
+        steps: which sampling steps to record, as a predicate on the step index (None: all).
+        per_layer: also keep one running sum per layer.
+        window: also keep running sums per window of this many steps (e.g. for a GIF over steps).
+        guidance_order: used only when the caller declared no conditional rows (e.g. a diffusers
+            pipeline) and the batch is twice ``num_prompts``: "uncond_first" (diffusers'
+            pipelines) or "cond_first" (mmx's sampler).
+        num_prompts: the number of prompts, for that case.
+
+    Call :meth:`callback` after every sampling step (it is a valid ``mmx.diffusion.sample``
+    callback) so step filters and windows know where they are.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        image_size: tuple[int, int],
+        grid: tuple[int, int] | None = None,
+        layers: Sequence[str] | LayerFilter | None = None,
+        steps: Callable[[int], bool] | None = None,
+        per_layer: bool = False,
+        window: int | None = None,
+        guidance_order: str = "uncond_first",
+        num_prompts: int | None = None,
+    ) -> None:
+        if guidance_order not in ("uncond_first", "cond_first"):
+            raise ValueError(f"guidance_order must be 'uncond_first' or 'cond_first'; got {guidance_order!r}")
+        if window is not None and window < 1:
+            raise ValueError(f"window must be a positive number of steps; got {window}")
+        self.model = model
+        self.image_size = (int(image_size[0]), int(image_size[1]))
+        self.grid = grid
+        self.keep_layer = _layer_filter(layers)
+        self.keep_step = steps or (lambda step: True)
+        self.per_layer = per_layer
+        self.window = window
+        self.guidance_order = guidance_order
+        self.num_prompts = num_prompts
+        self.step = 0
+        self.calls = 0
+        self.total: torch.Tensor | None = None  # (B, S, h, w) float32
+        self.layer_totals: dict[str, torch.Tensor] = {}
+        self.window_totals: dict[int, torch.Tensor] = {}
+        self._undo: list[Callable[[], None]] = []
+
+    # -- attaching -------------------------------------------------------------------------------
+    def __enter__(self) -> "AttentionRecorder":
+        found = 0
+        for name, module in self.model.named_modules():
+            if not self.keep_layer(name):
+                continue
+            if isinstance(module, CrossAttention) and module.is_cross:
+                self._undo.append(module.add_hook(self._mmx_hook(name)))
+                found += 1
+            elif _is_diffusers_cross_attention(module):
+                original = module.processor
+                module.set_processor(_RecordingProcessor(self, name, original))
+                self._undo.append(lambda m=module, p=original: m.set_processor(p))
+                found += 1
+        if found == 0:
+            raise ValueError(f"no cross-attention layer matched in {type(self.model).__name__}")
+        self.layers_attached = found
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for undo in reversed(self._undo):
+            undo()
+        self._undo.clear()
+
+    def callback(self, step: int, t: Any = None, x: Any = None) -> None:
+        """Sampling-step callback: the next calls belong to step ``step + 1``."""
+        self.step = step + 1
+
+    def reset(self) -> None:
+        """Forget everything recorded (hooks stay attached)."""
+        self.step, self.calls, self.total = 0, 0, None
+        self.layer_totals.clear()
+        self.window_totals.clear()
+
+    # -- recording -------------------------------------------------------------------------------
+    def _mmx_hook(self, name: str):
+        def hook(module: CrossAttention, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None) -> None:
+            self.record(name, q, k, mask, module.scale)
+
+        return hook
+
+    def _rows(self, batch: int) -> slice:
+        declared = current_conditional_rows()
+        if declared is not None:
+            return declared
+        if self.num_prompts is not None and batch == 2 * self.num_prompts:
+            half = self.num_prompts
+            return slice(half, batch) if self.guidance_order == "uncond_first" else slice(0, half)
+        return slice(0, batch)
+
+    def _query_grid(self, queries: int) -> tuple[int, int]:
+        h, w = self.image_size
+        factor = math.sqrt(h * w / queries)
+        f = round(factor)
+        if f < 1 or (h // f) * (w // f) != queries:
+            raise ValueError(
+                f"cannot lay {queries} queries on a grid of the {h}x{w} image (expected (H/f)*(W/f) for an integer f)"
+            )
+        return h // f, w // f
+
+    @torch.no_grad()
+    def record(self, name: str, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, scale: float) -> None:
+        """Add the head-summed probabilities of one call, ``q [B, H, L, D]``, ``k [B, H, S, D]``."""
+        if not self.keep_step(self.step):
+            return
+        rows = self._rows(q.shape[0])
+        q, k = q[rows], k[rows]
+        if mask is not None and mask.shape[0] != 1:
+            mask = mask[rows]
+        scores = torch.einsum("bhld,bhsd->bhls", q.float(), k.float()) * scale  # (B, H, L, S)
+        if mask is not None:
+            if mask.dtype == torch.bool:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            else:
+                scores = scores + mask.float()
+        probs = scores.softmax(dim=-1).nan_to_num(0.0).sum(dim=1)  # (B, L, S): summed over heads
+        b, l, s = probs.shape
+        h, w = self._query_grid(l)
+        maps = probs.transpose(1, 2).reshape(b, s, h, w)  # (B, S, h, w)
+        if self.grid is None:
+            self.grid = (h, w)
+        if (h, w) != tuple(self.grid):
+            maps = F.interpolate(maps, size=self.grid, mode="bilinear", align_corners=False)
+        self.total = _accumulate(self.total, maps, name)
+        if self.per_layer:
+            self.layer_totals[name] = _accumulate(self.layer_totals.get(name), maps, name)
+        if self.window:
+            key = self.step // self.window
+            self.window_totals[key] = _accumulate(self.window_totals.get(key), maps, name)
+        self.calls += 1
+
+    # -- results ---------------------------------------------------------------------------------
+    def maps(self) -> torch.Tensor:
+        """The running sum ``[B, S, h, w]`` (float32) over heads, layers and recorded steps."""
+        if self.total is None:
+            raise RuntimeError("nothing was recorded: run the model inside `with recorder:`")
+        return self.total
+
+    def memory_bytes(self) -> int:
+        """Bytes held by the running sums."""
+        tensors = [self.total, *self.layer_totals.values(), *self.window_totals.values()]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def _accumulate(total: torch.Tensor | None, maps: torch.Tensor, name: str) -> torch.Tensor:
+    if total is None:
+        return maps.clone()
+    if total.shape != maps.shape:
+        raise ValueError(
+            f"layer {name}: maps of shape {tuple(maps.shape)} cannot join the running sum {tuple(total.shape)}; "
+            "record one batch of prompts at a time (recorder.reset() between batches)"
+        )
+    return total.add_(maps)
+
+
+def _is_diffusers_cross_attention(module: nn.Module) -> bool:
+    try:
+        from diffusers.models.attention_processor import Attention
+    except ImportError:  # pragma: no cover - diffusers is a dependency
+        return False
+    return isinstance(module, Attention) and getattr(module, "is_cross_attention", False)
+
+
+class _RecordingProcessor:
+    """Wraps a diffusers attention processor: records the probabilities, then runs the original."""
+
+    def __init__(self, recorder: AttentionRecorder, name: str, original: Any) -> None:
+        self.recorder, self.name, self.original = recorder, name, original
+
+    def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
+        if encoder_hidden_states is not None and hidden_states.ndim == 3:
+            b, l, _ = hidden_states.shape
+            context = encoder_hidden_states
+            if attn.norm_cross:
+                context = attn.norm_encoder_hidden_states(context)
+            heads = attn.heads
+            q = attn.to_q(hidden_states)
+            k = attn.to_k(context)
+            d = k.shape[-1] // heads
+            q = q.view(b, -1, heads, d).transpose(1, 2)  # (B, H, L, D)
+            k = k.view(b, -1, heads, d).transpose(1, 2)  # (B, H, S, D)
+            mask = None
+            if attention_mask is not None:
+                mask = attn.prepare_attention_mask(attention_mask, k.shape[2], b)
+                mask = mask.view(b, heads, -1, mask.shape[-1])  # (B, H, 1|L, S) additive
+            self.recorder.record(self.name, q, k, mask, attn.scale)
+        return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
