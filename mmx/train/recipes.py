@@ -1,0 +1,47 @@
+"""Recipes by name: the ``task:`` key of a YAML config picks its config class and trainer Task."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mmx.config import ConfigError, load_config
+from mmx.registry import Registry
+
+__all__ = ["RECIPES", "load_recipe"]
+
+RECIPES: Registry = Registry("task")
+
+
+def _lazy(module: str, config: str, task: str):
+    def pair() -> tuple[type, type]:
+        m = importlib.import_module(module)
+        return getattr(m, config), getattr(m, task)
+
+    return pair
+
+
+RECIPES.register("text_to_image")(_lazy("mmx.train.text_to_image", "TextToImageConfig", "TextToImageTask"))
+RECIPES.register("grounding")(_lazy("mmx.train.grounding", "GroundingConfig", "GroundingTask"))
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> tuple[Any, type]:
+    """Read a recipe YAML: ``(checked config, Task class)``; ``task`` defaults to text_to_image."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a mapping at the top level; got {type(raw).__name__}")
+    task = str(raw.get("task", "text_to_image"))
+    for item in overrides or []:
+        if item.startswith("task="):
+            task = item.split("=", 1)[1]
+    config_cls, task_cls = RECIPES.get(task)()
+    return load_config(raw, config_cls, overrides), task_cls
