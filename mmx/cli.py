@@ -215,7 +215,7 @@ def sample(
 
 
 def _evaluate(cfg, pipeline, num: Optional[int], steps: Optional[int], out: Optional[Path], title: str,
-              attention: bool = False) -> tuple[dict, list[str], "torch.Tensor", list | None]:
+              attention: bool = False) -> tuple[dict, list[str], object, list | None]:
     """Caption accuracy on held-out prompts (and attention mIoU); writes a grid and eval.json.
 
     Returns ``(results, prompts, images, word maps or None)``.

@@ -14,7 +14,7 @@ from typing import Any, TypeVar, Union
 
 import yaml
 
-__all__ = ["ConfigError", "from_dict", "to_dict", "load_config", "apply_overrides", "save_config"]
+__all__ = ["ConfigError", "from_dict", "to_dict", "load_config", "apply_overrides", "read_yaml", "save_config"]
 
 T = TypeVar("T")
 
@@ -146,20 +146,23 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """The top-level mapping of a YAML file; errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping at the top level; got {type(data).__name__}")
+    return data
+
+
 def load_config(source: str | Path | dict[str, Any], cls: type[T], overrides: list[str] | None = None) -> T:
     """Read a YAML file (or mapping), apply ``key=value`` overrides, and check it against ``cls``."""
-    if isinstance(source, dict):
-        data = source
-    else:
-        path = Path(source)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path} is not valid YAML: {err}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path} must hold a mapping at the top level; got {type(data).__name__}")
+    data = source if isinstance(source, dict) else read_yaml(source)
     return from_dict(cls, apply_overrides(data, overrides or []))
 
 

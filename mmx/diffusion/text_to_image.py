@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from mmx.context import Context
+from mmx.encoders.cache import CachedTextEncoder
 from mmx.diffusion.loss import diffusion_loss, drop_conditions
 from mmx.diffusion.sampling import StepCallback, pad_context, sample
 from mmx.diffusion.schedulers import sampler_from
@@ -51,42 +52,16 @@ class TextToImage(nn.Module):
         self.cond_drop_prob = cond_drop_prob
         self.min_snr_gamma = min_snr_gamma
         self.max_tokens = max_tokens
-        self._cache: dict[str, Context] = {}
+        self._texts = CachedTextEncoder(text_encoder, max_tokens)
 
     # -- text ------------------------------------------------------------------------------------
     def encode(self, captions: Sequence[str]) -> Context:
         """Context of ``captions``; a frozen encoder's outputs are cached per caption (computed once)."""
-        captions = list(captions)
-        if not getattr(self.text_encoder, "frozen", False):
-            return self._pad(self.text_encoder(captions))
-        missing = list(dict.fromkeys(c for c in captions if c not in self._cache))
-        if missing:
-            ctx = self.text_encoder(missing)
-            for i, caption in enumerate(missing):
-                n = int(ctx.mask[i].sum())  # real tokens: their states do not depend on the padding
-                self._cache[caption] = Context(
-                    tokens=ctx.tokens[i : i + 1, :n].detach(), mask=ctx.mask[i : i + 1, :n],
-                    pooled=None if ctx.pooled is None else ctx.pooled[i : i + 1].detach(),
-                    words=None if ctx.words is None else [ctx.words[i]],
-                )
-        return self._pad_join([self._cache[c] for c in captions])
-
-    def _pad(self, ctx: Context) -> Context:
-        return pad_context(ctx, self.max_tokens) if self.max_tokens else ctx
-
-    def _pad_join(self, rows: list[Context]) -> Context:
-        s = self.max_tokens or max(r.tokens.shape[1] for r in rows)
-        b, d = len(rows), rows[0].dim
         device = next(self.unet.parameters()).device  # the cache may sit elsewhere after .to()
-        tokens = torch.zeros(b, s, d, dtype=rows[0].tokens.dtype, device=device)
-        mask = torch.zeros(b, s, dtype=torch.bool, device=device)
-        for i, r in enumerate(rows):
-            n = min(r.tokens.shape[1], s)
-            tokens[i, :n] = r.tokens[0, :n]
-            mask[i, :n] = r.mask[0, :n]
-        pooled = None if rows[0].pooled is None else torch.cat([r.pooled for r in rows]).to(device)
-        words = None if rows[0].words is None else [r.words[0] for r in rows]
-        return Context(tokens=tokens, mask=mask, pooled=pooled, words=words)
+        if getattr(self.text_encoder, "frozen", False):
+            return self._texts(captions, device)
+        ctx = self.text_encoder(list(captions)).to(device)
+        return pad_context(ctx, self.max_tokens) if self.max_tokens else ctx
 
     def null_context(self) -> Context:
         """The Context of the empty caption (the unconditional input of guidance)."""

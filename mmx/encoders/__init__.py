@@ -14,11 +14,13 @@ from typing import Any
 from torch import nn
 
 from mmx.encoders.base import ENCODERS, ImageFeatures, TextEncoder, TokenizedText
+from mmx.encoders.cache import CachedTextEncoder
 from mmx.encoders.clip import CLIPTextEncoder
 from mmx.encoders.hf import HFTextEncoder
 from mmx.encoders.resnet import ResNetFeatures
 
 __all__ = [
+    "CachedTextEncoder",
     "CLIPTextEncoder",
     "ENCODERS",
     "HFTextEncoder",

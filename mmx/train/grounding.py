@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmx.config import save_config
+from mmx.encoders.cache import CachedTextEncoder
 from mmx.train.trainer import TrainConfig
 
 __all__ = ["GroundingConfig", "GroundingTask", "PhraseData", "grounding_scores", "load_grounding_run"]
@@ -104,7 +105,7 @@ class GroundingTask:
         spec = dict(cfg.model)
         spec.setdefault("context_dim", self.encoder.dim)
         self.model = MODELS.build_from_dict(spec)
-        self._cache: dict[str, Any] = {}
+        self._phrases = CachedTextEncoder(self.encoder)
         self._eval: PhraseData | None = None
 
     def train_dataset(self) -> torch.utils.data.Dataset:
@@ -117,25 +118,10 @@ class GroundingTask:
 
         return collate(items)
 
-    def _encode(self, phrases: list[str], device: torch.device):
-        from mmx.diffusion.sampling import pad_context
-
-        missing = [p for p in dict.fromkeys(phrases) if p not in self._cache]
-        if missing:
-            ctx = self.encoder(missing)
-            for i, phrase in enumerate(missing):
-                self._cache[phrase] = ctx[i]
-        rows = [self._cache[p] for p in phrases]
-        length = max(r.tokens.shape[1] for r in rows)
-        from mmx.context import Context
-
-        padded = [pad_context(r, length) for r in rows]
-        return Context(tokens=torch.cat([r.tokens for r in padded]), mask=torch.cat([r.mask for r in padded])).to(device)
-
     def loss(self, model: nn.Module, batch: Any, generator: torch.Generator) -> torch.Tensor:
         device = generator.device
         images, target = batch["image"].to(device), batch["mask"].to(device)
-        logits = model(images, self._encode(batch["phrase"], device))
+        logits = model(images, self._phrases(batch["phrase"], device))
         bce = F.binary_cross_entropy_with_logits(logits, target)
         prob = logits.sigmoid()
         dice = 1 - (2 * (prob * target).sum((1, 2, 3)) + 1) / (prob.sum((1, 2, 3)) + target.sum((1, 2, 3)) + 1)

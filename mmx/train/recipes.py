@@ -6,9 +6,7 @@ import importlib
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from mmx.config import ConfigError, load_config
+from mmx.config import load_config, read_yaml
 from mmx.registry import Registry
 
 __all__ = ["RECIPES", "load_recipe"]
@@ -30,15 +28,7 @@ RECIPES.register("grounding")(_lazy("mmx.train.grounding", "GroundingConfig", "G
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> tuple[Any, type]:
     """Read a recipe YAML: ``(checked config, Task class)``; ``task`` defaults to text_to_image."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path} is not valid YAML: {err}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path} must hold a mapping at the top level; got {type(raw).__name__}")
+    raw = read_yaml(path)
     task = str(raw.get("task", "text_to_image"))
     for item in overrides or []:
         if item.startswith("task="):
