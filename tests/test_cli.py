@@ -56,6 +56,7 @@ def test_train_sample_eval_on_the_tiny_recipe(tmp_path):
                                  "--out", str(run)])
     assert result.exit_code == 0, result.output
     assert "trained 2 steps" in result.output and (run / "model" / "unet" / "config.json").is_file()
+    assert any((run / "logs").rglob("events.out.tfevents*")), "loss and learning rate go to tensorboard"
     result = runner.invoke(app, ["sample", str(run), "-p", "a red circle on the left", "-p", "a green square",
                                  "--steps", "2", "--out", str(tmp_path / "s")])
     assert result.exit_code == 0, result.output
