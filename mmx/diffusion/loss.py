@@ -69,13 +69,17 @@ def diffusion_loss(
     return per_sample.mean()
 
 
-def drop_conditions(context: Context, null: Context, p: float, generator: torch.Generator | None = None) -> Context:
+def drop_conditions(
+    context: Context, null: Context, p: float, generator: torch.Generator | None = None, return_dropped: bool = False
+) -> Context | tuple[Context, torch.Tensor]:
     """Replace each sample's context by the empty caption's with probability ``p`` (classifier-free guidance training).
 
-    ``null`` is the Context of the empty caption, batch size 1, padded to the same S.
+    ``null`` is the Context of the empty caption, batch size 1, padded to the same S. With
+    ``return_dropped`` also returns the ``[B]`` bool tensor of replaced rows.
     """
     if p <= 0:
-        return context
+        dropped = torch.zeros(context.batch_size, dtype=torch.bool, device=context.device)
+        return (context, dropped) if return_dropped else context
     b, s = context.mask.shape
     if null.tokens.shape[1] != s:
         raise ValueError(f"the null context has S={null.tokens.shape[1]} tokens; the batch has S={s}: pad both alike")
@@ -85,4 +89,5 @@ def drop_conditions(context: Context, null: Context, p: float, generator: torch.
     pooled = None
     if context.pooled is not None and null.pooled is not None:
         pooled = torch.where(drop[:, None], null.pooled.to(context.pooled), context.pooled)
-    return Context(tokens=tokens, mask=mask, pooled=pooled)  # words dropped: no host sync in the loop
+    out = Context(tokens=tokens, mask=mask, pooled=pooled)  # words dropped: no host sync in the loop
+    return (out, drop) if return_dropped else out

@@ -12,6 +12,7 @@ from torch import nn
 
 from mmx.context import Context
 from mmx.encoders.cache import CachedTextEncoder
+from mmx.diffusion.grounding_loss import AttentionCapture, token_targets
 from mmx.diffusion.loss import diffusion_loss, drop_conditions
 from mmx.diffusion.sampling import StepCallback, pad_context, sample
 from mmx.diffusion.schedulers import sampler_from
@@ -30,6 +31,8 @@ class TextToImage(nn.Module):
         cond_drop_prob: share of captions replaced by the empty caption in training (for guidance).
         min_snr_gamma: min-SNR-gamma loss weighting (None: plain MSE).
         max_tokens: pad every batch of tokens to this length (None: to the longest caption).
+        grounding_weight: weight of the token-level grounding loss on cross-attention maps
+            (needs per-word object masks in :meth:`loss`; 0 disables it).
     """
 
     def __init__(
@@ -41,6 +44,7 @@ class TextToImage(nn.Module):
         cond_drop_prob: float = 0.1,
         min_snr_gamma: float | None = None,
         max_tokens: int | None = None,
+        grounding_weight: float = 0.0,
     ) -> None:
         super().__init__()
         if not 0.0 <= cond_drop_prob < 1.0:
@@ -52,6 +56,7 @@ class TextToImage(nn.Module):
         self.cond_drop_prob = cond_drop_prob
         self.min_snr_gamma = min_snr_gamma
         self.max_tokens = max_tokens
+        self.grounding_weight = grounding_weight
         self._texts = CachedTextEncoder(text_encoder, max_tokens)
 
     # -- text ------------------------------------------------------------------------------------
@@ -70,17 +75,25 @@ class TextToImage(nn.Module):
     # -- training --------------------------------------------------------------------------------
     def loss(
         self, images: torch.Tensor, captions: Sequence[str], generator: torch.Generator | None = None,
-        unet: nn.Module | None = None,
+        unet: nn.Module | None = None, word_masks: Sequence[dict[int, torch.Tensor]] | None = None,
     ) -> torch.Tensor:
         """Denoising loss of ``images [B, C, H, W]`` in [-1, 1] given their captions.
 
         ``unet`` overrides ``self.unet`` (the trainer passes its distributed wrapper).
+        ``word_masks`` (per sample, word index -> ``[H, W]`` object mask) enable the grounding
+        loss when ``grounding_weight > 0``.
         """
+        unet = unet or self.unet
         ctx = self.encode(captions)
-        if self.cond_drop_prob > 0:
-            null = pad_context(self.null_context(), ctx.tokens.shape[1])
-            ctx = drop_conditions(ctx, null, self.cond_drop_prob, generator)
-        return diffusion_loss(unet or self.unet, images, ctx, self.scheduler, self.min_snr_gamma, generator)
+        null = pad_context(self.null_context(), ctx.tokens.shape[1])
+        dropped_ctx, dropped = drop_conditions(ctx, null, self.cond_drop_prob, generator, return_dropped=True)
+        if self.grounding_weight <= 0 or word_masks is None:
+            return diffusion_loss(unet, images, dropped_ctx, self.scheduler, self.min_snr_gamma, generator)
+        targets, valid = token_targets(ctx.words, word_masks, ctx.tokens.shape[1], tuple(images.shape[-2:]), images.device)
+        valid = valid & ~dropped[:, None]
+        with AttentionCapture(unet) as capture:
+            loss = diffusion_loss(unet, images, dropped_ctx, self.scheduler, self.min_snr_gamma, generator)
+        return loss + self.grounding_weight * capture.grounding_loss(targets, valid, tuple(images.shape[-2:]))
 
     # -- generation ------------------------------------------------------------------------------
     @torch.no_grad()

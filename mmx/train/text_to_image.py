@@ -31,6 +31,7 @@ class DiffusionConfig:
     prediction_type: Literal["epsilon", "v_prediction", "sample"] = "epsilon"
     min_snr_gamma: float | None = 5.0
     cond_drop_prob: float = 0.1
+    grounding_weight: float = 0.0
     sampler: str = "ddim"
     sample_steps: int = 25
     guidance_scale: float = 3.0
@@ -83,7 +84,8 @@ def build_pipeline(cfg: TextToImageConfig, unet: nn.Module | None = None):
     scheduler = make_scheduler(
         "ddpm", num_train_timesteps=d.num_train_timesteps, beta_schedule=d.beta_schedule, prediction_type=d.prediction_type
     )
-    return TextToImage(unet, encoder, scheduler, tuple(cfg.image_size), d.cond_drop_prob, d.min_snr_gamma, cfg.max_tokens)
+    return TextToImage(unet, encoder, scheduler, tuple(cfg.image_size), d.cond_drop_prob, d.min_snr_gamma, cfg.max_tokens,
+                       d.grounding_weight)
 
 
 def heldout_prompts(cfg: TextToImageConfig) -> list[str]:
@@ -139,7 +141,7 @@ class TextToImageTask:
         if next(self.pipeline.text_encoder.parameters()).device != device:
             self.pipeline.text_encoder.to(device)
         images = batch["image"].to(device, non_blocking=True)
-        return self.pipeline.loss(images, batch["caption"], generator, unet=model)
+        return self.pipeline.loss(images, batch["caption"], generator, unet=model, word_masks=batch.get("word_masks"))
 
     def validate(self, model: nn.Module, step: int, out_dir: Path) -> dict[str, float]:
         from mmx.train.visual import save_grid

@@ -82,3 +82,14 @@ def test_resume_from_a_missing_folder_names_it(tmp_path):
 def test_load_run_errors_name_the_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.yaml"):
         load_run(tmp_path)
+
+
+def test_grounding_weight_adds_the_attention_loss(tmp_path):
+    cfg = _cfg("train.max_steps=1", "train.validate_every=1000", "train.checkpoint_every=1000",
+               "diffusion.cond_drop_prob=0.0")
+    task = TextToImageTask(cfg, tmp_path)
+    batch = task.collate([task.train_dataset()[i] for i in range(4)])
+    plain = task.loss(task.model, batch, torch.Generator().manual_seed(0))
+    task.pipeline.grounding_weight = 1.0
+    grounded = task.loss(task.model, batch, torch.Generator().manual_seed(0))
+    assert grounded > plain, "object words attend partly outside their objects at initialisation"

@@ -1,0 +1,49 @@
+"""Token-level grounding loss: zero when attention sits inside the object, positive otherwise, differentiable."""
+
+import torch
+
+from mmx import Context, WordSpan
+from mmx.diffusion import make_scheduler
+from mmx.diffusion.grounding_loss import AttentionCapture, token_targets
+from mmx.diffusion.loss import drop_conditions
+from mmx.models import UNet2D
+
+
+def test_token_targets_put_each_object_mask_on_its_words_tokens():
+    mask = torch.zeros(4, 4, dtype=torch.bool)
+    mask[:2, :2] = True
+    words = [[WordSpan("a", 1, 2), WordSpan("photorealistic", 2, 4), WordSpan("circle", 4, 5)]]
+    targets, valid = token_targets(words, [{1: mask, 2: mask}], tokens=6, size=(4, 4))
+    assert valid.tolist() == [[False, False, True, True, True, False]]
+    assert torch.equal(targets[0, 3].bool(), mask) and targets[0, 1].sum() == 0
+
+
+def test_loss_is_zero_inside_and_one_outside_and_has_gradients():
+    torch.manual_seed(0)
+    model = UNet2D(channels=(16, 32), layers_per_block=1, attention_levels=(True, True), heads=2, dim_head=8,
+                   context_dim=12, norm_groups=8)
+    ctx = Context(tokens=torch.randn(1, 3, 12, requires_grad=True), mask=torch.ones(1, 3, dtype=torch.bool))
+    with AttentionCapture(model) as capture:
+        model(torch.randn(1, 3, 8, 8), torch.tensor([10]), ctx)
+    assert len(capture.calls) == 7
+    everywhere = torch.ones(1, 3, 8, 8)
+    valid = torch.tensor([[False, True, False]])
+    inside = capture.grounding_loss(everywhere, valid, (8, 8))
+    assert inside.abs() < 1e-6, "all attention is inside a mask covering the whole image"
+    nowhere = capture.grounding_loss(torch.zeros(1, 3, 8, 8), valid, (8, 8))
+    torch.testing.assert_close(nowhere, torch.tensor(1.0))
+    half = torch.zeros(1, 3, 8, 8)
+    half[..., :4] = 1
+    loss = capture.grounding_loss(half, valid, (8, 8))
+    loss.backward()
+    assert 0 < loss < 1 and ctx.tokens.grad is not None and ctx.tokens.grad.abs().sum() > 0
+
+
+def test_drop_conditions_reports_the_replaced_rows():
+    ctx = Context(tokens=torch.randn(32, 3, 4), mask=torch.ones(32, 3, dtype=torch.bool))
+    null = Context(tokens=torch.zeros(1, 3, 4), mask=torch.ones(1, 3, dtype=torch.bool))
+    out, dropped = drop_conditions(ctx, null, 0.5, torch.Generator().manual_seed(0), return_dropped=True)
+    assert torch.equal(out.tokens[dropped], torch.zeros(int(dropped.sum()), 3, 4))
+    assert torch.equal(out.tokens[~dropped], ctx.tokens[~dropped])
+    _, none = drop_conditions(ctx, null, 0.0, return_dropped=True)
+    assert not none.any()
