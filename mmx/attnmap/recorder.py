@@ -13,7 +13,6 @@ original processor, so outputs stay bit-identical).
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any, Callable, Sequence
 
 import torch
@@ -21,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmx.context import current_conditional_rows
-from mmx.nn.attention import CrossAttention
+from mmx.nn.attention import CrossAttention, attention_probs, query_grid
 
 __all__ = ["AttentionRecorder"]
 
@@ -145,16 +144,6 @@ class AttentionRecorder:
             return slice(half, batch) if self.guidance_order == "uncond_first" else slice(0, half)
         return slice(0, batch)
 
-    def _query_grid(self, queries: int) -> tuple[int, int]:
-        h, w = self.image_size
-        factor = math.sqrt(h * w / queries)
-        f = round(factor)
-        if f < 1 or (h // f) * (w // f) != queries:
-            raise ValueError(
-                f"cannot lay {queries} queries on a grid of the {h}x{w} image (expected (H/f)*(W/f) for an integer f)"
-            )
-        return h // f, w // f
-
     @torch.no_grad()
     def record(self, name: str, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, scale: float) -> None:
         """Add the head-summed probabilities of one call, ``q [B, H, L, D]``, ``k [B, H, S, D]``."""
@@ -164,15 +153,9 @@ class AttentionRecorder:
         q, k = q[rows], k[rows]
         if mask is not None and mask.shape[0] != 1:
             mask = mask[rows]
-        scores = torch.einsum("bhld,bhsd->bhls", q.float(), k.float()) * scale  # (B, H, L, S)
-        if mask is not None:
-            if mask.dtype == torch.bool:
-                scores = scores.masked_fill(~mask, float("-inf"))
-            else:
-                scores = scores + mask.float()
-        probs = scores.softmax(dim=-1).nan_to_num(0.0).sum(dim=1)  # (B, L, S): summed over heads
+        probs = attention_probs(q, k, mask, scale=scale).sum(dim=1)  # (B, L, S): summed over heads
         b, l, s = probs.shape
-        h, w = self._query_grid(l)
+        h, w = query_grid(self.image_size, l)
         maps = probs.transpose(1, 2).reshape(b, s, h, w)  # (B, S, h, w)
         if self.grid is None:
             self.grid = (h, w)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmx.context import WordSpan
-from mmx.nn.attention import CrossAttention
+from mmx.nn.attention import CrossAttention, attention_probs, query_grid
 
 __all__ = ["token_targets", "AttentionCapture"]
 
@@ -56,15 +56,10 @@ class AttentionCapture:
     def grounding_loss(self, targets: torch.Tensor, valid: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
         """Mean over layers of the mean over valid tokens of ``(1 - inside / total)^2``."""
         losses = []
-        h_img, w_img = image_size
         for q, k, mask, scale in self.calls:
-            scores = torch.einsum("bhld,bhsd->bhls", q.float(), k.float()) * scale  # (B, H, L, S)
-            if mask is not None:
-                scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()
-            probs = scores.softmax(-1).nan_to_num(0.0).mean(1)  # (B, L, S)
+            probs = attention_probs(q, k, mask, scale=scale).mean(1)  # (B, L, S), fully masked rows are zeros
             b, l, s = probs.shape
-            f = round((h_img * w_img / l) ** 0.5)
-            grid = (h_img // f, w_img // f)
+            grid = query_grid(image_size, l)
             maps = probs.transpose(1, 2).reshape(b, s, *grid)  # (B, S, h, w)
             inside_mask = F.adaptive_avg_pool2d(targets[:, :s], grid)  # (B, S, h, w) share of the cell inside
             inside = (maps * inside_mask).sum((2, 3))

@@ -19,7 +19,7 @@ from torch import nn
 
 from mmx.context import Context, unpack_context
 
-__all__ = ["CrossAttention", "MultiHeadAttention", "prepare_mask", "attention_probs", "AttentionHook"]
+__all__ = ["CrossAttention", "MultiHeadAttention", "prepare_mask", "attention_probs", "query_grid", "AttentionHook"]
 
 # A hook sees (module, q [B, H, L, Dh], k [B, H, S, Dh], mask) for every call; see ``CrossAttention.hooks``.
 AttentionHook = Callable[["CrossAttention", torch.Tensor, torch.Tensor, "torch.Tensor | None"], None]
@@ -119,6 +119,17 @@ def attention_probs(
         scores = scores.masked_fill(~row_has_key, 0.0)
         return scores.softmax(dim=-1) * row_has_key
     return scores.softmax(dim=-1)
+
+
+def query_grid(image_size: tuple[int, int], queries: int) -> tuple[int, int]:
+    """``(h, w)`` of the L queries of a layer that saw an ``(H, W)`` image downsampled by an integer f."""
+    h, w = image_size
+    f = round(math.sqrt(h * w / queries))
+    if f < 1 or (h // f) * (w // f) != queries:
+        raise ValueError(
+            f"cannot lay {queries} queries on a grid of the {h}x{w} image (expected (H/f)*(W/f) for an integer f)"
+        )
+    return h // f, w // f
 
 
 class CrossAttention(nn.Module):
