@@ -12,7 +12,8 @@ import math
 import torch
 from torch import nn
 
-from mmx.nn.transformer import group_norm
+from mmx.context import Context
+from mmx.nn.transformer import TemporalTransformer, group_norm
 
 __all__ = ["timestep_embedding", "SinusoidalEmbedding", "FiLM", "ResBlock2D", "Conv1dBlock", "ResBlock1D"]
 
@@ -171,11 +172,27 @@ class Conv1dBlock(nn.Module):
 
 
 class ResBlock1D(nn.Module):
-    """Conditional residual block for ``[B, C, T]`` sequences, Diffusion Policy layout.
+    """Conditional residual block for ``[B, C, T]`` sequences, Diffusion Policy layout (Chi et al., 2023).
 
     ``blocks.0 -> FiLM(cond) -> blocks.1`` plus a 1x1 ``residual_conv`` when channels change.
     ``cond`` is a global vector ``[B, cond_dim]`` or one per step ``[B, T, cond_dim]``.
     ``cond_predict_scale=True`` predicts scale and shift, False only a shift (as upstream).
+
+    With ``context_dim`` the block also owns ``cross_attn``, a :class:`TemporalTransformer`
+    (cross-attention only, no self-attention) applied after the residual sum: each of the T steps
+    reads the context tokens. Its output projection is zero-initialised, so a fresh ``cross_attn``
+    is the identity and Diffusion Policy weights (which have no ``cross_attn.*`` keys) give the
+    same outputs as the block without it. The upstream keys are unchanged either way.
+
+    Args:
+        in_channels, out_channels: C of the input and of the output.
+        cond_dim: width of the FiLM condition.
+        kernel_size: temporal kernel of both convolutions.
+        n_groups: GroupNorm groups (of the convolutions and of the transformer).
+        cond_predict_scale: FiLM predicts scale and shift (True) or a shift only (False).
+        context_dim: width D of the context tokens; None builds no cross-attention.
+        heads, dim_head: attention heads and width per head of ``cross_attn``.
+        attn_ff_mult: feed-forward expansion of ``cross_attn``.
     """
 
     def __init__(
@@ -186,6 +203,10 @@ class ResBlock1D(nn.Module):
         kernel_size: int = 3,
         n_groups: int = 8,
         cond_predict_scale: bool = False,
+        context_dim: int | None = None,
+        heads: int = 4,
+        dim_head: int = 32,
+        attn_ff_mult: int = 2,
     ) -> None:
         super().__init__()
         self.in_channels, self.out_channels = in_channels, out_channels
@@ -194,11 +215,36 @@ class ResBlock1D(nn.Module):
         )
         self.cond_encoder = FiLM(cond_dim, out_channels, predict_scale=cond_predict_scale, scale_offset=0.0)
         self.residual_conv = nn.Conv1d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+        self.context_dim = context_dim
+        self.cross_attn = (
+            TemporalTransformer(
+                out_channels, context_dim, heads, dim_head, self_attention=False, ff_mult=attn_ff_mult, norm_groups=n_groups
+            )
+            if context_dim is not None
+            else None
+        )
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """``x [B, C_in, T]``, ``cond [B, cond_dim]`` or ``[B, T, cond_dim]`` -> ``[B, C_out, T]``."""
+    def forward(
+        self,
+        x: torch.Tensor,
+        cond: torch.Tensor,
+        context: torch.Tensor | Context | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``x [B, C_in, T]``, ``cond [B, cond_dim]`` or ``[B, T, cond_dim]`` -> ``[B, C_out, T]``.
+
+        ``context`` (a :class:`Context`, or tokens ``[B, S, context_dim]`` with ``mask [B, S]``,
+        True = real) is read by ``cross_attn``; it is required exactly when the block has one.
+        """
         if x.ndim != 3 or x.shape[1] != self.in_channels:
             raise ValueError(f"ResBlock1D expects x [B, C={self.in_channels}, T]; got {tuple(x.shape)}")
         out = self.cond_encoder(self.blocks[0](x), cond)
         out = self.blocks[1](out)
-        return out + self.residual_conv(x)
+        out = out + self.residual_conv(x)
+        if self.cross_attn is not None:
+            if context is None:
+                raise ValueError(f"this ResBlock1D cross-attends to a context of width {self.context_dim}; got context=None")
+            out = self.cross_attn(out, context, mask)
+        elif context is not None:
+            raise ValueError("this ResBlock1D was built without cross-attention (context_dim=None) but got a context")
+        return out

@@ -1,0 +1,230 @@
+"""Conditional 1D UNet over action sequences, Diffusion Policy's ``ConditionalUnet1D`` (Chi et al., 2023).
+
+Layout and parameter names are those of the published model, so its checkpoints load with
+``strict=True``: per level two FiLM residual blocks (:class:`~mmx.nn.ResBlock1D`) and a strided-conv
+downsample (none after the last level); two middle blocks; per level but the first, on the way up,
+two blocks reading ``cat(h, skip)`` and a transposed-conv upsample; a final ``Conv1dBlock`` and 1x1
+conv. Every block is modulated by ``cat(time embedding, global condition)``.
+
+Optionally each residual block (down, middle, up) also cross-attends to a :class:`~mmx.Context`
+(queries = the T steps, keys/values = observation or instruction tokens). Those layers are new
+``cross_attn.*`` parameters whose output projection starts at zero, so Diffusion Policy weights
+loaded with ``strict=False`` (missing only ``cross_attn.*``) give the FiLM-only outputs.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from torch import nn
+
+from mmx.context import Context
+from mmx.nn import Conv1dBlock, ResBlock1D, SinusoidalEmbedding
+
+__all__ = ["UNet1D", "Downsample1D", "Upsample1D"]
+
+
+class Downsample1D(nn.Module):
+    """Halve T with a stride-2 ``Conv1d(k=3, padding=1)``: ``[B, C, T] -> [B, C, T/2]`` (key ``conv``)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class Upsample1D(nn.Module):
+    """Double T with a ``ConvTranspose1d(k=4, stride=2, padding=1)``: ``[B, C, T] -> [B, C, 2T]`` (key ``conv``)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.ConvTranspose1d(channels, channels, 4, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class UNet1D(ModelMixin, ConfigMixin):
+    """Diffusion Policy's conditional 1D UNet (Chi et al., 2023), optionally reading a Context.
+
+    ``sample [B, T, input_dim]`` (time-major, as upstream) -> prediction ``[B, T, input_dim]``.
+    The horizon T must divide by ``2 ** (len(down_dims) - 1)``; the model never pads or crops.
+
+    Upstream facts kept on purpose: the skip of each level is taken after its second block, before
+    the downsample, and the up path has one level fewer than the down path, so the first level's
+    skip is never read; the upsample of every up level (the last included) restores the full
+    horizon; the final ``Conv1dBlock`` uses 8 GroupNorm groups whatever ``n_groups`` is.
+    Diffusion Policy's ``local_cond_dim`` (per-step conditioning) is not supported.
+
+    Args:
+        input_dim: width of each step of the sample (e.g. the action dimension).
+        global_cond_dim: width of the global FiLM condition (e.g. flattened observation features);
+            None: the blocks are modulated by the time embedding alone.
+        diffusion_step_embed_dim: width of the timestep embedding (upstream ``dsed``).
+        down_dims: channels of each level, e.g. ``(256, 512, 1024)``.
+        kernel_size: temporal kernel of the convolutions.
+        n_groups: GroupNorm groups of the residual blocks (and of their cross-attention).
+        cond_predict_scale: FiLM predicts scale and shift (True) or a shift only (False).
+        context_dim: width D of the context tokens each block cross-attends to; None: FiLM only.
+        heads, dim_head: attention heads and width per head of the cross-attention.
+        attn_ff_mult: feed-forward expansion inside the cross-attention layers.
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        input_dim: int,
+        global_cond_dim: int | None = None,
+        diffusion_step_embed_dim: int = 256,
+        down_dims: tuple[int, ...] = (256, 512, 1024),
+        kernel_size: int = 3,
+        n_groups: int = 8,
+        cond_predict_scale: bool = False,
+        context_dim: int | None = None,
+        heads: int = 4,
+        dim_head: int = 32,
+        attn_ff_mult: int = 2,
+    ) -> None:
+        super().__init__()
+        down_dims = tuple(down_dims)
+        if not down_dims or any(not isinstance(d, int) or d <= 0 or d % n_groups for d in down_dims):
+            raise ValueError(f"down_dims must be positive multiples of n_groups={n_groups}; got {down_dims}")
+        if down_dims[0] % 8:
+            raise ValueError(f"down_dims[0] must divide by 8 (the final Conv1dBlock has 8 GroupNorm groups); got {down_dims[0]}")
+        if context_dim is not None and (context_dim <= 0 or heads <= 0 or dim_head <= 0 or attn_ff_mult <= 0):
+            raise ValueError(
+                f"cross-attention needs positive context_dim, heads, dim_head and attn_ff_mult; got "
+                f"{context_dim}, {heads}, {dim_head}, {attn_ff_mult}"
+            )
+        dsed = diffusion_step_embed_dim
+        cond_dim = dsed + (global_cond_dim or 0)
+        self.levels = len(down_dims)
+        dims = [input_dim, *down_dims]
+        in_out = list(zip(dims[:-1], dims[1:]))  # per level (C_in, C_out)
+
+        def block(c_in: int, c_out: int) -> ResBlock1D:
+            return ResBlock1D(c_in, c_out, cond_dim, kernel_size, n_groups, cond_predict_scale,
+                              context_dim, heads, dim_head, attn_ff_mult)
+
+        # Attribute order fixes the state_dict order; it is the published one.
+        mid = down_dims[-1]
+        self.mid_modules = nn.ModuleList([block(mid, mid), block(mid, mid)])
+        self.diffusion_step_encoder = nn.Sequential(
+            SinusoidalEmbedding(dsed, freq_shift=1.0), nn.Linear(dsed, dsed * 4), nn.Mish(), nn.Linear(dsed * 4, dsed)
+        )
+        self.up_modules = nn.ModuleList(
+            nn.ModuleList([block(c_out * 2, c_in), block(c_in, c_in), Upsample1D(c_in)])
+            for c_in, c_out in reversed(in_out[1:])
+        )
+        self.down_modules = nn.ModuleList(
+            nn.ModuleList([
+                block(c_in, c_out), block(c_out, c_out), Downsample1D(c_out) if i < self.levels - 1 else nn.Identity()
+            ])
+            for i, (c_in, c_out) in enumerate(in_out)
+        )
+        self.final_conv = nn.Sequential(
+            Conv1dBlock(down_dims[0], down_dims[0], kernel_size, n_groups=8), nn.Conv1d(down_dims[0], input_dim, 1)
+        )
+
+    def _check_sample(self, sample: torch.Tensor) -> None:
+        input_dim = self.config.input_dim
+        if not isinstance(sample, torch.Tensor) or sample.ndim != 3:
+            got = tuple(sample.shape) if isinstance(sample, torch.Tensor) else type(sample).__name__
+            raise ValueError(f"UNet1D expects sample [B, T, input_dim={input_dim}]; got {got}")
+        if sample.shape[2] != input_dim:
+            hint = " (channels-first? UNet1D takes time-major [B, T, input_dim] like Diffusion Policy)" if sample.shape[1] == input_dim else ""
+            raise ValueError(f"UNet1D expects sample [B, T, input_dim={input_dim}]; got {tuple(sample.shape)}{hint}")
+        self.check_horizon(sample.shape[1])
+
+    def check_horizon(self, horizon: int) -> None:
+        """Raise a ValueError naming the nearest valid horizons unless T divides by ``2 ** (levels - 1)``."""
+        factor = 2 ** (self.levels - 1)
+        t = int(horizon)
+        if t <= 0 or t % factor:
+            lower, upper = (t // factor) * factor, (max(t, 0) // factor + 1) * factor
+            nearest = f"{lower} or {upper}" if lower > 0 else f"{upper}"
+            raise ValueError(
+                f"UNet1D with {self.levels} levels (down_dims {tuple(self.config.down_dims)}) halves the horizon "
+                f"{self.levels - 1} times, so T must divide by {factor}; got T={t} (nearest valid horizons: {nearest})"
+            )
+
+    def _global_cond(self, sample: torch.Tensor, context: Context | None, global_cond: torch.Tensor | None) -> torch.Tensor | None:
+        width = self.config.global_cond_dim
+        if global_cond is None and context is not None:
+            global_cond = context.pooled if width is not None else None
+        if width is None:
+            if global_cond is not None:
+                raise ValueError(f"this UNet1D has no global condition (global_cond_dim=None); got global_cond {tuple(global_cond.shape)}")
+            return None
+        if global_cond is None:
+            raise ValueError(
+                f"this UNet1D is FiLM-conditioned on a global vector of width global_cond_dim={width}; "
+                "pass global_cond [B, global_cond_dim] or a context with pooled"
+            )
+        if global_cond.ndim != 2 or global_cond.shape[0] != sample.shape[0] or global_cond.shape[1] != width:
+            raise ValueError(
+                f"global condition must be [B={sample.shape[0]}, global_cond_dim={width}]; got {tuple(global_cond.shape)}"
+            )
+        return global_cond
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | int | float,
+        context: Context | None = None,
+        global_cond: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Predict ``[B, T, input_dim]`` from a noisy ``sample [B, T, input_dim]`` at ``timestep``.
+
+        Args:
+            sample: noisy action sequence, time-major.
+            timestep: a number, a 0-d tensor or ``[B]`` (possibly fractional) diffusion steps.
+            context: :class:`Context` whose ``tokens [B, S, context_dim]`` are read (with ``mask``,
+                True = real) by the cross-attention, required exactly when ``context_dim`` is set;
+                its ``pooled [B, global_cond_dim]`` is the global condition when ``global_cond`` is None.
+            global_cond: ``[B, global_cond_dim]`` FiLM condition, required (here or as
+                ``context.pooled``) exactly when ``global_cond_dim`` is set.
+        """
+        self._check_sample(sample)
+        b = sample.shape[0]
+        tokens = mask = None
+        if context is not None and not isinstance(context, Context):
+            raise TypeError(f"UNet1D takes context as an mmx Context; got {type(context).__name__}")
+        if self.config.context_dim is not None:
+            if context is None:
+                raise ValueError(f"this UNet1D cross-attends to context tokens of width {self.config.context_dim}; got context=None")
+            if context.dim != self.config.context_dim or context.batch_size != b:
+                raise ValueError(
+                    f"context tokens must be [B={b}, S, context_dim={self.config.context_dim}]; got {tuple(context.tokens.shape)}"
+                )
+            tokens, mask = context.tokens, context.mask
+        global_cond = self._global_cond(sample, context, global_cond)
+
+        if not isinstance(timestep, torch.Tensor):
+            timestep = torch.tensor([timestep], device=sample.device)
+        if timestep.ndim > 1 or (timestep.ndim == 1 and timestep.shape[0] not in (1, b)):
+            raise ValueError(f"timestep must be a number, a 0-d tensor or [B={b}]; got shape {tuple(timestep.shape)}")
+        timestep = timestep.to(sample.device).reshape(-1).expand(b)  # (B,)
+        cond = self.diffusion_step_encoder[0](timestep).to(sample.dtype)  # (B, dsed)
+        cond = self.diffusion_step_encoder[1:](cond)
+        if global_cond is not None:
+            cond = torch.cat([cond, global_cond.to(cond.dtype)], dim=-1)  # (B, dsed + global_cond_dim)
+
+        x = sample.transpose(1, 2)  # (B, input_dim, T)
+        skips = []
+        for res1, res2, downsample in self.down_modules:
+            x = res1(x, cond, tokens, mask)
+            x = res2(x, cond, tokens, mask)
+            skips.append(x)  # taken before the downsample, as upstream
+            x = downsample(x)
+        for res in self.mid_modules:
+            x = res(x, cond, tokens, mask)
+        for res1, res2, upsample in self.up_modules:
+            x = res1(torch.cat([x, skips.pop()], dim=1), cond, tokens, mask)  # (B, 2C, T')
+            x = res2(x, cond, tokens, mask)
+            x = upsample(x)
+        x = self.final_conv(x)  # (B, input_dim, T)
+        return x.transpose(1, 2)

@@ -1,0 +1,180 @@
+"""UNet1D: Diffusion Policy's layout and keys, equal outputs to an independent rebuild, cross-attention, errors."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmx import Context
+from mmx.models import MODELS, UNet1D
+from mmx.nn import ResBlock1D
+
+sys.path.insert(0, str(Path(__file__).parents[2] / "scripts"))
+from _upstream_unet1d import UpstreamUnet1D  # noqa: E402  (scripts/ is not a package)
+
+# The published small instance (shared/reference/diffusion_policy_unet1d_keys.tsv).
+SMALL = dict(input_dim=2, global_cond_dim=10, diffusion_step_embed_dim=32, down_dims=(32, 64), kernel_size=5,
+             n_groups=8, cond_predict_scale=True)
+XATTN = dict(context_dim=12, heads=2, dim_head=8, attn_ff_mult=2)
+
+
+def _reference_keys() -> Path:
+    """shared/reference/ beside the checkout (CI clones the repo with shared/ next to it)."""
+    for parent in Path(__file__).resolve().parents:
+        candidate = parent / "shared" / "reference" / "diffusion_policy_unet1d_keys.tsv"
+        if candidate.is_file():
+            return candidate
+    pytest.skip("shared/reference/diffusion_policy_unet1d_keys.tsv is not beside this checkout")
+
+
+def _perturbed_state(model: torch.nn.Module, seed: int = 1, std: float = 0.05) -> dict:
+    """The model's state_dict with every tensor moved by noise (so nothing is at its initial value)."""
+    g = torch.Generator().manual_seed(seed)
+    return {k: v + std * torch.randn(v.shape, generator=g) for k, v in model.state_dict().items()}
+
+
+def _ctx(b=3, s=6, pooled=None):
+    mask = torch.ones(b, s, dtype=torch.bool)
+    mask[0, 4:] = False
+    return Context(tokens=torch.randn(b, s, 12), mask=mask, pooled=pooled)
+
+
+def test_state_dict_keys_shapes_and_order_match_diffusion_policy():
+    rows = [line.split("\t") for line in _reference_keys().read_text().splitlines() if not line.startswith("#")]
+    want = [(key, eval(shape)) for key, shape in rows]
+    model = MODELS.build("unet1d", **SMALL)
+    got = [(key, tuple(v.shape)) for key, v in model.state_dict().items()]
+    assert got == want
+    assert sum(p.numel() for p in model.parameters()) == 267_650
+
+
+def test_strict_load_of_a_perturbed_state_dict_gives_equal_outputs():
+    torch.manual_seed(0)
+    state = _perturbed_state(UNet1D(**SMALL))
+    a, b = UNet1D(**SMALL), UNet1D(**SMALL)
+    a.load_state_dict(state, strict=True)
+    b.load_state_dict(state, strict=True)
+    x, t, g = torch.randn(3, 8, 2), torch.tensor([0, 40, 99]), torch.randn(3, 10)
+    out = a(x, t, global_cond=g)
+    assert torch.equal(out, b(x, t, global_cond=g))
+    fresh = UNet1D(**SMALL)
+    assert not torch.allclose(fresh(x, t, global_cond=g), out), "the loaded weights must matter"
+
+
+@pytest.mark.parametrize("global_cond_dim", [10, None])
+@pytest.mark.parametrize("cond_predict_scale", [True, False])
+def test_equals_an_independent_rebuild_of_the_upstream_model(cond_predict_scale, global_cond_dim):
+    cfg = dict(SMALL, down_dims=(16, 32, 64), cond_predict_scale=cond_predict_scale, global_cond_dim=global_cond_dim)
+    torch.manual_seed(0)
+    upstream = UpstreamUnet1D(**cfg)
+    state = _perturbed_state(upstream)
+    upstream.load_state_dict(state, strict=True)
+    model = UNet1D(**cfg)
+    model.load_state_dict(state, strict=True)
+    assert list(model.state_dict()) == list(upstream.state_dict())
+    x = torch.randn(4, 16, 2)
+    g = torch.randn(4, 10) if global_cond_dim else None
+    for t in (torch.tensor([0, 10, 500, 999]), torch.tensor(37), 250):
+        want = upstream(x, t, global_cond=g)
+        torch.testing.assert_close(model(x, t, global_cond=g), want, atol=1e-5, rtol=0)
+    assert want.abs().max() > 0.1, "a trivial output would make the comparison empty"
+
+
+def test_global_condition_can_come_from_context_pooled():
+    torch.manual_seed(0)
+    model = UNet1D(**SMALL)
+    model.load_state_dict(_perturbed_state(model))
+    x, g = torch.randn(3, 8, 2), torch.randn(3, 10)
+    out = model(x, 5, global_cond=g)
+    torch.testing.assert_close(model(x, 5, context=_ctx(pooled=g)), out)
+    assert not torch.allclose(model(x, 5, global_cond=torch.randn(3, 10)), out)
+
+
+def test_masked_context_tokens_have_no_effect_and_all_masked_rows_stay_finite():
+    torch.manual_seed(0)
+    model = UNet1D(**SMALL, **XATTN).eval()
+    model.load_state_dict(_perturbed_state(model))  # proj_out no longer zero: attention matters
+    x, t, g, ctx = torch.randn(3, 8, 2), torch.tensor([3, 50, 90]), torch.randn(3, 10), _ctx()
+    out = model(x, t, ctx, global_cond=g)
+    tokens = ctx.tokens.clone()
+    tokens[0, 4:] = 1e3  # masked positions of sample 0
+    torch.testing.assert_close(model(x, t, Context(tokens=tokens, mask=ctx.mask), global_cond=g), out)
+    unmasked = model(x, t, Context(tokens=tokens, mask=torch.ones_like(ctx.mask)), global_cond=g)
+    assert not torch.allclose(unmasked[0], out[0]), "the same tokens unmasked must change sample 0"
+    mask = ctx.mask.clone()
+    mask[1] = False  # sample 1 sees no token at all
+    empty = model(x, t, Context(tokens=ctx.tokens, mask=mask), global_cond=g)
+    assert torch.isfinite(empty).all()
+    torch.testing.assert_close(empty[0], out[0])
+
+
+def test_cross_attention_model_with_dp_weights_equals_the_film_only_model():
+    torch.manual_seed(0)
+    film_only = UNet1D(**SMALL)
+    state = _perturbed_state(film_only)
+    film_only.load_state_dict(state, strict=True)
+    xattn = UNet1D(**SMALL, **XATTN)
+    missing, unexpected = xattn.load_state_dict(state, strict=False)
+    assert not unexpected and missing and all(".cross_attn." in k for k in missing)
+    assert len({k.split(".cross_attn.")[0] for k in missing}) == 2 * 2 + 2 + 2  # every residual block: down, mid, up
+    x, t, g = torch.randn(3, 8, 2), torch.tensor([1, 2, 3]), torch.randn(3, 10)
+    torch.testing.assert_close(xattn(x, t, _ctx(), global_cond=g), film_only(x, t, global_cond=g), atol=1e-6, rtol=0)
+
+
+def test_horizon_shape_and_condition_errors_are_clear():
+    model = UNet1D(**dict(SMALL, down_dims=(16, 32, 64)), **XATTN)  # halves T twice: T % 4 == 0
+    g, ctx = torch.randn(2, 10), _ctx(b=2)
+    with pytest.raises(ValueError, match=r"divide by 4; got T=10 \(nearest valid horizons: 8 or 12\)"):
+        model(torch.randn(2, 10, 2), 0, ctx, global_cond=g)
+    with pytest.raises(ValueError, match=r"T=3 \(nearest valid horizons: 4\)"):
+        model(torch.randn(2, 3, 2), 0, ctx, global_cond=g)
+    model.check_horizon(16)  # valid: no error
+    with pytest.raises(ValueError, match=r"T=14 \(nearest valid horizons: 12 or 16\)"):
+        model.check_horizon(14)
+    with pytest.raises(ValueError, match=r"input_dim=2.*got \(2, 8\)"):
+        model(torch.randn(2, 8), 0, ctx, global_cond=g)
+    with pytest.raises(ValueError, match="channels-first"):
+        model(torch.randn(2, 2, 8), 0, ctx, global_cond=g)
+    with pytest.raises(ValueError, match=r"global_cond_dim=10\]; got \(2, 7\)"):
+        model(torch.randn(2, 8, 2), 0, ctx, global_cond=torch.randn(2, 7))
+    with pytest.raises(ValueError, match="global_cond_dim=10"):
+        model(torch.randn(2, 8, 2), 0, ctx)  # neither global_cond nor context.pooled
+    with pytest.raises(ValueError, match=r"context tokens of width 12; got context=None"):
+        model(torch.randn(2, 8, 2), 0, global_cond=g)
+    with pytest.raises(ValueError, match=r"context_dim=12\]; got \(2, 6, 5\)"):
+        model(torch.randn(2, 8, 2), 0, Context(tokens=torch.randn(2, 6, 5), mask=ctx.mask), global_cond=g)
+    no_global = UNet1D(**dict(SMALL, global_cond_dim=None))
+    with pytest.raises(ValueError, match="global_cond_dim=None"):
+        no_global(torch.randn(2, 8, 2), 0, global_cond=g)
+    block = ResBlock1D(8, 8, cond_dim=4)
+    with pytest.raises(ValueError, match="without cross-attention"):
+        block(torch.randn(2, 8, 4), torch.randn(2, 4), ctx)
+
+
+def test_save_pretrained_from_pretrained_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = UNet1D(**SMALL, **XATTN).eval()
+    model.load_state_dict(_perturbed_state(model))
+    model.save_pretrained(tmp_path / "unet1d")
+    assert (tmp_path / "unet1d" / "diffusion_pytorch_model.safetensors").is_file()
+    loaded = UNet1D.from_pretrained(tmp_path / "unet1d").eval()
+    assert loaded.config.context_dim == 12 and tuple(loaded.config.down_dims) == (32, 64)
+    x, t, g, ctx = torch.randn(3, 8, 2), torch.tensor([7, 8, 9]), torch.randn(3, 10), _ctx()
+    assert torch.equal(loaded(x, t, ctx, global_cond=g), model(x, t, ctx, global_cond=g))
+
+
+def test_one_optimizer_step_makes_the_output_read_the_context():
+    torch.manual_seed(0)
+    model = UNet1D(**SMALL, **XATTN)
+    x, t, g = torch.randn(3, 8, 2), torch.tensor([5, 6, 7]), torch.randn(3, 10)
+    ctx_a, ctx_b = _ctx(), _ctx()
+    assert torch.equal(model(x, t, ctx_a, global_cond=g), model(x, t, ctx_b, global_cond=g)), "fresh cross-attn is the identity"
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loss = (model(x, t, ctx_a, global_cond=g) - torch.randn(3, 8, 2)).pow(2).mean()
+    loss.backward()
+    grads = {k: p.grad for k, p in model.named_parameters() if ".cross_attn.proj_out." in k}
+    assert len(grads) == 2 * 8 and all(v is not None and v.abs().sum() > 0 for v in grads.values())
+    opt.step()
+    with torch.no_grad():
+        assert not torch.allclose(model(x, t, ctx_a, global_cond=g), model(x, t, ctx_b, global_cond=g))
