@@ -178,6 +178,9 @@ def _flat_hparams(cfg: object) -> dict:
 def _load(run: Path):
     from mmx.train.text_to_image import load_run
 
+    task = _task_of(run)
+    if task != "text_to_image":
+        _fail(f"{run} is a {task} run; this command works on text-to-image runs (`mmx eval` and `mmx attend` take any run)")
     try:
         return load_run(run)
     except (FileNotFoundError, ValueError, OSError) as err:
@@ -286,6 +289,43 @@ def _eval_grounding(run: Path, num: Optional[int]) -> None:
                   f"attention mIoU of colour and shape words {scores['attention_miou']:.3f}")
 
 
+def _load_policy(run: Path):
+    from mmx.train.policy import load_policy_run
+
+    try:
+        return load_policy_run(run)
+    except (FileNotFoundError, ValueError, KeyError, OSError) as err:
+        _fail(str(err))
+
+
+def _eval_policy(run: Path, num: Optional[int], steps: Optional[int], out: Path) -> None:
+    import json
+
+    from mmx.eval.rollout import chunk_latency, evaluate_policy
+    from mmx.train.visual import save_rollouts
+
+    cfg, policy = _load_policy(run)
+    if steps is not None:
+        policy.num_inference_steps = steps
+    episodes = num or cfg.eval.episodes
+    result = evaluate_policy(policy, cfg.data.env, episodes, cfg.eval.seed, cfg.eval.batch_size,
+                             render=cfg.eval.render, progress=True)
+    latency = chunk_latency(policy, cfg.data.env)
+    summary = {**result.summary(), "episodes": episodes, "sampler": cfg.diffusion.sampler,
+               "denoising_steps": policy.num_inference_steps, "chunk_latency_ms": latency["median_ms"]}
+    out.mkdir(parents=True, exist_ok=True)
+    picture = save_rollouts(result, out / "rollouts.png", title=f"{run.name}: {cfg.data.env} rollouts (green: success)")
+    (out / "eval.json").write_text(json.dumps({**summary, "seeds": result.seeds, "success": result.success,
+                                               "infos": result.infos}, indent=1, default=str))
+    routes = "  ".join(f"{k.removeprefix('route_')} {v:.0%}" for k, v in summary.items() if k.startswith("route_"))
+    console.print(
+        f"[bold]{cfg.data.env}: success {summary['success_rate']:.1%}[/bold] over {episodes} seeded episodes "
+        f"({policy.num_inference_steps} {cfg.diffusion.sampler} steps per chunk)"
+        + (f"\nroutes: {routes}" if routes else "")
+        + f"\naction-chunk latency (batch 1): {latency['median_ms']:.1f} ms median\n-> {picture or out}"
+    )
+
+
 @app.command()
 def eval(
     run: Path = typer.Argument(..., help="A run folder (from `mmx train`)."),
@@ -293,9 +333,17 @@ def eval(
     steps: Optional[int] = typer.Option(None, help="Sampling steps (default: the recipe's)."),
     out: Optional[Path] = typer.Option(None, help="Write the grid and eval.json here (default: RUN/eval)."),
 ) -> None:
-    """Held-out caption accuracy: a detector checks every claim of each generated image's caption."""
-    if _task_of(run) == "grounding":
+    """Score a run: held-out caption accuracy (text-to-image), mask IoU (grounding), rollouts (policy).
+
+    Text-to-image: a detector checks every claim of each generated image's caption, plus attention
+    mIoU. Policy: NUM seeded episodes in the task's simulator: success rate, route shares, latency.
+    """
+    task = _task_of(run)
+    if task == "grounding":
         _eval_grounding(run, num)
+        return
+    if task == "policy":
+        _eval_policy(run, num, steps, out or run / "eval")
         return
     cfg, pipeline = _load(run)
     out = out or run / "eval"
@@ -310,15 +358,21 @@ def eval(
 @app.command()
 def attend(
     run: Path = typer.Argument(..., help="A run folder (from `mmx train`)."),
-    prompt: str = typer.Option(..., "--prompt", "-p", help="The caption whose words to map."),
+    prompt: Optional[str] = typer.Option(
+        None, "--prompt", "-p", help="The caption whose words to map (policy runs: replaces the instruction)."),
     image: Optional[Path] = typer.Option(None, help="Map attention on this real image (noised) instead of a generated one."),
     out: Path = typer.Option(Path("attend"), help="Folder for overlays, grid and words.json."),
     steps: Optional[int] = typer.Option(None, help="Sampling steps (default: the recipe's)."),
     guidance: Optional[float] = typer.Option(None, help="Guidance scale (default: the recipe's)."),
-    seed: int = typer.Option(0, help="Seed of the initial noise."),
+    seed: int = typer.Option(0, help="Seed of the initial noise (policy runs: of the episode)."),
     gif: bool = typer.Option(False, help="Also write a GIF per word across windows of denoising steps."),
 ) -> None:
-    """Which image region looked at which word: per-word overlays, a grid, and per-word statistics."""
+    """Which image region (or action step) looked at which word: overlays, a grid, and statistics.
+
+    Policy runs: for the first action chunk of a seeded episode, each action step's attention over
+    the observation tokens (per source step and per instruction word) and, for camera images,
+    over image regions.
+    """
     import json
 
     import torch
@@ -326,6 +380,11 @@ def attend(
     from mmx.attnmap import attend_generate, attend_real, save_overlay, save_steps_gif, save_word_grid, word_maps
     from mmx.eval import detect_objects, detection_masks, word_ious
 
+    if _task_of(run) == "policy":
+        _attend_policy(run, prompt, seed, out, steps)
+        return
+    if prompt is None:
+        _fail("give the caption to map with --prompt")
     cfg, pipeline = _load(run)
     d = cfg.diffusion
     _, height, width = cfg.image_size
@@ -373,6 +432,57 @@ def attend(
         names = {m.index: m.word for m in maps}
         console.print("object words' attention IoU: " + ", ".join(f"{names[i]} {v:.2f}" for i, v in scores.items()))
     console.print(f"wrote {len(maps)} word overlays, {grid} and {out / 'words.json'}")
+
+
+def _attend_policy(run: Path, prompt: Optional[str], seed: int, out: Path, steps: Optional[int]) -> None:
+    import json
+
+    import torch
+
+    from mmx.attnmap import attend_policy, save_region_overlays, save_token_heatmap
+    from mmx.data.envs import make_env
+    from mmx.eval.rollout import stack_history
+
+    cfg, policy = _load_policy(run)
+    env = make_env(cfg.data.env)
+    obs = env.reset(seed=seed)
+    if prompt is not None:
+        if "instruction" not in obs:
+            _fail(f"the {cfg.data.env} task has no instruction to replace with --prompt")
+        obs["instruction"] = prompt
+    batch = stack_history([[obs]], policy.n_obs_steps)
+    try:
+        action, att = attend_policy(policy, batch, torch.Generator().manual_seed(seed), steps)
+    except ValueError as err:
+        _fail(str(err))
+    out.mkdir(parents=True, exist_ok=True)
+    first = policy.n_obs_steps - 1
+    executed = (first, first + policy.n_action_steps - 1)
+    labels, matrix = att.groups(0)
+    what = obs.get("instruction", cfg.data.env)
+    save_token_heatmap(matrix, labels, out / "attention_steps.png", executed=executed,
+                       title=f"{what!r}: each action step's attention (executed steps boxed)")
+    from PIL import Image
+
+    Image.fromarray(env.render()).save(out / "scene.png")
+    overlays = []
+    for seg in att.segments:
+        if seg.kind == "rgb":
+            frames = list(batch[seg.name][0].numpy())  # (To, H, W, 3) uint8
+            path = save_region_overlays(frames, att.region_maps(seg.name, 0, slice(executed[0], executed[1] + 1)),
+                                        out / f"attention_{seg.name}.png", title=f"{what!r}: where the executed steps looked")
+            overlays.append(str(path))
+    share = matrix[executed[0] : executed[1] + 1].mean(0)
+    ranked = sorted(zip(labels, share.tolist()), key=lambda kv: -kv[1])
+    (out / "attention.json").write_text(json.dumps({
+        "instruction": obs.get("instruction"), "seed": seed, "columns": labels,
+        "per_action_step": [[round(v, 4) for v in row] for row in matrix.tolist()],
+        "executed_steps": list(executed), "executed_mean": dict((k, round(v, 4)) for k, v in ranked),
+        "action": action["action"][0].tolist(),
+    }, indent=1))
+    top = ", ".join(f"{k} {v:.2f}" for k, v in ranked[:4])
+    console.print(f"executed action steps read most: {top}\nwrote {out / 'attention_steps.png'}"
+                  + "".join(f", {p}" for p in overlays) + f", {out / 'scene.png'} and {out / 'attention.json'}")
 
 
 DEMO_RUN = Path(__file__).parent / "assets" / "shapes_t2i"

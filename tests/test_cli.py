@@ -118,3 +118,24 @@ def test_shipped_demo_model_is_the_committed_recipe_and_runs(tmp_path):
     assert result.exit_code == 0, result.output
     assert "held-out caption accuracy" in result.output
     assert (tmp_path / "heldout_grid.png").is_file() and (tmp_path / "attention_0.png").is_file()
+
+
+def test_policy_train_eval_attend(tmp_path):
+    run = tmp_path / "policy"
+    result = runner.invoke(app, ["train", "configs/policy_targets_tiny.yaml", "train.max_steps=2", "--out", str(run)])
+    assert result.exit_code == 0, result.output
+    assert (run / "model" / "policy.safetensors").is_file()
+    result = runner.invoke(app, ["eval", str(run), "--num", "2", "--steps", "2"])
+    assert result.exit_code == 0, result.output
+    assert "success" in result.output and "latency" in result.output and (run / "eval" / "rollouts.png").is_file()
+    out = tmp_path / "attend"
+    result = runner.invoke(app, ["attend", str(run), "-p", "go to the red circle", "--out", str(out), "--steps", "2"])
+    assert result.exit_code == 0, result.output
+    for name in ("attention_steps.png", "attention_image.png", "scene.png", "attention.json"):
+        assert (out / name).is_file(), name
+    import json
+
+    saved = json.loads((out / "attention.json").read_text())
+    assert saved["instruction"] == "go to the red circle" and "red" in saved["columns"]
+    result = runner.invoke(app, ["sample", str(run), "-p", "x"])
+    assert result.exit_code == 2 and "policy run" in result.output

@@ -28,3 +28,9 @@ def test_import_blocks_adds_few_lines():
     end = source.index("# ---- data and training")
     added = [line for line in source[start:end].splitlines() if line.strip()]
     assert len(added) <= 30
+
+
+def test_reach_policy_example_runs(tmp_path):
+    example = _load("train_reach_policy")
+    summary = example.main(steps=4, episodes=4, eval_episodes=2, out=str(tmp_path / "run"), batch_size=16)
+    assert 0.0 <= summary["success_rate"] <= 1.0 and summary["mean_steps"] > 0

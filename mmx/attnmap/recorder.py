@@ -46,6 +46,8 @@ class AttentionRecorder:
             diffusers ``UNet2DConditionModel`` (directly or wrapped, e.g. ``DiffusersUNet2D``).
         image_size: ``(H, W)`` of the image the queries come from; each layer's query count L must
             be ``(H / f) * (W / f)`` for some integer downsampling f (non-square images work).
+            For sequence models (a 1D UNet over an action chunk) pass the sequence length T as an
+            int: each layer's L queries are resampled (linearly) to T steps, maps are ``[B, S, 1, T]``.
         grid: ``(h, w)`` of the common grid the maps are resampled to (default: ``image_size``
             divided by the smallest downsampling factor seen, i.e. the finest attention layer).
         layers: substrings of module names to keep, or a predicate on the name (None: every
@@ -65,7 +67,7 @@ class AttentionRecorder:
     def __init__(
         self,
         model: nn.Module,
-        image_size: tuple[int, int],
+        image_size: tuple[int, int] | int,
         grid: tuple[int, int] | None = None,
         layers: Sequence[str] | LayerFilter | None = None,
         steps: Callable[[int], bool] | None = None,
@@ -79,8 +81,9 @@ class AttentionRecorder:
         if window is not None and window < 1:
             raise ValueError(f"window must be a positive number of steps; got {window}")
         self.model = model
-        self.image_size = (int(image_size[0]), int(image_size[1]))
-        self.grid = grid
+        self.sequence = isinstance(image_size, int)
+        self.image_size = (1, int(image_size)) if self.sequence else (int(image_size[0]), int(image_size[1]))
+        self.grid = (1, self.image_size[1]) if self.sequence and grid is None else grid
         self.keep_layer = _layer_filter(layers)
         self.keep_step = steps or (lambda step: True)
         self.per_layer = per_layer
@@ -155,7 +158,7 @@ class AttentionRecorder:
             mask = mask[rows]
         probs = attention_probs(q, k, mask, scale=scale).sum(dim=1)  # (B, L, S): summed over heads
         b, l, s = probs.shape
-        h, w = query_grid(self.image_size, l)
+        h, w = (1, l) if self.sequence else query_grid(self.image_size, l)
         maps = probs.transpose(1, 2).reshape(b, s, h, w)  # (B, S, h, w)
         if self.grid is None:
             self.grid = (h, w)

@@ -1,4 +1,5 @@
-"""Datasets of captioned images: synthetic shapes and image folders, registered by name in DATASETS.
+"""Data: captioned images (synthetic shapes, image folders; registered by name in DATASETS),
+trajectories (Diffusion Policy replay buffers and sequence windows) and small simulators.
 
 >>> from mmx.data import DATASETS, collate
 >>> train = DATASETS.build("shapes", split="train", length=1000)
@@ -7,6 +8,7 @@
 
 from __future__ import annotations
 
+from mmx.data.envs import ENVS, ReachEnv, TargetsEnv, collect_demos, make_env, rollout
 from mmx.data.imagefolder import ImageDecodeError, ImageFolderCaptions
 from mmx.data.shapes import (
     BACKGROUND,
@@ -29,12 +31,14 @@ from mmx.data.shapes import (
     object_masks,
     render,
 )
+from mmx.data.trajectory import ReplayBuffer, TrajectoryDataset, collate_trajectories, episode_split, sequence_indices
 from mmx.registry import Registry
 
 __all__ = [
     "BACKGROUND",
     "COLOURS",
     "DATASETS",
+    "ENVS",
     "HELDOUT_COLOUR_SHAPE",
     "HELDOUT_SHAPE_POSITION",
     "OBJECT_SCALE",
@@ -43,17 +47,27 @@ __all__ = [
     "POSITION_WORDS",
     "SHAPES",
     "TEMPLATES",
+    "TargetsEnv",
     "ImageDecodeError",
     "ImageFolderCaptions",
     "ObjectWords",
+    "ReachEnv",
+    "ReplayBuffer",
     "ShapeObject",
     "ShapeSpec",
     "ShapesDataset",
+    "TrajectoryDataset",
     "caption_for",
     "caption_with_words",
     "collate",
+    "collect_demos",
+    "collate_trajectories",
+    "episode_split",
+    "make_env",
     "object_masks",
     "render",
+    "rollout",
+    "sequence_indices",
 ]
 
 DATASETS: Registry = Registry("dataset")

@@ -17,6 +17,7 @@ from mmx.encoders.base import ENCODERS, ImageFeatures, TextEncoder, TokenizedTex
 from mmx.encoders.cache import CachedTextEncoder
 from mmx.encoders.clip import CLIPTextEncoder
 from mmx.encoders.hf import HFTextEncoder
+from mmx.encoders.observation import ObservationEncoder
 from mmx.encoders.resnet import ResNetFeatures
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "ENCODERS",
     "HFTextEncoder",
     "ImageFeatures",
+    "ObservationEncoder",
     "ResNetFeatures",
     "TextEncoder",
     "TokenizedText",

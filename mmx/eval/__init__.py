@@ -1,4 +1,4 @@
-"""Evaluation: caption accuracy of generated shapes images, and how well attention maps localize."""
+"""Evaluation: caption accuracy of generated shapes images, how well attention maps localize, policy rollouts."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from mmx.eval.detector import (
     parse_caption,
 )
 from mmx.eval.localization import binarize, detection_masks, iou, object_words, word_ious
+from mmx.eval.rollout import RolloutResult, chunk_latency, evaluate_policy
 
 __all__ = [
     "CaptionCheck",
@@ -30,4 +31,7 @@ __all__ = [
     "iou",
     "object_words",
     "word_ious",
+    "RolloutResult",
+    "chunk_latency",
+    "evaluate_policy",
 ]

@@ -1,4 +1,4 @@
-"""Pictures a person would rather look at than read: sample grids with their captions."""
+"""Pictures a person would rather look at than read: sample grids with captions, rollout panels."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["save_grid", "to_uint8"]
+__all__ = ["save_grid", "save_panels", "save_rollouts", "to_uint8"]
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -24,7 +24,19 @@ def save_grid(
     title: str | None = None,
     columns: int = 4,
 ) -> Path:
-    """Write a PNG grid: each image with its caption; a green/red frame when ``correct`` is given."""
+    """Write a PNG grid: each image ``[B, C, H, W]`` in [-1, 1] with its caption; a green/red frame when ``correct`` is given."""
+    return save_panels(list(to_uint8(images).numpy()), captions, path, correct, title, columns)
+
+
+def save_panels(
+    pictures: Sequence,
+    captions: Sequence[str],
+    path: str | Path,
+    correct: Sequence[bool] | None = None,
+    title: str | None = None,
+    columns: int = 4,
+) -> Path:
+    """Write a PNG grid of uint8 ``[H, W, 3]`` pictures with captions (and green/red frames); atomic."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -32,7 +44,7 @@ def save_grid(
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    pixels = to_uint8(images)
+    pixels = list(pictures)
     n = len(pixels)
     columns = max(1, min(columns, n))
     rows = (n + columns - 1) // columns
@@ -40,7 +52,7 @@ def save_grid(
     for ax in axes.flat:
         ax.axis("off")
     for i, ax in enumerate(axes.flat[:n]):
-        ax.imshow(pixels[i].numpy(), interpolation="nearest")
+        ax.imshow(pixels[i], interpolation="nearest")
         ax.set_title("\n".join(textwrap.wrap(captions[i], 26)), fontsize=7)
         if correct is not None:
             ax.axis("on")
@@ -57,3 +69,19 @@ def save_grid(
     plt.close(fig)
     tmp.replace(path)
     return path
+
+
+def save_rollouts(result, path: str | Path, title: str | None = None, columns: int = 4) -> Path | None:
+    """Panels of a :class:`mmx.eval.rollout.RolloutResult`'s rendered episodes, framed by success."""
+    n = len(result.frames)
+    if n == 0:
+        return None
+    captions = []
+    for i in range(n):
+        info = result.infos[i]
+        detail = ", ".join(["collided"] * bool(info.get("collided"))
+                           + [f"{info[k]}" if k == "instruction" else f"{k} {info[k]}"
+                              for k in ("route", "instruction") if info.get(k) is not None])
+        captions.append(f"seed {result.seeds[i]}: {'success' if result.success[i] else 'failure'}"
+                        + (f" ({detail})" if detail else ""))
+    return save_panels(result.frames, captions, path, result.success[:n], title, columns)

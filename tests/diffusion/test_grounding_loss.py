@@ -3,7 +3,6 @@
 import torch
 
 from mmx import Context, WordSpan
-from mmx.diffusion import make_scheduler
 from mmx.diffusion.grounding_loss import AttentionCapture, token_targets
 from mmx.diffusion.loss import drop_conditions
 from mmx.models import UNet2D
