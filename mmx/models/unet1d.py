@@ -14,6 +14,10 @@ loaded with ``strict=False`` (missing only ``cross_attn.*``) give the FiLM-only 
 
 from __future__ import annotations
 
+import logging
+import os
+from pathlib import Path
+
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
@@ -22,7 +26,9 @@ from torch import nn
 from mmx.context import Context
 from mmx.nn import Conv1dBlock, ResBlock1D, SinusoidalEmbedding
 
-__all__ = ["UNet1D", "Downsample1D", "Upsample1D"]
+__all__ = ["UNet1D", "Downsample1D", "Upsample1D", "infer_diffusion_policy_config"]
+
+logger = logging.getLogger(__name__)
 
 
 class Downsample1D(nn.Module):
@@ -228,3 +234,98 @@ class UNet1D(ModelMixin, ConfigMixin):
             x = upsample(x)
         x = self.final_conv(x)  # (B, input_dim, T)
         return x.transpose(1, 2)
+
+    @classmethod
+    def from_diffusion_policy(
+        cls,
+        source: str | os.PathLike | dict,
+        prefix: str = "model.",
+        which: str = "ema_model",
+        trust_pickle: bool = False,
+        **overrides: object,
+    ) -> "UNet1D":
+        """Build a UNet1D from a Diffusion Policy checkpoint or state_dict and load it with ``strict=True``.
+
+        Args:
+            source: a workspace checkpoint (``.ckpt``: ``{"state_dicts": {"model": ..., "ema_model": ...}}``),
+                a ``.safetensors`` / torch file of a state_dict, or a state_dict already in memory.
+            prefix: where the UNet's keys start inside the policy's state_dict (``"model."`` for
+                Diffusion Policy's ``DiffusionUnet*Policy``; ``""`` for a bare UNet state_dict).
+            which: the entry of ``state_dicts`` to read (``"ema_model"`` when present, else ``"model"``).
+            trust_pickle: Diffusion Policy's ``.ckpt`` files pickle their config objects, and
+                unpickling runs code from the file. Such files are refused unless this is True
+                (``torch.load(weights_only=True)`` is always tried first).
+            overrides: constructor arguments the weights cannot reveal (``n_groups``; default 8 as upstream).
+
+        The configuration (input_dim, global_cond_dim, diffusion_step_embed_dim, down_dims,
+        kernel_size, cond_predict_scale) is read from the tensor shapes.
+        """
+        state = _dp_state_dict(source, which, trust_pickle)
+        unet_state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if not unet_state:
+            found = sorted({k.split(".")[0] for k in state})
+            raise KeyError(f"no keys start with {prefix!r} in {_name(source)}; top-level names: {found[:12]}")
+        if any(k.startswith("local_cond_encoder.") for k in unet_state):
+            raise ValueError(f"{_name(source)} uses Diffusion Policy's local_cond, which UNet1D does not support")
+        config = {**infer_diffusion_policy_config(unet_state), **overrides}
+        model = cls(**config)
+        model.load_state_dict(unet_state, strict=True)
+        return model
+
+
+def infer_diffusion_policy_config(state: dict) -> dict:
+    """UNet1D constructor arguments read from the shapes of a ConditionalUnet1D state_dict."""
+    try:
+        dsed = state["diffusion_step_encoder.1.weight"].shape[1]
+        input_dim = state["final_conv.1.weight"].shape[0]
+        levels = sorted({int(k.split(".")[1]) for k in state if k.startswith("down_modules.")})
+        first = [state[f"down_modules.{i}.0.blocks.0.block.0.weight"] for i in levels]  # (C_out, C_in, k)
+        film = state["down_modules.0.0.cond_encoder.1.weight"]  # (C_out * (2 | 1), cond_dim)
+    except KeyError as err:
+        raise KeyError(f"not a Diffusion Policy ConditionalUnet1D state_dict: {err} is missing") from None
+    down_dims = tuple(int(w.shape[0]) for w in first)
+    cond_dim = int(film.shape[1])
+    return {
+        "input_dim": int(input_dim),
+        "global_cond_dim": (cond_dim - int(dsed)) or None,
+        "diffusion_step_embed_dim": int(dsed),
+        "down_dims": down_dims,
+        "kernel_size": int(first[0].shape[2]),
+        "cond_predict_scale": int(film.shape[0]) == 2 * down_dims[0],
+    }
+
+
+def _name(source: object) -> str:
+    return str(source) if isinstance(source, (str, os.PathLike)) else "the given state_dict"
+
+
+def _dp_state_dict(source: str | os.PathLike | dict, which: str, trust_pickle: bool) -> dict:
+    """The flat state_dict of a Diffusion Policy checkpoint / weights file / in-memory dict."""
+    if isinstance(source, dict):
+        payload = source
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"Diffusion Policy checkpoint not found: {path}")
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # pickled objects beyond tensors and containers
+            if not trust_pickle:
+                raise ValueError(
+                    f"{path} holds pickled Python objects besides tensors (Diffusion Policy .ckpt files pickle "
+                    "their config); loading it runs code from the file. If you trust its origin, pass "
+                    f"trust_pickle=True (CLI: --trust-pickle). Detail: {str(err).splitlines()[0]}"
+                ) from None
+            logger.warning("loading %s with pickle (trust_pickle=True): only do this for files you trust", path)
+            payload = torch.load(path, map_location="cpu", weights_only=False)
+    if "state_dicts" in payload:
+        dicts = payload["state_dicts"]
+        key = which if which in dicts else "model"
+        if key not in dicts:
+            raise KeyError(f"{_name(source)} has no state_dicts[{which!r}] or ['model']; it has {sorted(dicts)}")
+        return dicts[key]
+    return payload.get("state_dict", payload)

@@ -178,3 +178,52 @@ def test_one_optimizer_step_makes_the_output_read_the_context():
     opt.step()
     with torch.no_grad():
         assert not torch.allclose(model(x, t, ctx_a, global_cond=g), model(x, t, ctx_b, global_cond=g))
+
+
+SMALL = dict(input_dim=2, global_cond_dim=10, diffusion_step_embed_dim=32, down_dims=(32, 64), kernel_size=5,
+             n_groups=8, cond_predict_scale=True)
+
+
+def _dp_checkpoint(model: UNet1D, ema: UNet1D) -> dict:
+    """A workspace checkpoint shaped like Diffusion Policy's: the UNet under ``model.`` beside the obs encoder."""
+    def policy_state(unet):
+        return {**{f"model.{k}": v for k, v in unet.state_dict().items()}, "obs_encoder.proj.weight": torch.zeros(3, 3)}
+
+    return {"state_dicts": {"model": policy_state(model), "ema_model": policy_state(ema)}}
+
+
+def test_from_diffusion_policy_reads_the_config_from_shapes_and_loads_the_ema_weights(tmp_path):
+    from mmx.models.unet1d import infer_diffusion_policy_config
+
+    torch.manual_seed(0)
+    model, ema = UNet1D(**SMALL), UNet1D(**SMALL)
+    ema.load_state_dict(_perturbed_state(ema))
+    path = tmp_path / "latest.ckpt"
+    torch.save(_dp_checkpoint(model, ema), path)
+    loaded = UNet1D.from_diffusion_policy(path)
+    assert {k: loaded.config[k] for k in SMALL} == {**SMALL, "down_dims": tuple(loaded.config["down_dims"])}
+    assert tuple(loaded.config["down_dims"]) == (32, 64)
+    assert infer_diffusion_policy_config(model.state_dict())["global_cond_dim"] == 10
+    x, t, g = torch.randn(2, 8, 2), torch.tensor([3, 70]), torch.randn(2, 10)
+    assert torch.equal(loaded(x, t, global_cond=g), ema(x, t, global_cond=g))
+    plain = UNet1D.from_diffusion_policy(path, which="model")
+    assert torch.equal(plain(x, t, global_cond=g), model(x, t, global_cond=g))
+
+
+def test_from_diffusion_policy_refuses_pickled_objects_unless_trusted(tmp_path):
+    import types
+
+    torch.manual_seed(0)
+    model = UNet1D(**SMALL)
+    payload = _dp_checkpoint(model, model)
+    payload["cfg"] = types.SimpleNamespace(policy="diffusion_unet_lowdim")  # stands in for the pickled config
+    path = tmp_path / "epoch=0100.ckpt"
+    torch.save(payload, path)
+    with pytest.raises(ValueError, match="trust_pickle=True"):
+        UNet1D.from_diffusion_policy(path)
+    loaded = UNet1D.from_diffusion_policy(path, trust_pickle=True)
+    assert loaded.config.global_cond_dim == 10
+    with pytest.raises(FileNotFoundError, match="nope.ckpt"):
+        UNet1D.from_diffusion_policy(tmp_path / "nope.ckpt")
+    with pytest.raises(KeyError, match="no keys start with 'unet.'"):
+        UNet1D.from_diffusion_policy(_dp_checkpoint(model, model), prefix="unet.")
