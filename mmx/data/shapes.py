@@ -189,8 +189,29 @@ def object_masks(
 # -------------------------------------------------------------------------------------- captions
 
 
-def caption_with_words(objects: Sequence[ShapeSpec], rng: np.random.Generator) -> tuple[str, list[ObjectWords]]:
-    """A templated caption naming every object in order, and each object's word indices."""
+ATTRIBUTES: tuple[str, ...] = ("colour", "shape", "position")
+
+
+def _clause_template(template: str, drop: str | None) -> str:
+    """The clause template with one attribute left out: no colour word, "shape" for the shape, no place."""
+    if drop == "colour":
+        return template.replace("{colour} ", "")
+    if drop == "shape":
+        return template.replace("{shape}", "shape")
+    if drop == "position":
+        return template.replace("{position} ", "").replace(" is {position}", "").replace(" {position}", "")
+    return template
+
+
+def caption_with_words(
+    objects: Sequence[ShapeSpec], rng: np.random.Generator, drop_attribute: float = 0.0
+) -> tuple[str, list[ObjectWords]]:
+    """A templated caption naming every object in order, and each object's word indices.
+
+    With ``drop_attribute > 0`` each clause leaves out one of its colour / shape / place (chosen
+    uniformly) with that probability: "a triangle on the left", "a red shape on the left", "a red
+    triangle". The left-out word's index in :class:`ObjectWords` is -1 (or an empty position).
+    """
     if not objects:
         raise ValueError("a caption needs at least one object")
     words: list[str] = []
@@ -199,6 +220,8 @@ def caption_with_words(objects: Sequence[ShapeSpec], rng: np.random.Generator) -
         if k:
             words.append("and")
         template = TEMPLATES[int(rng.integers(len(TEMPLATES)))]
+        if drop_attribute > 0 and rng.random() < drop_attribute:  # no draw at all when disabled
+            template = _clause_template(template, ATTRIBUTES[int(rng.integers(len(ATTRIBUTES)))])
         phrases = POSITION_PHRASES[obj.position]
         phrase = phrases[int(rng.integers(len(phrases)))].split()
         colour = shape = -1
@@ -253,6 +276,7 @@ class ShapesDataset(Dataset):
         heldout_colour_shape: Sequence[Sequence[str]] = HELDOUT_COLOUR_SHAPE,
         heldout_shape_position: Sequence[Sequence[str]] = HELDOUT_SHAPE_POSITION,
         antialias: bool = False,
+        drop_attribute: float = 0.0,
     ) -> None:
         if split not in self.SPLITS:
             raise ValueError(f"unknown split {split!r}; valid: {', '.join(self.SPLITS)}")
@@ -263,7 +287,9 @@ class ShapesDataset(Dataset):
         if not 1 <= max_objects <= len(POSITIONS):
             raise ValueError(f"max_objects must be in 1..{len(POSITIONS)} (one object per position); got {max_objects}")
         self.split, self.size, self.length, self.seed = split, size, length, seed
-        self.max_objects, self.antialias = max_objects, antialias
+        if not 0.0 <= drop_attribute <= 1.0:
+            raise ValueError(f"drop_attribute must be a probability in [0, 1]; got {drop_attribute}")
+        self.max_objects, self.antialias, self.drop_attribute = max_objects, antialias, drop_attribute
         self.heldout_colour_shape = _check_pairs(heldout_colour_shape, list(COLOURS), SHAPES, "(colour, shape)")
         self.heldout_shape_position = _check_pairs(heldout_shape_position, SHAPES, list(POSITIONS), "(shape, position)")
 
@@ -316,7 +342,7 @@ class ShapesDataset(Dataset):
             chosen.append(options[int(rng.integers(len(options)))])
         order = rng.permutation(count)
         specs = [ShapeSpec(*chosen[k]) for k in order]
-        caption, refs = caption_with_words(specs, rng)
+        caption, refs = caption_with_words(specs, rng, self.drop_attribute)
         return specs, caption, refs
 
     def __getitem__(self, index: int) -> dict[str, Any]:
@@ -331,8 +357,9 @@ class ShapesDataset(Dataset):
             objects.append(
                 ShapeObject(spec.colour, spec.shape, spec.position, mask_t, (ref.colour, ref.shape), ref.position)
             )
-            word_masks[ref.colour] = mask_t
-            word_masks[ref.shape] = mask_t
+            for word in (ref.colour, ref.shape):
+                if word >= 0:  # -1: the caption left this attribute out
+                    word_masks[word] = mask_t
         return {"image": image, "caption": caption, "objects": objects, "word_masks": word_masks, "index": index}
 
     def __repr__(self) -> str:

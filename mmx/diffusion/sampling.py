@@ -33,18 +33,20 @@ def pad_context(context: Context, length: int) -> Context:
     )
 
 
-def _batch(context: Context, null: Context) -> Context:
-    """Conditional rows first, then the unconditional rows, padded to one S."""
-    s = max(context.tokens.shape[1], null.tokens.shape[1])
-    context, null = pad_context(context, s), pad_context(null, s)
+def _batch(context: Context, null: Context, components: Context | None = None) -> Context:
+    """Conditional rows first, then the unconditional rows (then any component rows), padded to one S."""
+    parts = [context, null] + ([components] if components is not None else [])
+    s = max(p.tokens.shape[1] for p in parts)
+    parts = [pad_context(p, s) for p in parts]
     b = context.batch_size
-    null = null if null.batch_size == b else null[[0] * b]
+    if parts[1].batch_size != b:
+        parts[1] = parts[1][[0] * b]
     pooled = None
-    if context.pooled is not None and null.pooled is not None:
-        pooled = torch.cat([context.pooled, null.pooled.to(context.pooled)])
+    if all(p.pooled is not None for p in parts):
+        pooled = torch.cat([p.pooled.to(context.pooled) for p in parts])
     return Context(
-        tokens=torch.cat([context.tokens, null.tokens.to(context.tokens)]),  # (2B, S, D)
-        mask=torch.cat([context.mask, null.mask.to(context.device)]),  # (2B, S)
+        tokens=torch.cat([p.tokens.to(context.tokens) for p in parts]),  # (2B [+ KB], S, D)
+        mask=torch.cat([p.mask.to(context.device) for p in parts]),  # (2B [+ KB], S)
         pooled=pooled,
     )
 
@@ -60,6 +62,8 @@ def sample(
     null_context: Context | None = None,
     generator: torch.Generator | None = None,
     callback: StepCallback | None = None,
+    components: Context | None = None,
+    component_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Draw samples ``[B, *shape]`` conditioned on ``context`` (batch B) with ``scheduler``.
 
@@ -74,24 +78,39 @@ def sample(
         null_context: the empty caption's Context (needed when ``guidance_scale != 1``).
         generator: for the initial noise and stochastic schedulers.
         callback: called as ``callback(step_index, t, x)`` after every step.
+        components: composable guidance (Liu et al. 2022, "Compositional Visual Generation with
+            Composable Diffusion Models"): K partial descriptions per prompt, ``K*B`` rows (component
+            k of prompt b at row ``k*B + b``); each adds ``w[k, b] * (pred_k - pred_uncond)``.
+        component_weights: ``[K, B]`` weights (0 for a prompt that has fewer components).
     """
     b = context.batch_size
     device = context.device
-    guided = guidance_scale != 1.0
+    guided = guidance_scale != 1.0 or components is not None
     if guided and null_context is None:
-        raise ValueError("guidance_scale != 1 needs null_context, the Context of the empty caption")
-    model_context = _batch(context, null_context) if guided else context
+        raise ValueError("guidance_scale != 1 and components need null_context, the Context of the empty caption")
+    k = 0
+    if components is not None:
+        if component_weights is None or component_weights.ndim != 2 or component_weights.shape[1] != b:
+            got = None if component_weights is None else tuple(component_weights.shape)
+            raise ValueError(f"components need component_weights [K, B={b}]; got {got}")
+        k = component_weights.shape[0]
+        if components.batch_size != k * b:
+            raise ValueError(f"components must hold K*B = {k * b} rows; got {components.batch_size}")
+        component_weights = component_weights.to(device=device, dtype=context.dtype)
+    model_context = _batch(context, null_context, components) if guided else context
     scheduler.set_timesteps(num_steps, device=device)
     x = torch.randn((b, *shape), generator=generator, device=device, dtype=context.dtype)
     x = x * scheduler.init_noise_sigma
     for i, t in enumerate(scheduler.timesteps):
-        x_in = torch.cat([x, x]) if guided else x
+        x_in = x.repeat(2 + k, *([1] * (x.ndim - 1))) if guided else x
         x_in = scheduler.scale_model_input(x_in, t)
         with conditional_rows(slice(0, b)):  # the prompts' rows come first; observers read this
             pred = model(x_in, t.expand(x_in.shape[0]), model_context)
         if guided:
-            cond, uncond = pred.chunk(2)
+            cond, uncond, *parts = pred.split(b)
             pred = uncond + guidance_scale * (cond - uncond)
+            for j, part in enumerate(parts):
+                pred = pred + component_weights[j].view(b, *([1] * (x.ndim - 1))) * (part - uncond)
         x = scheduler.step(pred, t, x, generator=generator).prev_sample
         if callback is not None:
             callback(i, t, x)

@@ -5,7 +5,7 @@ Holds no files: saving and loading runs is the trainer's job (``mmx.train``).
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -33,6 +33,10 @@ class TextToImage(nn.Module):
         max_tokens: pad every batch of tokens to this length (None: to the longest caption).
         grounding_weight: weight of the token-level grounding loss on cross-attention maps
             (needs per-word object masks in :meth:`loss`; 0 disables it).
+        describe_parts: ``prompt -> partial descriptions`` for composable guidance in
+            :meth:`generate` (e.g. the shapes recipe's ``caption_components``); used when
+            ``component_scale > 0``.
+        component_scale: weight of each partial description's guidance term.
     """
 
     def __init__(
@@ -45,6 +49,8 @@ class TextToImage(nn.Module):
         min_snr_gamma: float | None = None,
         max_tokens: int | None = None,
         grounding_weight: float = 0.0,
+        describe_parts: Callable[[str], list[str]] | None = None,
+        component_scale: float = 0.0,
     ) -> None:
         super().__init__()
         if not 0.0 <= cond_drop_prob < 1.0:
@@ -57,6 +63,7 @@ class TextToImage(nn.Module):
         self.min_snr_gamma = min_snr_gamma
         self.max_tokens = max_tokens
         self.grounding_weight = grounding_weight
+        self.describe_parts, self.component_scale = describe_parts, component_scale
         self._texts = CachedTextEncoder(text_encoder, max_tokens)
 
     # -- text ------------------------------------------------------------------------------------
@@ -106,13 +113,31 @@ class TextToImage(nn.Module):
         generator: torch.Generator | None = None,
         callback: StepCallback | None = None,
         unet: nn.Module | None = None,
+        components: Sequence[Sequence[str]] | None = None,
+        component_scale: float | None = None,
     ) -> torch.Tensor:
         """Images ``[B, C, H, W]`` in [-1, 1] for ``prompts`` (of any lengths), with guidance in one batched call.
 
-        ``unet`` overrides ``self.unet`` (e.g. the trainer's EMA-weighted copy).
+        ``unet`` overrides ``self.unet`` (e.g. the trainer's EMA-weighted copy). ``components``
+        (per prompt, a list of partial descriptions, e.g. "a red shape on the left", "a triangle on
+        the left") add composable guidance, each with weight ``component_scale``; by default they
+        come from ``describe_parts`` when ``self.component_scale > 0``.
         """
         ctx = self.encode(prompts)
-        null = self.null_context() if guidance_scale != 1.0 else None
+        if component_scale is None:
+            component_scale = self.component_scale
+        if components is None and self.describe_parts is not None and component_scale > 0:
+            components = [self.describe_parts(p) for p in prompts]
+        parts = weights = None
+        if components is not None and any(components):
+            if len(components) != len(prompts):
+                raise ValueError(f"components must hold one list per prompt ({len(prompts)}); got {len(components)}")
+            k = max(len(c) for c in components)
+            texts = [row[j] if j < len(row) else "" for j in range(k) for row in components]  # component-major
+            weights = torch.tensor([[component_scale if j < len(row) else 0.0 for row in components] for j in range(k)])
+            parts = self.encode(texts)
+        null = self.null_context() if guidance_scale != 1.0 or parts is not None else None
         scheduler = sampler_from(self.scheduler, sampler)
-        x = sample(unet or self.unet, scheduler, ctx, self.image_size, num_steps, guidance_scale, null, generator, callback)
+        x = sample(unet or self.unet, scheduler, ctx, self.image_size, num_steps, guidance_scale, null, generator, callback,
+                   components=parts, component_weights=weights)
         return x.clamp(-1, 1)

@@ -6,10 +6,11 @@ safetensors + config.json), ``checkpoints/``, ``logs/`` (tensorboard) and ``samp
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 import torch
 from torch import nn
@@ -35,6 +36,8 @@ class DiffusionConfig:
     sampler: str = "ddim"
     sample_steps: int = 25
     guidance_scale: float = 3.0
+    compose_scale: float = 0.0  # > 0: composable guidance from partial descriptions of each object
+    compose: tuple[str, ...] = ("colour+position", "shape+position", "colour+shape")
 
 
 @dataclass
@@ -84,8 +87,12 @@ def build_pipeline(cfg: TextToImageConfig, unet: nn.Module | None = None):
     scheduler = make_scheduler(
         "ddpm", num_train_timesteps=d.num_train_timesteps, beta_schedule=d.beta_schedule, prediction_type=d.prediction_type
     )
+    parts = None
+    if d.compose_scale > 0:
+        caption_components("a red circle", d.compose)  # checks the pair names now, not at the first validation
+        parts = functools.partial(caption_components, pairs=tuple(d.compose))
     return TextToImage(unet, encoder, scheduler, tuple(cfg.image_size), d.cond_drop_prob, d.min_snr_gamma, cfg.max_tokens,
-                       d.grounding_weight)
+                       d.grounding_weight, parts, d.compose_scale)
 
 
 def heldout_prompts(cfg: TextToImageConfig) -> list[str]:
@@ -95,6 +102,30 @@ def heldout_prompts(cfg: TextToImageConfig) -> list[str]:
     data = DATASETS.build_from_dict(dict(cfg.eval.data))
     n = min(cfg.eval.num_prompts, len(data))
     return [data[i]["caption"] for i in range(n)]
+
+
+def caption_components(caption: str, pairs: Sequence[str] = ("colour+position", "shape+position", "colour+shape")) -> list[str]:
+    """Partial descriptions of each object of a shapes caption, one per attribute pair in ``pairs``.
+
+    "a red triangle on the left" -> "a red shape on the left", "a triangle on the left", "a red
+    triangle" (the forms ``ShapesDataset(drop_attribute=...)`` trains on). A caption outside the
+    shapes grammar has no components.
+    """
+    from mmx.data.shapes import POSITION_PHRASES
+    from mmx.eval.detector import parse_caption
+
+    forms = {
+        "colour+position": "a {c} shape {p}", "shape+position": "a {s} {p}", "colour+shape": "a {c} {s}",
+    }
+    unknown = [pair for pair in pairs if pair not in forms]
+    if unknown:
+        raise ValueError(f"unknown component pairs {unknown}; valid: {list(forms)}")
+    try:
+        claims = parse_caption(caption)
+    except ValueError:
+        return []
+    return [forms[pair].format(c=claim.colour, s=claim.shape, p=POSITION_PHRASES[claim.position][0])
+            for claim in claims for pair in pairs]
 
 
 def generate_and_score(pipeline, cfg: TextToImageConfig, prompts: list[str], generator_seed: int,

@@ -177,3 +177,27 @@ def test_dataloader_with_collate_and_registry():
     assert len(batch["objects"]) == 4 and len(batch["word_masks"]) == 4
     with pytest.raises(UnknownNameError, match="imagefolder, shapes"):
         DATASETS.get("mnist")
+
+
+def test_drop_attribute_leaves_one_attribute_out_and_keeps_the_default_data_unchanged():
+    from mmx.data.shapes import COLOURS, POSITION_WORDS, SHAPES
+
+    plain, also_plain = ShapesDataset(length=20, seed=3), ShapesDataset(length=20, seed=3, drop_attribute=0.0)
+    assert [plain[i]["caption"] for i in range(20)] == [also_plain[i]["caption"] for i in range(20)]
+    dropped = ShapesDataset(length=60, seed=3, drop_attribute=1.0)
+    kinds = set()
+    for i in range(60):
+        item = dropped[i]
+        for clause in item["caption"].split(" and "):
+            words = clause.split()
+            present = (any(w in COLOURS for w in words), any(w in SHAPES for w in words),
+                       any(w in POSITION_WORDS for w in words))
+            assert sum(present) == 2, clause  # exactly one of colour / shape / place is left out
+            kinds.add(present)
+            if not present[1]:
+                assert "shape" in words  # "a red shape on the left"
+        named = [w for w in item["word_masks"]]
+        assert all(item["caption"].split()[w] in COLOURS or item["caption"].split()[w] in SHAPES for w in named)
+    assert len(kinds) == 3
+    with pytest.raises(ValueError, match="drop_attribute"):
+        ShapesDataset(drop_attribute=1.5)

@@ -136,3 +136,25 @@ def test_samplers_recover_the_image_an_oracle_denoiser_knows(name, prediction_ty
     out = sample(Oracle(x0, scheduler), scheduler, _ctx(b=1), (3, 4, 4), num_steps=20,
                  generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(out, x0, atol=0.05, rtol=0)
+
+
+def test_composable_guidance_adds_one_term_per_component():
+    scheduler = sampler_from(make_scheduler("ddpm", num_train_timesteps=100), "ddim")
+    ctx, null = _ctx(), _ctx(b=1, s=4, seed=5)
+    run = lambda scale, **kw: sample(Recorder(), scheduler, ctx, (1, 4, 4), num_steps=4, guidance_scale=scale,
+                                     null_context=null, generator=torch.Generator().manual_seed(0), **kw)
+    guided = run(3.0)
+    other = _ctx(seed=9)
+    parts = Context(tokens=torch.cat([other.tokens, ctx.tokens]), mask=torch.cat([other.mask, ctx.mask]))  # K=2, B=2
+    # zero weights change nothing; a component equal to the prompt itself adds its weight to the scale
+    torch.testing.assert_close(run(3.0, components=parts, component_weights=torch.zeros(2, 2)), guided)
+    torch.testing.assert_close(run(3.0, components=parts, component_weights=torch.tensor([[0.0, 0.0], [2.0, 2.0]])),
+                               run(5.0))
+    model = Recorder()
+    sample(model, scheduler, ctx, (1, 4, 4), num_steps=1, guidance_scale=3.0, null_context=null,
+           components=parts, component_weights=torch.ones(2, 2))
+    assert model.calls[0][0].shape[0] == 2 * 2 + 2 * 2  # cond, uncond, then K*B component rows in one call
+    with pytest.raises(ValueError, match="component_weights \\[K, B=2\\]"):
+        run(3.0, components=parts, component_weights=torch.ones(2))
+    with pytest.raises(ValueError, match="K\\*B = 6 rows"):
+        run(3.0, components=parts, component_weights=torch.ones(3, 2))
