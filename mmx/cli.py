@@ -305,6 +305,8 @@ def _eval_policy(run: Path, num: Optional[int], steps: Optional[int], out: Path)
     from mmx.train.visual import save_rollouts
 
     cfg, policy = _load_policy(run)
+    if cfg.data.env is None:
+        _fail(f"{run} was trained on {cfg.data.path} without a simulator (data.env is null): rollouts need one")
     if steps is not None:
         policy.num_inference_steps = steps
     episodes = num or cfg.eval.episodes
@@ -444,6 +446,8 @@ def _attend_policy(run: Path, prompt: Optional[str], seed: int, out: Path, steps
     from mmx.eval.rollout import stack_history
 
     cfg, policy = _load_policy(run)
+    if cfg.data.env is None:
+        _fail(f"{run} has no simulator (data.env is null) to draw an observation from")
     env = make_env(cfg.data.env)
     obs = env.reset(seed=seed)
     if prompt is not None:

@@ -41,7 +41,7 @@ CONDITIONING = ("film", "cross_attention", "both")
 class PolicyDataConfig:
     """Where the demonstrations come from."""
 
-    env: str = "reach"  # the simulator: scripted demonstrations (when path is None) and evaluation
+    env: str | None = "reach"  # the simulator: scripted demonstrations (when path is None) and rollouts; None: none
     path: str | None = None  # a zarr replay buffer in Diffusion Policy's layout (directory or .zarr.zip)
     episodes: int = 200  # scripted demonstrations to collect when path is None
     seed: int = 0
@@ -112,6 +112,8 @@ def load_buffer(cfg: PolicyConfig):
     if d.path is not None:
         keys = [*cfg.obs, d.action_key]
         return ReplayBuffer.load(d.path, keys=keys)
+    if d.env is None:
+        raise ValueError("data.path and data.env are both empty: give a zarr replay buffer or a simulator to demonstrate")
     logger.info("collecting %d scripted demonstrations of %r (seed %d)", d.episodes, d.env, d.seed)
     return ReplayBuffer.from_episodes(collect_demos(d.env, d.episodes, seed=d.seed))
 
@@ -237,7 +239,7 @@ class PolicyTask:
         from mmx.train.visual import save_rollouts
 
         e = self.cfg.eval
-        if e.val_episodes < 1:
+        if e.val_episodes < 1 or self.cfg.data.env is None:  # no simulator (e.g. a published data set): no rollouts
             return {}
         result = evaluate_policy(model, self.cfg.data.env, e.val_episodes, e.seed, e.batch_size, render=e.render)
         save_rollouts(result, out_dir / f"step_{step:07d}.png", title=f"step {step}: {self.cfg.data.env} rollouts")

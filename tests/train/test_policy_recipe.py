@@ -41,12 +41,13 @@ def test_trains_from_a_diffusion_policy_zarr_store(tmp_path):
     store = tmp_path / "demos.zarr"
     ReplayBuffer.from_episodes(collect_demos("reach", 6, seed=3)).save(store)
     cfg = _tiny()
-    cfg.data.path = str(store)
+    cfg.data.path, cfg.data.env = str(store), None  # a published data set: no simulator, so no rollouts
     cfg.train.max_steps = 4
-    cfg.eval.val_episodes = 0
     task = PolicyTask(cfg, tmp_path / "run")
     assert task.buffer.n_episodes == 6
-    assert train(task, cfg.train, tmp_path / "run").step == 4
+    result = train(task, cfg.train, tmp_path / "run")
+    assert result.step == 4 and result.metrics == {}
+    assert load_policy_run(tmp_path / "run")[0].data.path == str(store)
 
 
 def test_data_errors_name_the_key(tmp_path):
