@@ -27,6 +27,7 @@ from torch import nn
 
 from mmx.context import Context, WordSpan
 from mmx.nn.conditioning import timestep_embedding
+from mmx.nn.transformer import TransformerBlock
 
 __all__ = ["LowDimSource", "ImageSource", "TextSource", "ObservationEncoder", "Segment", "SOURCE_KINDS"]
 
@@ -219,10 +220,20 @@ class ObservationEncoder(nn.Module):
         n_obs_steps: observation history length To.
         tokens: build token paths (needed by cross-attention). False gives a FiLM-only encoder:
             only pooled vectors, an empty token sequence ``[B, 0, D]`` and no unused parameters.
+        fusion_layers: pre-norm self-attention blocks over the joined tokens (masked), so image
+            regions can read the instruction's words before the policy reads them ("which region
+            is the blue square" is then a property of the region's token). 0: none.
+        fusion_heads: heads of those blocks (width per head ``dim // fusion_heads``).
     """
 
     def __init__(
-        self, sources: Mapping[str, Mapping[str, Any]], dim: int = 128, n_obs_steps: int = 2, tokens: bool = True
+        self,
+        sources: Mapping[str, Mapping[str, Any]],
+        dim: int = 128,
+        n_obs_steps: int = 2,
+        tokens: bool = True,
+        fusion_layers: int = 0,
+        fusion_heads: int = 4,
     ) -> None:
         super().__init__()
         if not sources:
@@ -243,6 +254,11 @@ class ObservationEncoder(nn.Module):
                 raise ValueError(f"observation {key!r} ({kind}): {err}") from None
             self.kinds[key] = kind
         self.source_embedding = nn.Parameter(torch.randn(len(self.sources), dim) * 0.02) if tokens else None
+        if fusion_layers and (dim % fusion_heads or fusion_layers < 0):
+            raise ValueError(f"fusion needs fusion_heads ({fusion_heads}) dividing dim ({dim}); got fusion_layers={fusion_layers}")
+        self.fusion = nn.ModuleList(
+            TransformerBlock(dim, None, fusion_heads, dim // fusion_heads, ff_mult=2) for _ in range(fusion_layers if tokens else 0)
+        )
 
     @property
     def pooled_dim(self) -> int:
@@ -283,7 +299,10 @@ class ObservationEncoder(nn.Module):
             empty = Context(tokens=pooled_vec.new_zeros(b, 0, self.dim), mask=torch.zeros(b, 0, dtype=torch.bool, device=device))
             parts = [empty]
         joined = Context.cat(parts) if len(parts) > 1 else parts[0]
-        return Context(tokens=joined.tokens, mask=joined.mask, pooled=pooled_vec, words=words), segments
+        tokens = joined.tokens
+        for block in self.fusion:  # every token may read every real token (padding masked as keys)
+            tokens = block(tokens, self_mask=joined.mask)
+        return Context(tokens=tokens, mask=joined.mask, pooled=pooled_vec, words=words), segments
 
     def forward(self, obs: Mapping[str, Any]) -> Context:
         """``obs``: per key ``[B, To, ...]`` tensors (text: a list of B strings) -> Context ``[B, S, D]``."""

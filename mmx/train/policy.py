@@ -54,6 +54,7 @@ class PolicyModelConfig:
 
     conditioning: Literal["film", "cross_attention", "both"] = "film"
     dim: int = 128  # observation token width (cross-attention keys/values)
+    fusion_layers: int = 0  # self-attention blocks over the observation tokens (regions read the words)
     diffusion_step_embed_dim: int = 128
     down_dims: tuple[int, ...] = (64, 128, 256)
     kernel_size: int = 5
@@ -153,7 +154,8 @@ def build_policy(cfg: PolicyConfig, buffer: Any | None = None):
         raise ValueError("action_dim is unknown: build the policy from data, or from a saved run's config.yaml")
     film = m.conditioning in ("film", "both")
     attend = m.conditioning in ("cross_attention", "both")
-    encoder = ObservationEncoder(cfg.obs, dim=m.dim, n_obs_steps=cfg.n_obs_steps, tokens=attend)
+    encoder = ObservationEncoder(cfg.obs, dim=m.dim, n_obs_steps=cfg.n_obs_steps, tokens=attend,
+                                 fusion_layers=m.fusion_layers, fusion_heads=m.heads)
     unet = UNet1D(
         input_dim=cfg.action_dim,
         global_cond_dim=encoder.pooled_dim if film else None,

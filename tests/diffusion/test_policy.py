@@ -160,3 +160,19 @@ def test_policy_attention_rows_are_distributions_over_observation_tokens():
     assert labels == ["state t-1", "state t"] and torch.allclose(groups.sum(-1), torch.ones(8), atol=1e-5)
     with pytest.raises(ValueError, match="no cross-attention"):
         attend_policy(_policy("film"), {"state": torch.randn(1, 2, 2)})
+
+
+def test_fusion_lets_observation_tokens_read_the_instruction_and_ignores_padding():
+    spec = {"state": {"kind": "lowdim", "in_dim": 4}, "instruction": {"kind": "text"}}
+    torch.manual_seed(0)
+    plain, fused = ObservationEncoder(spec, dim=32), ObservationEncoder(spec, dim=32, fusion_layers=2)
+    state = torch.randn(2, 2, 4)
+    a = {"state": state, "instruction": ["go to the blue square", "reach the red circle"]}
+    b = {"state": state, "instruction": ["go to the green circle", "reach the red circle and stay there"]}
+    # without fusion the state tokens do not depend on the words; with it they do
+    assert torch.equal(plain(a).tokens[0, :2], plain(b).tokens[0, :2])
+    assert not torch.allclose(fused(a).tokens[0, :2], fused(b).tokens[0, :2])
+    # a longer instruction in another sample only pads sample 0: its tokens are unchanged
+    c = {"state": state, "instruction": ["go to the blue square", "x " * 20]}
+    n = fused(a).tokens.shape[1]
+    assert torch.allclose(fused(a).tokens[0], fused(c).tokens[0, :n], atol=1e-5)
