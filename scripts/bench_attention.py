@@ -16,7 +16,6 @@ import datetime as dt
 import gc
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -25,6 +24,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from _machine import device_name  # scripts/ is on sys.path when a script runs
 
 from mmx import CrossAttention
 
@@ -150,17 +150,6 @@ def time_all(impls, case, device, backward, repeats):
     return {n: statistics.median(t) for n, t in times.items()}
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _rss_kib(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -217,7 +206,7 @@ def main() -> None:
 
     meta = {
         "date": dt.date.today().isoformat(),
-        "device": torch.cuda.get_device_name(0) if device.type == "cuda" else f"cpu: {_cpu_name()}, {torch.get_num_threads()} threads",
+        "device": device_name(device),
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,
         "heads": HEADS,

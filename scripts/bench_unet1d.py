@@ -14,27 +14,19 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+from _machine import device_name  # scripts/ is on sys.path when a script runs
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _upstream_unet1d import UpstreamUnet1D  # noqa: E402
 
 from mmx import Context  # noqa: E402
 from mmx.models import UNet1D  # noqa: E402
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.machine()
 
 
 def _sync(device: torch.device) -> None:
@@ -136,8 +128,7 @@ def main() -> None:
     if args.json:
         result = {
             "meta": {"date": dt.date.today().isoformat(), "torch": torch.__version__,
-                     "device": torch.cuda.get_device_name(0) if device.type == "cuda"
-                     else f"cpu: {_cpu_name()}, {torch.get_num_threads()} threads",
+                     "device": device_name(device),
                      "arch": {k: list(v) if isinstance(v, tuple) else v for k, v in arch.items()},
                      "batch": b, "horizon": args.horizon, "tokens": args.tokens, "context_dim": args.context_dim,
                      "warmup": args.warmup, "repeats": args.repeats, "command": " ".join(["python", *sys.argv])},

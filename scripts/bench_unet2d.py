@@ -12,26 +12,18 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import platform
 import statistics
 import sys
 import time
 
 import torch
+from _machine import device_name  # scripts/ is on sys.path when a script runs
 
 from mmx import Context
 from mmx.diffusion import diffusion_loss, make_scheduler, sample, sampler_from
 from mmx.models import DiffusersUNet2D, UNet2D
 
 ARCH = dict(channels=(64, 128, 128), layers_per_block=1, attention_levels=(False, True, True), heads=4, dim_head=32)
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.machine()
 
 
 def step_time(model, x0, ctx, scheduler, repeats: int) -> float:
@@ -96,7 +88,7 @@ def main() -> None:
     print(f"sampling: {n / seconds:.2f} images/s ({n} images, 25 DDIM steps, guidance 3.0, {size}x{size})")
     result = {
         "meta": {"date": dt.date.today().isoformat(), "torch": torch.__version__,
-                 "device": torch.cuda.get_device_name(0) if device.type == "cuda" else f"cpu: {_cpu_name()}, {torch.get_num_threads()} threads",
+                 "device": device_name(device),
                  "arch": {k: list(v) if isinstance(v, tuple) else v for k, v in ARCH.items()}, "batch": b, "size": size,
                  "command": " ".join(["python", *sys.argv])},
         "train_step": rows, "ratio_mmx_over_diffusers": ratio,

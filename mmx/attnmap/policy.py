@@ -14,6 +14,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
+from mmx.attnmap.plot import _plt, _save
 from mmx.attnmap.recorder import AttentionRecorder
 from mmx.context import WordSpan
 
@@ -89,24 +90,6 @@ def attend_policy(
     weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-12)
     words = policy.obs_encoder.encode(prepared)[0].words if any(s.kind == "text" for s in segments) else None
     return out, PolicyAttention(weights.float().cpu(), segments, words)
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp" + path.suffix)
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    _plt().close(fig)
-    tmp.replace(path)
-    return path
 
 
 def save_token_heatmap(

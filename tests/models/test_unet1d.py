@@ -19,15 +19,6 @@ SMALL = dict(input_dim=2, global_cond_dim=10, diffusion_step_embed_dim=32, down_
 XATTN = dict(context_dim=12, heads=2, dim_head=8, attn_ff_mult=2)
 
 
-def _reference_keys() -> Path:
-    """shared/reference/ beside the checkout (CI clones the repo with shared/ next to it)."""
-    for parent in Path(__file__).resolve().parents:
-        candidate = parent / "shared" / "reference" / "diffusion_policy_unet1d_keys.tsv"
-        if candidate.is_file():
-            return candidate
-    pytest.skip("shared/reference/diffusion_policy_unet1d_keys.tsv is not beside this checkout")
-
-
 def _perturbed_state(model: torch.nn.Module, seed: int = 1, std: float = 0.05) -> dict:
     """The model's state_dict with every tensor moved by noise (so nothing is at its initial value)."""
     g = torch.Generator().manual_seed(seed)
@@ -40,8 +31,8 @@ def _ctx(b=3, s=6, pooled=None):
     return Context(tokens=torch.randn(b, s, 12), mask=mask, pooled=pooled)
 
 
-def test_state_dict_keys_shapes_and_order_match_diffusion_policy():
-    rows = [line.split("\t") for line in _reference_keys().read_text().splitlines() if not line.startswith("#")]
+def test_state_dict_keys_shapes_and_order_match_diffusion_policy(dp_reference_keys):
+    rows = [line.split("\t") for line in dp_reference_keys.read_text().splitlines() if not line.startswith("#")]
     want = [(key, eval(shape)) for key, shape in rows]
     model = MODELS.build("unet1d", **SMALL)
     got = [(key, tuple(v.shape)) for key, v in model.state_dict().items()]

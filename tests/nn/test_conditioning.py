@@ -1,20 +1,10 @@
 """FiLM, timestep embeddings and residual blocks."""
 
-from pathlib import Path
 
 import pytest
 import torch
 
 from mmx import FiLM, ResBlock1D, ResBlock2D, SinusoidalEmbedding, timestep_embedding
-
-def _reference_keys() -> Path:
-    """shared/reference/ beside the checkout (CI clones the repo with shared/ next to it)."""
-    for parent in Path(__file__).resolve().parents:
-        candidate = parent / "shared" / "reference" / "diffusion_policy_unet1d_keys.tsv"
-        if candidate.is_file():
-            return candidate
-    pytest.skip("shared/reference/diffusion_policy_unet1d_keys.tsv is not beside this checkout")
-
 
 @pytest.mark.parametrize("flip", [False, True])
 @pytest.mark.parametrize("dim", [32, 33])
@@ -59,9 +49,9 @@ def test_film_with_scale_offset_and_zero_weights_is_identity():
     torch.testing.assert_close(film(x, torch.randn(2, 6)), x)
 
 
-def test_resblock1d_has_diffusion_policy_keys_and_shapes():
+def test_resblock1d_has_diffusion_policy_keys_and_shapes(dp_reference_keys):
     """The first down block of the published ConditionalUnet1D (input_dim=2, down_dims[0]=32, cond 42)."""
-    rows = [line.split("\t") for line in _reference_keys().read_text().splitlines() if not line.startswith("#")]
+    rows = [line.split("\t") for line in dp_reference_keys.read_text().splitlines() if not line.startswith("#")]
     prefix = "down_modules.0.0."
     want = {k[len(prefix):]: eval(shape) for k, shape in rows if k.startswith(prefix)}
     block = ResBlock1D(2, 32, cond_dim=42, kernel_size=5, n_groups=8, cond_predict_scale=True)
