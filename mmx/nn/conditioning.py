@@ -99,7 +99,9 @@ class FiLM(nn.Sequential):
         if not self.predict_scale:
             return x + params
         scale, shift = params.chunk(2, dim=1)
-        return x * (scale + self.scale_offset) + shift
+        if self.scale_offset:
+            scale = scale + self.scale_offset
+        return x * scale + shift
 
 
 class ResBlock2D(nn.Module):
