@@ -80,16 +80,15 @@ def attend_policy(
     if getattr(policy.unet, "config", None) is None or policy.unet.config.context_dim is None:
         raise ValueError("this policy has no cross-attention (conditioning: film): there is no attention to show; "
                          "train with model.conditioning=cross_attention or both")
-    prepared = policy.prepare_obs(obs)
-    _, segments = policy.obs_encoder.encode(prepared)
+    with torch.no_grad():
+        context, segments = policy.obs_encoder.encode(policy.prepare_obs(obs))
     with AttentionRecorder(policy.unet, image_size=policy.horizon) as recorder:
         out = policy.predict_action(obs, generator=generator, num_inference_steps=num_inference_steps,
-                                    callback=recorder.callback)
+                                    callback=recorder.callback, context=context)
     maps = recorder.maps()[:, :, 0, :]  # (B, S, T)
     weights = maps.transpose(1, 2)  # (B, T, S)
     weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-12)
-    words = policy.obs_encoder.encode(prepared)[0].words if any(s.kind == "text" for s in segments) else None
-    return out, PolicyAttention(weights.float().cpu(), segments, words)
+    return out, PolicyAttention(weights.float().cpu(), segments, context.words)
 
 
 def save_token_heatmap(

@@ -179,13 +179,16 @@ class DiffusionPolicy(nn.Module):
         generator: torch.Generator | None = None,
         num_inference_steps: int | None = None,
         callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+        context: Context | None = None,
     ) -> dict[str, torch.Tensor]:
         """Denoise an action chunk for each observation history.
 
         Returns ``action`` ``[B, n_action_steps, Da]`` (to execute now, starting at the current step)
-        and ``action_pred`` ``[B, horizon, Da]`` (the whole chunk), both un-normalised.
+        and ``action_pred`` ``[B, horizon, Da]`` (the whole chunk), both un-normalised. ``context``
+        is the already encoded ``obs`` (then ``obs`` is not encoded again).
         """
-        context = self.encode(obs)
+        if context is None:
+            context = self.encode(obs)
         scheduler = sampler_from(self.scheduler, self.sampler)
         steps = num_inference_steps or self.num_inference_steps
         naction = sample(self.unet, scheduler, context, (self.horizon, self.action_dim), steps,
