@@ -108,7 +108,6 @@ def evaluate_policy(
         seeds = list(range(seed + first, seed + min(episodes, first + batch_size)))
         envs = [make_env(env, **(env_kwargs or {})) for _ in seeds]
         histories = [[e.reset(seed=s)] for e, s in zip(envs, seeds)]
-        paths = [[np.asarray(h[0]["state"][:2], dtype=np.float32)] for h in histories]
         infos: list[dict[str, Any]] = [{} for _ in envs]
         done = [False] * len(envs)
         steps = [0] * len(envs)
@@ -119,7 +118,6 @@ def evaluate_policy(
                 for action in chunk[: policy.n_action_steps]:
                     obs, finished, info = envs[i].step(action)
                     histories[i] = histories[i][-policy.n_obs_steps :] + [obs]
-                    paths[i].append(np.asarray(obs["state"][:2], dtype=np.float32))
                     steps[i] += 1
                     infos[i] = {**info, **({"instruction": obs["instruction"]} if "instruction" in obs else {})}
                     if finished:
@@ -130,7 +128,7 @@ def evaluate_policy(
             result.success.append(bool(infos[i].get("success", False)))
             result.steps.append(steps[i])
             result.infos.append({k: v for k, v in infos[i].items() if k != "success"})
-            result.trajectories.append(np.stack(paths[i]))
+            result.trajectories.append(np.asarray(e.trajectory, dtype=np.float32))  # [steps + 1, 2]
             if len(result.frames) < render:
                 result.frames.append(e.render())
         bar.update(len(seeds))
