@@ -290,12 +290,17 @@ def _eval_grounding(run: Path, num: Optional[int]) -> None:
 
 
 def _load_policy(run: Path):
+    """A policy run whose data came from a simulator (rollouts and attention need one)."""
     from mmx.train.policy import load_policy_run
 
     try:
-        return load_policy_run(run)
+        cfg, policy = load_policy_run(run)
     except (FileNotFoundError, ValueError, KeyError, OSError) as err:
         _fail(str(err))
+    if cfg.data.env is None:
+        _fail(f"{run} was trained on {cfg.data.path} without a simulator (data.env is null): "
+              "rollouts and observations need one")
+    return cfg, policy
 
 
 def _eval_policy(run: Path, num: Optional[int], steps: Optional[int], out: Path) -> None:
@@ -305,8 +310,6 @@ def _eval_policy(run: Path, num: Optional[int], steps: Optional[int], out: Path)
     from mmx.train.visual import save_rollouts
 
     cfg, policy = _load_policy(run)
-    if cfg.data.env is None:
-        _fail(f"{run} was trained on {cfg.data.path} without a simulator (data.env is null): rollouts need one")
     if steps is not None:
         policy.num_inference_steps = steps
     episodes = num or cfg.eval.episodes
@@ -446,8 +449,6 @@ def _attend_policy(run: Path, prompt: Optional[str], seed: int, out: Path, steps
     from mmx.eval.rollout import stack_history
 
     cfg, policy = _load_policy(run)
-    if cfg.data.env is None:
-        _fail(f"{run} has no simulator (data.env is null) to draw an observation from")
     env = make_env(cfg.data.env)
     obs = env.reset(seed=seed)
     if prompt is not None:
