@@ -1,4 +1,5 @@
 """Data: captioned images (synthetic shapes, image folders; registered by name in DATASETS),
+sentence pairs and canonical captions for the sequence-to-sequence tasks,
 trajectories (Diffusion Policy replay buffers and sequence windows) and small simulators.
 
 >>> from mmx.data import DATASETS, collate
@@ -31,6 +32,15 @@ from mmx.data.shapes import (
     object_masks,
     render,
 )
+from mmx.data.seq2seq import (
+    CaptioningDataset,
+    TranslationDataset,
+    canonical_caption,
+    source_vocabulary,
+    target_vocabulary,
+    translate,
+)
+from mmx.data.text import WordTokenizer
 from mmx.data.trajectory import ReplayBuffer, TrajectoryDataset, collate_trajectories, episode_split, sequence_indices
 from mmx.registry import Registry
 
@@ -48,6 +58,13 @@ __all__ = [
     "SHAPES",
     "TEMPLATES",
     "TargetsEnv",
+    "CaptioningDataset",
+    "TranslationDataset",
+    "WordTokenizer",
+    "canonical_caption",
+    "source_vocabulary",
+    "target_vocabulary",
+    "translate",
     "ImageDecodeError",
     "ImageFolderCaptions",
     "ObjectWords",
@@ -73,3 +90,5 @@ __all__ = [
 DATASETS: Registry = Registry("dataset")
 DATASETS.register("shapes")(ShapesDataset)
 DATASETS.register("imagefolder")(ImageFolderCaptions)
+DATASETS.register("translation")(TranslationDataset)
+DATASETS.register("captioning")(CaptioningDataset)

@@ -36,6 +36,7 @@ __all__ = [
     "ShapeObject",
     "ShapeSpec",
     "ShapesDataset",
+    "caption_clauses",
     "caption_for",
     "caption_with_words",
     "collate",
@@ -212,14 +213,27 @@ def caption_with_words(
     uniformly) with that probability: "a triangle on the left", "a red shape on the left", "a red
     triangle". The left-out word's index in :class:`ObjectWords` is -1 (or an empty position).
     """
+    caption, refs, _ = caption_clauses(objects, rng, drop_attribute)
+    return caption, refs
+
+
+def caption_clauses(
+    objects: Sequence[ShapeSpec], rng: np.random.Generator, drop_attribute: float = 0.0
+) -> tuple[str, list[ObjectWords], list[int]]:
+    """:func:`caption_with_words` plus the index into :data:`TEMPLATES` of each object's clause.
+
+    Draws exactly the same random numbers, so both give the same caption for the same ``rng``.
+    """
     if not objects:
         raise ValueError("a caption needs at least one object")
     words: list[str] = []
     refs: list[ObjectWords] = []
+    chosen: list[int] = []
     for k, obj in enumerate(objects):
         if k:
             words.append("and")
-        template = TEMPLATES[int(rng.integers(len(TEMPLATES)))]
+        chosen.append(int(rng.integers(len(TEMPLATES))))
+        template = TEMPLATES[chosen[-1]]
         if drop_attribute > 0 and rng.random() < drop_attribute:  # no draw at all when disabled
             template = _clause_template(template, ATTRIBUTES[int(rng.integers(len(ATTRIBUTES)))])
         phrases = POSITION_PHRASES[obj.position]
@@ -239,7 +253,7 @@ def caption_with_words(
             else:
                 words.append(token)
         refs.append(ObjectWords(colour, shape, tuple(place)))
-    return " ".join(words), refs
+    return " ".join(words), refs, chosen
 
 
 def caption_for(objects: Sequence[ShapeSpec], rng: np.random.Generator) -> str:
@@ -333,7 +347,11 @@ class ShapesDataset(Dataset):
         """The objects of sample ``index`` (without drawing them), in caption order."""
         return self._sample(self._rng(self._index(index)))[0]
 
-    def _sample(self, rng: np.random.Generator) -> tuple[list[ShapeSpec], str, list[ObjectWords]]:
+    def describe(self, index: int) -> tuple[list[ShapeSpec], str, list[ObjectWords], list[int]]:
+        """Sample ``index`` without drawing it: objects, caption, word indices, template of each clause."""
+        return self._sample(self._rng(self._index(index)))
+
+    def _sample(self, rng: np.random.Generator) -> tuple[list[ShapeSpec], str, list[ObjectWords], list[int]]:
         count = int(rng.integers(1, self.max_objects + 1))
         chosen = [self._first_pool[int(rng.integers(len(self._first_pool)))]]
         while len(chosen) < count:
@@ -342,13 +360,13 @@ class ShapesDataset(Dataset):
             chosen.append(options[int(rng.integers(len(options)))])
         order = rng.permutation(count)
         specs = [ShapeSpec(*chosen[k]) for k in order]
-        caption, refs = caption_with_words(specs, rng, self.drop_attribute)
-        return specs, caption, refs
+        caption, refs, templates = caption_clauses(specs, rng, self.drop_attribute)
+        return specs, caption, refs, templates
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         """``image`` [3, H, W] in [-1, 1], ``caption``, ``objects``, ``word_masks`` {word index: [H, W] bool}."""
         index = self._index(index)
-        specs, caption, refs = self._sample(self._rng(index))
+        specs, caption, refs, _ = self._sample(self._rng(index))
         pixels, masks = _draw(specs, self.size, self.antialias, OBJECT_SCALE)  # [H, W, 3] uint8, [H, W] bool
         image = torch.from_numpy(pixels).permute(2, 0, 1).float().div(127.5).sub(1.0)  # [3, H, W]
         objects, word_masks = [], {}
