@@ -1,15 +1,27 @@
 """Attention math and conditioning blocks: pure ``nn.Module``s, no noise, no I/O."""
 
-from mmx.nn.attention import CrossAttention, MultiHeadAttention, attention_probs, prepare_mask
+from mmx.nn.attention import CrossAttention, KVCache, MultiHeadAttention, attention_probs, prepare_mask
 from mmx.nn.conditioning import FiLM, ResBlock1D, ResBlock2D, Conv1dBlock, SinusoidalEmbedding, timestep_embedding
-from mmx.nn.transformer import FeedForward, GEGLU, SpatialTransformer, TemporalTransformer, TransformerBlock, group_norm
+from mmx.nn.transformer import (
+    BlockCache, FeedForward, GEGLU, SpatialTransformer, TemporalTransformer, TransformerBlock, group_norm,
+)
+from mmx.nn.seq2seq import (
+    DecoderCache, TransformerDecoder, TransformerEncoder, positions_from_mask, sinusoidal_positions,
+)
 
 __all__ = [
     "CrossAttention",
     "MultiHeadAttention",
+    "KVCache",
     "attention_probs",
     "prepare_mask",
     "TransformerBlock",
+    "BlockCache",
+    "TransformerEncoder",
+    "TransformerDecoder",
+    "DecoderCache",
+    "sinusoidal_positions",
+    "positions_from_mask",
     "SpatialTransformer",
     "TemporalTransformer",
     "FeedForward",

@@ -19,7 +19,9 @@ from torch import nn
 
 from mmx.context import Context, unpack_context
 
-__all__ = ["CrossAttention", "MultiHeadAttention", "prepare_mask", "attention_probs", "query_grid", "AttentionHook"]
+__all__ = [
+    "CrossAttention", "MultiHeadAttention", "KVCache", "prepare_mask", "attention_probs", "query_grid", "AttentionHook",
+]
 
 # A hook sees (module, q [B, H, L, Dh], k [B, H, S, Dh], mask) for every call; see ``CrossAttention.hooks``.
 AttentionHook = Callable[["CrossAttention", torch.Tensor, torch.Tensor, "torch.Tensor | None"], None]
@@ -132,6 +134,73 @@ def query_grid(image_size: tuple[int, int], queries: int) -> tuple[int, int]:
     return h // f, w // f
 
 
+class KVCache:
+    """Projected keys and values of ONE attention layer, kept across decoding steps.
+
+    * Self-attention: every call appends the keys/values of its new queries' positions, so step
+      t attends over positions ``0..t`` without re-projecting the prefix.
+    * Cross-attention: the first call projects the context (e.g. the encoder memory) and stores
+      it; later calls reuse it and project nothing but the queries.
+
+    The cache learns which of the two it is on its first use (``kind``: ``"self"`` / ``"cross"``).
+
+    Attributes:
+        k: ``[B, H, S, Dh]`` cached keys, or None while empty.
+        v: ``[B, H, S, Dv]`` cached values, or None while empty.
+        kind: ``"self"``, ``"cross"`` or None while empty.
+    """
+
+    def __init__(self) -> None:
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+        self.kind: str | None = None
+
+    def __len__(self) -> int:
+        """Number of cached key positions S (0 when empty)."""
+        return 0 if self.k is None else self.k.shape[2]
+
+    def __repr__(self) -> str:
+        shape = None if self.k is None else tuple(self.k.shape)
+        return f"KVCache(kind={self.kind!r}, k={shape})"
+
+    @property
+    def is_empty(self) -> bool:
+        return self.k is None
+
+    def reset(self) -> None:
+        """Forget everything (the next call fills the cache again)."""
+        self.k = self.v = None
+        self.kind = None
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep batch rows ``index`` (a ``[B']`` long tensor, repeats allowed), e.g. the surviving beams."""
+        if self.k is None or self.v is None:
+            return
+        if not isinstance(index, torch.Tensor) or index.ndim != 1 or index.dtype not in (torch.int64, torch.int32):
+            got = f"{index.dtype} {tuple(index.shape)}" if isinstance(index, torch.Tensor) else type(index).__name__
+            raise TypeError(f"KVCache.reorder needs a 1-D long tensor of batch rows; got {got}")
+        index = index.to(self.k.device)
+        self.k = self.k.index_select(0, index)
+        self.v = self.v.index_select(0, index)
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Self-attention: add the new positions ``k [B, H, L, Dh]``, ``v [B, H, L, Dv]``; return all of them."""
+        if self.k is not None and self.v is not None:
+            if self.k.shape[0] != k.shape[0]:
+                raise ValueError(
+                    f"the KVCache holds {self.k.shape[0]} batch rows but the new keys have {k.shape[0]} "
+                    "(reorder the cache when the batch changes, e.g. with beams)"
+                )
+            k = torch.cat([self.k, k], dim=2)
+            v = torch.cat([self.v, v], dim=2)
+        self.k, self.v, self.kind = k, v, "self"
+        return k, v
+
+    def store(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Cross-attention: keep the projected context ``k [B, H, S, Dh]``, ``v [B, H, S, Dv]``."""
+        self.k, self.v, self.kind = k, v, "cross"
+
+
 class CrossAttention(nn.Module):
     """Multi-head attention with queries from ``x`` and keys/values from ``context``.
 
@@ -238,6 +307,7 @@ class CrossAttention(nn.Module):
         mask: torch.Tensor | None = None,
         causal: bool = False,
         return_attention: bool = False,
+        cache: KVCache | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Attend from ``x [B, L, query_dim]`` to ``context [B, S, context_dim]`` (or to ``x``).
 
@@ -251,12 +321,22 @@ class CrossAttention(nn.Module):
             causal: query i sees key j only when ``j <= i + S - L``.
             return_attention: also return the probabilities ``[B, H, L, S]`` (float32),
                 computed beside the fused output.
+            cache: a :class:`KVCache` for step-by-step decoding. Self-attention (``context``
+                None): the new positions' keys/values are appended to the cache and the queries
+                attend over all cached positions (with ``causal``, the L queries are the last L
+                positions); a key-padding ``mask`` must then cover all S cached positions.
+                Cross-attention: the first call projects ``context`` into the cache, later calls
+                reuse it (``context`` may then be None; the mask still comes from ``mask=`` or
+                the Context). Hooks and returned probabilities see the full key set.
 
         Returns:
             ``[B, L, out_dim]``, or ``(output, probs)`` when ``return_attention``.
         """
         context, mask = unpack_context(context, mask)
-        q, k, v = self.project(x, context)
+        if cache is None:
+            q, k, v = self.project(x, context)
+        else:
+            q, k, v = self._project_cached(x, context, cache)
         b, h, l, _ = q.shape
         s = k.shape[2]
         mask = prepare_mask(mask, b, h, l, s, q.dtype)
@@ -285,14 +365,47 @@ class CrossAttention(nn.Module):
         mask = prepare_mask(mask, q.shape[0], self.heads, q.shape[2], k.shape[2], q.dtype)
         return attention_probs(q, k, mask, causal, self.scale)
 
+    def _project_cached(
+        self, x: torch.Tensor, context: torch.Tensor | None, cache: KVCache
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`project` through ``cache``: ``q`` of the new queries, ``k``/``v`` of every cached position."""
+        if not isinstance(cache, KVCache):
+            raise TypeError(f"cache must be a KVCache or None; got {type(cache).__name__}")
+        cross = cache.kind == "cross" or (cache.kind is None and (context is not None or self.is_cross))
+        if not cross:
+            if context is not None:
+                raise ValueError("this KVCache holds self-attention keys; it cannot be used with a context")
+            q, k, v = self.project(x)
+            k, v = cache.append(k, v)
+            return q, k, v
+        if cache.k is None or cache.v is None:
+            if context is None:
+                raise ValueError(
+                    "a cross-attention KVCache is filled by its first call: pass the context (e.g. the encoder memory)"
+                )
+            q, k, v = self.project(x, context)
+            cache.store(k, v)
+            return q, k, v
+        # The context was projected on the first call: only the queries are new.
+        self._check_inputs(x, None)
+        b, l, _ = x.shape
+        if cache.k.shape[0] != b:
+            raise ValueError(
+                f"the cross-attention KVCache holds {cache.k.shape[0]} batch rows but x has B={b} "
+                "(reorder the cache when the batch changes)"
+            )
+        q = self.to_q(x).view(b, l, self.heads, self.dim_head).transpose(1, 2)  # (B, H, L, Dh)
+        return q, cache.k, cache.v
+
     def _sdpa(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Fused attention ``[B, H, L, Dv]`` and, when a mask is in play, ``row_has_key [*, L|1, 1]``."""
         l, s = q.shape[2], k.shape[2]
         if mask is None:
-            if not causal or l == s:
-                return F.scaled_dot_product_attention(q, k, v, is_causal=causal and l > 1), None
+            if not causal or l == s or (l == 1 and s > 0):
+                # One query aligned to the last key (cached decoding) sees every key: no mask needed.
+                return F.scaled_dot_product_attention(q, k, v, is_causal=causal and l == s and l > 1), None
             if l > s:
                 # The first L - S queries see no key at all: give them zeros.
                 mask = _causal_mask(l, s, q.device)
@@ -334,6 +447,7 @@ class MultiHeadAttention(CrossAttention):
         mask: torch.Tensor | None = None,
         causal: bool = False,
         return_attention: bool = False,
+        cache: KVCache | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Self-attention over ``x [B, L, query_dim]``; ``mask`` as in :meth:`CrossAttention.forward`."""
-        return super().forward(x, None, mask=mask, causal=causal, return_attention=return_attention)
+        """Self-attention over ``x [B, L, query_dim]``; ``mask`` and ``cache`` as in :meth:`CrossAttention.forward`."""
+        return super().forward(x, None, mask=mask, causal=causal, return_attention=return_attention, cache=cache)

@@ -10,14 +10,18 @@ Parameter names follow diffusers' ``BasicTransformerBlock`` / ``Transformer2DMod
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mmx.context import Context, unpack_context
-from mmx.nn.attention import CrossAttention
+from mmx.nn.attention import CrossAttention, KVCache
 
-__all__ = ["GEGLU", "FeedForward", "TransformerBlock", "SpatialTransformer", "TemporalTransformer", "group_norm"]
+__all__ = [
+    "GEGLU", "FeedForward", "TransformerBlock", "BlockCache", "SpatialTransformer", "TemporalTransformer", "group_norm",
+]
 
 
 def group_norm(channels: int, groups: int | None = None, eps: float = 1e-6) -> nn.GroupNorm:
@@ -52,6 +56,27 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+
+@dataclass
+class BlockCache:
+    """The key/value caches of one :class:`TransformerBlock`: its self-attention and its cross-attention."""
+
+    self_attn: KVCache = field(default_factory=KVCache)
+    cross_attn: KVCache = field(default_factory=KVCache)
+
+    def __len__(self) -> int:
+        """Cached self-attention positions."""
+        return len(self.self_attn)
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep batch rows ``index`` ``[B']`` in both caches (see :meth:`KVCache.reorder`)."""
+        self.self_attn.reorder(index)
+        self.cross_attn.reorder(index)
+
+    def reset(self) -> None:
+        self.self_attn.reset()
+        self.cross_attn.reset()
 
 
 class TransformerBlock(nn.Module):
@@ -97,19 +122,27 @@ class TransformerBlock(nn.Module):
         mask: torch.Tensor | None = None,
         self_mask: torch.Tensor | None = None,
         causal: bool = False,
+        cache: BlockCache | None = None,
     ) -> torch.Tensor:
         """``x [B, L, dim]`` reads ``context [B, S, context_dim]``; returns ``[B, L, dim]``.
 
         ``mask`` masks context tokens (a Context brings its own); ``self_mask`` and ``causal``
-        apply to the self-attention.
+        apply to the self-attention. ``cache`` (a :class:`BlockCache`) makes step-by-step decoding
+        incremental: ``x`` holds only the new positions, ``self_mask`` (if any) covers every cached
+        position, and once the cross-attention cache is filled ``context`` may be None.
         """
         context, mask = unpack_context(context, mask)
+        if cache is not None and not isinstance(cache, BlockCache):
+            raise TypeError(f"cache must be a BlockCache or None; got {type(cache).__name__}")
         if self.attn1 is not None:
-            x = x + self.attn1(self.norm1(x), mask=self_mask, causal=causal)
+            x = x + self.attn1(
+                self.norm1(x), mask=self_mask, causal=causal, cache=None if cache is None else cache.self_attn
+            )
         if self.attn2 is not None:
-            if context is None:
+            cross_cache = None if cache is None else cache.cross_attn
+            if context is None and (cross_cache is None or cross_cache.is_empty):
                 raise ValueError(f"this block cross-attends to a context of width {self.context_dim}; got context=None")
-            x = x + self.attn2(self.norm2(x), context, mask=mask)
+            x = x + self.attn2(self.norm2(x), context, mask=mask, cache=cross_cache)
         elif context is not None:
             raise ValueError("this block was built without cross-attention (context_dim=None) but got a context")
         return x + self.ff(self.norm3(x))
