@@ -331,21 +331,66 @@ def _eval_policy(run: Path, num: Optional[int], steps: Optional[int], out: Path)
     )
 
 
+def _load_seq2seq(run: Path):
+    from mmx.train.seq2seq import load_seq2seq_run
+
+    try:
+        return load_seq2seq_run(run)
+    except (FileNotFoundError, ValueError, KeyError, OSError) as err:
+        _fail(str(err))
+
+
+def _eval_seq2seq(run: Path, num: Optional[int], beam: Optional[int], out: Path) -> None:
+    import json
+
+    from mmx.data import DATASETS
+
+    cfg, task = _load_seq2seq(run)
+    data = task.eval_dataset()
+    if num is not None:
+        spec = {k: v for k, v in cfg.data.items() if k not in ("split", "length", "seed")}
+        data = DATASETS.build_from_dict({**spec, **dict(cfg.eval.data), "length": num})
+    decoding = {} if beam is None else {"method": "greedy" if beam <= 1 else "beam", "beam_size": max(beam, 1)}
+    scores = task.score(task.model, data, keep_examples=32, **decoding)
+    method = decoding.get("method", cfg.eval.method)
+    how = "greedy" if method == "greedy" else f"beam {decoding.get('beam_size', cfg.eval.beam_size)}"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps({"num": len(data), "decoding": how, **scores}, ensure_ascii=False, indent=1))
+    what = "captions" if task.captioning else "translations"
+    lines = [f"[bold]held-out {what}: exact match {scores['exact_match']:.1%}[/bold] ({len(data)} inputs, {how})"]
+    if "alignment_accuracy" in scores:
+        lines.append(f"alignment accuracy (strongest source word is the one translated): {_score(scores['alignment_accuracy'])}")
+    if "attention_miou" in scores:
+        lines.append(f"attention mIoU of colour and shape words (threshold {cfg.eval.threshold}): "
+                     f"{_score(scores['attention_miou'])}")
+    wrong = [e for e in scores["examples"] if e["output"] != e["reference"]][:3]
+    for e in wrong:
+        lines.append(f"  wrong: {e['input']!r}\n     got {e['output']!r}\n    want {e['reference']!r}")
+    console.print("\n".join(lines) + f"\n-> {out / 'eval.json'}")
+
+
 @app.command()
 def eval(
     run: Path = typer.Argument(..., help="A run folder (from `mmx train`)."),
     num: Optional[int] = typer.Option(None, help="Number of held-out prompts (default: the recipe's)."),
     steps: Optional[int] = typer.Option(None, help="Sampling steps (default: the recipe's)."),
     out: Optional[Path] = typer.Option(None, help="Write the grid and eval.json here (default: RUN/eval)."),
+    beam: Optional[int] = typer.Option(None, help="Seq2seq runs: beam size (1: greedy; default: the recipe's)."),
 ) -> None:
-    """Score a run: held-out caption accuracy (text-to-image), mask IoU (grounding), rollouts (policy).
+    """Score a run: held-out caption accuracy (text-to-image), mask IoU (grounding), rollouts (policy),
+    exact match (seq2seq).
 
     Text-to-image: a detector checks every claim of each generated image's caption, plus attention
     mIoU. Policy: NUM seeded episodes in the task's simulator: success rate, route shares, latency.
+    Seq2seq: NUM held-out compositions decoded: exact match, plus the alignment accuracy
+    (translation) or the attention mIoU of object words (captioning).
     """
     task = _task_of(run)
     if task == "grounding":
         _eval_grounding(run, num)
+        return
+    if task == "seq2seq":
+        _eval_seq2seq(run, num, beam, out or run / "eval")
         return
     if task == "policy":
         _eval_policy(run, num, steps, out or run / "eval")
@@ -364,8 +409,11 @@ def eval(
 def attend(
     run: Path = typer.Argument(..., help="A run folder (from `mmx train`)."),
     prompt: Optional[str] = typer.Option(
-        None, "--prompt", "-p", help="The caption whose words to map (policy runs: replaces the instruction)."),
-    image: Optional[Path] = typer.Option(None, help="Map attention on this real image (noised) instead of a generated one."),
+        None, "--prompt", "-p",
+        help="The caption whose words to map (policy runs: replaces the instruction; translation runs: the sentence)."),
+    image: Optional[Path] = typer.Option(
+        None, help="Map attention on this real image (noised) instead of a generated one (captioning runs: the image "
+                   "to caption; default: held-out shapes image number --seed)."),
     out: Path = typer.Option(Path("attend"), help="Folder for overlays, grid and words.json."),
     steps: Optional[int] = typer.Option(None, help="Sampling steps (default: the recipe's)."),
     guidance: Optional[float] = typer.Option(None, help="Guidance scale (default: the recipe's)."),
@@ -376,7 +424,8 @@ def attend(
 
     Policy runs: for the first action chunk of a seeded episode, each action step's attention over
     the observation tokens (per source step and per instruction word) and, for camera images,
-    over image regions.
+    over image regions. Seq2seq runs: for each generated word, the attention over the source
+    words (an alignment matrix) or over the image regions (one overlay per word).
     """
     import json
 
@@ -387,6 +436,9 @@ def attend(
 
     if _task_of(run) == "policy":
         _attend_policy(run, prompt, seed, out, steps)
+        return
+    if _task_of(run) == "seq2seq":
+        _attend_seq2seq(run, prompt, image, seed, out)
         return
     if prompt is None:
         _fail("give the caption to map with --prompt")
@@ -437,6 +489,81 @@ def attend(
         names = {m.index: m.word for m in maps}
         console.print("object words' attention IoU: " + ", ".join(f"{names[i]} {v:.2f}" for i, v in scores.items()))
     console.print(f"wrote {len(maps)} word overlays, {grid} and {out / 'words.json'}")
+
+
+def _attend_seq2seq(run: Path, prompt: Optional[str], image: Optional[Path], seed: int, out: Path) -> None:
+    """Translation: the word-alignment matrix of --prompt. Captioning: per generated word, the image regions it read."""
+    import json
+
+    from mmx.attnmap import save_word_grid
+    from mmx.attnmap.seq2seq import caption_word_maps, decoder_attention, region_maps, save_alignment
+    from mmx.data.seq2seq import ROMANISED
+    from mmx.eval.seq2seq import decode_batch
+
+    cfg, task = _load_seq2seq(run)
+    ev = cfg.eval
+    model = task.model
+    out.mkdir(parents=True, exist_ok=True)
+    if not task.captioning:
+        if prompt is None or image is not None:
+            _fail("a translation run maps a sentence: give it with --prompt (and no --image)")
+        unknown = task.source.unknown_words(prompt)
+        if unknown:
+            _fail(f"words outside the source vocabulary: {unknown}; known: {' '.join(task.source.words[4:])}")
+        ids, mask = task.source.encode([prompt])
+        memory = model.encode(ids, mask)
+        decoded = decode_batch(model, memory, ev.method, ev.max_len, ev.beam_size, ev.length_penalty)
+        words = task.target.tokens(decoded.tokens[0])
+        att = decoder_attention(model, memory, decoded.tokens)[0]  # (T, S)
+        source = prompt.split()
+        rows = words + ["</s>"] * (int(decoded.lengths[0]) > len(words))  # END's row too: what it read to stop
+        picture = save_alignment(att, source, rows, out / "alignment.png", title=f"{prompt} -> {' '.join(words)}",
+                                 fallback_labels=ROMANISED)
+        rows = [{"word": w, "reads": source[int(att[t, :len(source)].argmax())],
+                 "attention": [round(float(v), 4) for v in att[t, :len(source)]]} for t, w in enumerate(words)]
+        (out / "words.json").write_text(json.dumps({"source": prompt, "translation": " ".join(words), "words": rows},
+                                                   ensure_ascii=False, indent=1))
+        console.print(f"{prompt}\n-> [bold]{' '.join(words)}[/bold]\n"
+                      + "\n".join(f"  {r['word']} <- {r['reads']}" for r in rows) + f"\nwrote {picture}")
+        return
+    if prompt is not None:
+        _fail("a captioning run writes its own caption: give an image with --image (or none: a held-out shapes image)")
+    item = None
+    if image is not None:
+        from mmx.data.imagefolder import load_rgb
+        from torchvision.transforms.functional import pil_to_tensor, resize
+
+        try:
+            size = tuple(task.eval_dataset()[0]["image"].shape[-2:])
+            pixels = resize(pil_to_tensor(load_rgb(image)), list(size), antialias=True)
+        except (ValueError, OSError) as err:
+            _fail(str(err))
+        picture = pixels.float() / 127.5 - 1.0
+    else:
+        data = task.eval_dataset()
+        item = data[seed % len(data)]
+        picture = item["image"]
+    memory = model.encode(picture[None])
+    decoded = decode_batch(model, memory, ev.method, ev.max_len, ev.beam_size, ev.length_penalty)
+    words = task.target.tokens(decoded.tokens[0])
+    caption = " ".join(words)
+    maps = region_maps(decoder_attention(model, memory, decoded.tokens), memory.grid, tuple(picture.shape[-2:]))[0]
+    word_maps = caption_word_maps(words, maps)
+    scores = {}
+    if item is not None:
+        from mmx.eval import word_ious
+        from mmx.eval.seq2seq import caption_masks
+
+        scores = word_ious(word_maps, caption_masks(caption, item["objects"]), ev.threshold)
+    grid = save_word_grid(picture, word_maps, f"generated: {caption}", out / "grid.png", scores=scores)
+    stats = [{"word": m.word, "peak": [int(v) for v in divmod(int(m.map.argmax()), m.map.shape[-1])],
+              "iou": None if m.index not in scores else round(scores[m.index], 3)} for m in word_maps]
+    (out / "words.json").write_text(json.dumps({"image": str(image) if image else f"held-out #{item['index']}",
+                                                "caption": caption,
+                                                "reference": None if item is None else item["caption"],
+                                                "words": stats}, indent=1))
+    console.print(f"caption: [bold]{caption}[/bold]" + ("" if item is None else f"\n   want: {item['caption']}")
+                  + f"\nwrote {grid} and {out / 'words.json'}")
 
 
 def _attend_policy(run: Path, prompt: Optional[str], seed: int, out: Path, steps: Optional[int]) -> None:

@@ -1,5 +1,6 @@
 """Smoke tests of every `mmx` command (CI runs them on every change)."""
 
+import json
 import subprocess
 import sys
 
@@ -139,3 +140,47 @@ def test_policy_train_eval_attend(tmp_path):
     assert saved["instruction"] == "go to the red circle" and "red" in saved["columns"]
     result = runner.invoke(app, ["sample", str(run), "-p", "x"])
     assert result.exit_code == 2 and "policy run" in result.output
+
+
+def test_seq2seq_translation_train_eval_attend(tmp_path):
+    run = tmp_path / "translation"
+    result = runner.invoke(app, ["train", "configs/seq2seq_translation_tiny.yaml", "--out", str(run)])
+    assert result.exit_code == 0, result.output
+    assert (run / "model" / "seq2seq" / "config.json").is_file() and (run / "model" / "tokenizer_source.json").is_file()
+    result = runner.invoke(app, ["eval", str(run), "--num", "4", "--beam", "2"])
+    assert result.exit_code == 0, result.output
+    assert "exact match" in result.output and "alignment accuracy" in result.output
+    report = json.loads((run / "eval" / "eval.json").read_text())
+    assert report["num"] == 4 and report["decoding"] == "beam 2" and 0.0 <= report["exact_match"] <= 1.0
+    out = tmp_path / "attend"
+    result = runner.invoke(app, ["attend", str(run), "-p", "a red circle on the left", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert (out / "alignment.png").stat().st_size > 0
+    words = json.loads((out / "words.json").read_text())
+    assert words["source"] == "a red circle on the left"
+    assert all(len(w["attention"]) == 6 and abs(sum(w["attention"]) - 1) < 1e-3 for w in words["words"])
+    result = runner.invoke(app, ["attend", str(run), "-p", "a purple circle"])
+    assert result.exit_code != 0 and "purple" in result.output
+
+
+def test_seq2seq_captioning_train_eval_attend(tmp_path):
+    run = tmp_path / "captioning"
+    result = runner.invoke(app, ["train", "configs/seq2seq_captioning_tiny.yaml", "--out", str(run)])
+    assert result.exit_code == 0, result.output
+    assert not (run / "model" / "tokenizer_source.json").exists()
+    result = runner.invoke(app, ["eval", str(run), "--num", "4"])
+    assert result.exit_code == 0, result.output
+    assert "exact match" in result.output and "attention mIoU" in result.output
+    out = tmp_path / "attend"
+    result = runner.invoke(app, ["attend", str(run), "--seed", "1", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert (out / "grid.png").stat().st_size > 0
+    assert json.loads((out / "words.json").read_text())["reference"].startswith("a ")
+    result = runner.invoke(app, ["attend", str(run), "-p", "a red circle"])
+    assert result.exit_code != 0 and "--image" in result.output
+
+
+def test_seq2seq_config_needs_the_model_of_its_data(tmp_path):
+    result = runner.invoke(app, ["train", "configs/seq2seq_captioning_tiny.yaml", "model.name=seq2seq",
+                                 "--out", str(tmp_path)])
+    assert result.exit_code != 0 and "model.name: captioner" in result.output

@@ -34,3 +34,10 @@ def test_reach_policy_example_runs(tmp_path):
     example = _load("train_reach_policy")
     summary = example.main(steps=4, episodes=4, eval_episodes=2, out=str(tmp_path / "run"), batch_size=16)
     assert 0.0 <= summary["success_rate"] <= 1.0 and summary["mean_steps"] > 0
+
+
+def test_caption_image_example_runs(tmp_path):
+    example = _load("caption_image")
+    run = tmp_path / "run"
+    caption = example.main(run=str(run), steps=3)
+    assert isinstance(caption, str) and (run / "caption_attention.png").is_file()

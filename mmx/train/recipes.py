@@ -25,6 +25,7 @@ def _lazy(module: str, config: str, task: str):
 RECIPES.register("text_to_image")(_lazy("mmx.train.text_to_image", "TextToImageConfig", "TextToImageTask"))
 RECIPES.register("grounding")(_lazy("mmx.train.grounding", "GroundingConfig", "GroundingTask"))
 RECIPES.register("policy")(_lazy("mmx.train.policy", "PolicyConfig", "PolicyTask"))
+RECIPES.register("seq2seq")(_lazy("mmx.train.seq2seq", "Seq2SeqConfig", "Seq2SeqTask"))
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> tuple[Any, type]:

@@ -70,5 +70,5 @@ def test_grounding_recipe_trains_and_validates(tmp_path):
 def test_unknown_task_lists_the_recipes(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("task: painting\n")
-    with pytest.raises(KeyError, match="grounding, policy, text_to_image"):
+    with pytest.raises(KeyError, match="grounding, policy, seq2seq, text_to_image"):
         load_recipe(bad)

@@ -1,0 +1,187 @@
+"""The sequence-to-sequence recipe: translation (Seq2SeqTransformer) and captioning (ImageCaptioner).
+
+Training is teacher forcing: the decoder reads ``<s> w1 .. wn`` and predicts ``w1 .. wn </s>``,
+cross-entropy with label smoothing, padding ignored. Validation decodes held-out compositions
+and reports exact match plus the task's attention score (see :mod:`mmx.eval.seq2seq`).
+
+A run folder holds ``config.yaml``, ``model/seq2seq/`` (safetensors + config.json),
+``model/tokenizer_target.json`` (and ``model/tokenizer_source.json`` for translation),
+``checkpoints/``, ``logs/`` and ``samples/step_N.json`` (decoded examples).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmx.config import save_config
+from mmx.train.trainer import TrainConfig
+
+__all__ = ["Seq2SeqConfig", "Seq2SeqEvalConfig", "Seq2SeqTask", "load_seq2seq_run", "build_tokenizers"]
+
+logger = logging.getLogger(__name__)
+
+# The model each data set needs: its inputs are words (translation) or images (captioning).
+MODEL_FOR_DATA = {"translation": "seq2seq", "captioning": "captioner"}
+
+
+@dataclass
+class Seq2SeqEvalConfig:
+    """Held-out compositions decoded at validation and by ``mmx eval``."""
+
+    data: dict = field(default_factory=lambda: {"split": "heldout", "length": 256, "seed": 1})
+    batch_size: int = 64
+    max_len: int = 40
+    method: Literal["greedy", "beam"] = "greedy"
+    beam_size: int = 4
+    length_penalty: float = 1.0
+    threshold: float = 0.4
+    attention: bool = True
+
+
+@dataclass
+class Seq2SeqConfig:
+    """Everything a seq2seq run needs; ``model`` and ``data`` are registry specs.
+
+    ``data.name`` is ``translation`` (with ``model.name: seq2seq``) or ``captioning`` (with
+    ``model.name: captioner``); vocabulary sizes and special ids are filled in from the tokenizers.
+    """
+
+    task: Literal["seq2seq"] = "seq2seq"
+    model: dict = field(default_factory=lambda: {"name": "seq2seq"})
+    data: dict = field(default_factory=lambda: {"name": "translation", "split": "train", "length": 20000})
+    label_smoothing: float = 0.1
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: Seq2SeqEvalConfig = field(default_factory=Seq2SeqEvalConfig)
+
+
+def build_tokenizers(data_name: str):
+    """``(source tokenizer | None, target tokenizer)`` of a built-in data set."""
+    from mmx.data import WordTokenizer, source_vocabulary, target_vocabulary
+
+    if data_name == "translation":
+        return WordTokenizer(source_vocabulary()), WordTokenizer(target_vocabulary())
+    if data_name == "captioning":
+        return None, WordTokenizer(source_vocabulary())
+    raise ValueError(f"the seq2seq recipe trains on data 'translation' or 'captioning'; got {data_name!r}")
+
+
+def _model_spec(cfg: Seq2SeqConfig, source, target) -> dict:
+    data_name = cfg.data.get("name")
+    spec = dict(cfg.model)
+    want = MODEL_FOR_DATA[data_name]
+    if spec.get("name") != want:
+        raise ValueError(f"data {data_name!r} needs model.name: {want}; got model.name: {spec.get('name')!r}")
+    ids = {"pad_id": target.pad_id, "bos_id": target.bos_id, "eos_id": target.eos_id}
+    if source is None:
+        sizes = {"vocab_size": len(target)}
+    else:
+        sizes = {"src_vocab_size": len(source), "tgt_vocab_size": len(target)}
+    for key, value in {**sizes, **ids}.items():
+        if key in spec and spec[key] != value:
+            raise ValueError(f"model.{key} is {spec[key]} but the {data_name} tokenizers need {value}; leave it out")
+        spec[key] = value
+    return spec
+
+
+class Seq2SeqTask:
+    """The trainer's view of a seq2seq run (see :class:`mmx.train.trainer.Task`)."""
+
+    def __init__(self, cfg: Seq2SeqConfig, run_dir: str | Path, trained: str | Path | None = None) -> None:
+        """A fresh model and the data set's tokenizers, or, with ``trained`` (a run's ``model/``
+        folder), the trained model (eval mode) and the tokenizers saved beside it."""
+        from mmx.data import WordTokenizer
+        from mmx.models import MODELS
+
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        self._eval = None
+        if trained is None:
+            self.source, self.target = build_tokenizers(cfg.data.get("name"))
+            self.model = MODELS.build_from_dict(_model_spec(cfg, self.source, self.target))
+            return
+        trained = Path(trained)
+        self.target = WordTokenizer.from_file(trained / "tokenizer_target.json")
+        source = trained / "tokenizer_source.json"
+        self.source = WordTokenizer.from_file(source) if source.is_file() else None
+        self.model = MODELS.get(cfg.model["name"]).from_pretrained(trained / "seq2seq").eval()
+
+    @property
+    def captioning(self) -> bool:
+        return self.source is None
+
+    def train_dataset(self) -> torch.utils.data.Dataset:
+        from mmx.data import DATASETS
+
+        return DATASETS.build_from_dict(dict(self.cfg.data))
+
+    def eval_dataset(self) -> torch.utils.data.Dataset:
+        from mmx.data import DATASETS
+
+        if self._eval is None:
+            spec = {k: v for k, v in self.cfg.data.items() if k not in ("split", "length", "seed")}
+            self._eval = DATASETS.build_from_dict({**spec, **dict(self.cfg.eval.data)})
+        return self._eval
+
+    def collate(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        texts = [it["caption"] if self.captioning else it["target"] for it in items]
+        target, target_mask = self.target.encode(texts, bos=True, eos=True)  # (B, T + 2)
+        batch = {"target": target, "target_mask": target_mask}
+        if self.captioning:
+            batch["image"] = torch.stack([it["image"] for it in items])
+        else:
+            batch["source"], batch["source_mask"] = self.source.encode([it["source"] for it in items])
+        return batch
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
+        device = generator.device
+        target = batch["target"].to(device)
+        inputs, labels = target[:, :-1], target[:, 1:]  # teacher forcing: read <s> w1..wn, predict w1..wn </s>
+        if self.captioning:
+            logits = model(batch["image"].to(device), inputs)
+        else:
+            logits = model(batch["source"].to(device), inputs, batch["source_mask"].to(device))
+        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=self.target.pad_id,
+                               label_smoothing=self.cfg.label_smoothing)
+
+    def score(self, model: nn.Module, data: Any = None, **overrides: Any) -> dict[str, Any]:
+        """Held-out exact match and attention score (``overrides``: fields of :class:`Seq2SeqEvalConfig`)."""
+        from mmx.eval.seq2seq import score_seq2seq
+
+        ev = {**{k: getattr(self.cfg.eval, k) for k in ("batch_size", "max_len", "method", "beam_size",
+                                                          "length_penalty", "threshold", "attention")}, **overrides}
+        return score_seq2seq(model, data if data is not None else self.eval_dataset(), self.target, self.source, **ev)
+
+    def validate(self, model: nn.Module, step: int, out_dir: Path) -> dict[str, float]:
+        scores = self.score(model)
+        examples = scores.pop("examples")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / f"step_{step:07d}.json").write_text(json.dumps(examples, ensure_ascii=False, indent=1))
+        return scores
+
+    def save_model(self, model: nn.Module, out_dir: Path) -> None:
+        model.save_pretrained(out_dir / "seq2seq")
+        self.target.save(out_dir / "tokenizer_target.json")
+        if self.source is not None:
+            self.source.save(out_dir / "tokenizer_source.json")
+        save_config(self.cfg, self.run_dir / "config.yaml")
+
+
+def load_seq2seq_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[Seq2SeqConfig, Seq2SeqTask]:
+    """Rebuild a finished seq2seq run: its config and a task whose model holds the trained weights (eval mode)."""
+    from mmx.config import load_config
+
+    run_dir = Path(run_dir)
+    weights = run_dir / "model" / "seq2seq"
+    if not weights.is_dir():
+        raise FileNotFoundError(f"{run_dir} has no trained seq2seq model: {weights} not found")
+    cfg = load_config(run_dir / "config.yaml", Seq2SeqConfig)
+    task = Seq2SeqTask(cfg, run_dir, trained=run_dir / "model")
+    task.model.to(device)
+    return cfg, task

@@ -1,0 +1,80 @@
+"""The seq2seq recipe: teacher-forcing batches, the loss, training through the shared trainer, reloading."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mmx.config import load_config
+from mmx.train import train
+from mmx.train.recipes import load_recipe
+from mmx.train.seq2seq import Seq2SeqConfig, Seq2SeqTask, load_seq2seq_run
+
+
+def _task(name: str, tmp_path, *overrides: str) -> Seq2SeqTask:
+    cfg, task_cls = load_recipe(f"configs/seq2seq_{name}_tiny.yaml", list(overrides))
+    assert task_cls is Seq2SeqTask
+    return task_cls(cfg, tmp_path)
+
+
+def test_translation_batches_are_teacher_forcing_pairs(tmp_path):
+    task = _task("translation", tmp_path)
+    data = task.train_dataset()
+    batch = task.collate([data[0], data[1], data[2]])
+    target = batch["target"]
+    assert target[:, 0].eq(task.target.bos_id).all()
+    assert task.target.decode(target) == [data[i]["target"] for i in range(3)]
+    assert task.source.decode(batch["source"]) == [data[i]["source"] for i in range(3)]
+    assert batch["source_mask"].sum(1).tolist() == [len(data[i]["source"].split()) for i in range(3)]
+    loss = task.loss(task.model, batch, torch.Generator().manual_seed(0))
+    assert loss.ndim == 0 and loss.requires_grad and math.isfinite(loss.item()) and loss.item() > 0
+
+
+def test_loss_ignores_padding(tmp_path):
+    task = _task("translation", tmp_path)
+    task.model.eval()
+    data = task.train_dataset()
+    short = min(range(16), key=lambda i: len(data[i]["target"].split()))
+    long = max(range(16), key=lambda i: len(data[i]["target"].split()))
+    g = torch.Generator().manual_seed(0)
+    alone = task.loss(task.model, task.collate([data[short]]), g)
+    padded = task.collate([data[short], data[long]])
+    assert padded["target_mask"][0].sum() < padded["target_mask"][1].sum()
+    # the short sentence's loss is the same with or without the padding a longer neighbour forces on it
+    logits = task.model(padded["source"], padded["target"][:, :-1], padded["source_mask"])
+    labels = padded["target"][:, 1:]
+    per_token = torch.nn.functional.cross_entropy(logits[0], labels[0], ignore_index=task.target.pad_id,
+                                                  label_smoothing=task.cfg.label_smoothing)
+    assert per_token.item() == pytest.approx(alone.item(), abs=1e-5)
+
+
+def test_captioning_trains_through_the_shared_trainer_and_reloads(tmp_path):
+    task = _task("captioning", tmp_path, "train.max_steps=6", "train.validate_every=6")
+    losses = []
+    result = train(task, task.cfg.train, tmp_path, on_step=lambda step, loss: losses.append(loss.item()))
+    assert result.step == 6 and all(math.isfinite(v) for v in losses)
+    assert set(result.metrics) == {"exact_match", "attention_miou"}
+    assert (tmp_path / "samples" / "step_0000006.json").is_file()
+    cfg, again = load_seq2seq_run(tmp_path)
+    assert isinstance(cfg, Seq2SeqConfig) and again.captioning and not again.model.training
+    images = torch.stack([task.eval_dataset()[i]["image"] for i in range(2)])
+    task.model.eval()
+    with torch.no_grad():
+        tokens = torch.tensor([[task.target.bos_id, 5, 6]] * 2)
+        assert torch.allclose(task.model(images, tokens), again.model(images, tokens), atol=1e-6)
+
+
+def test_wrong_model_for_the_data_and_set_vocab_sizes_are_errors(tmp_path):
+    with pytest.raises(ValueError, match="needs model.name: seq2seq"):
+        _task("translation", tmp_path, "model.name=captioner")
+    with pytest.raises(ValueError, match="leave it out"):
+        _task("translation", tmp_path, "model.tgt_vocab_size=7")
+    with pytest.raises(ValueError, match="'translation' or 'captioning'"):
+        Seq2SeqTask(load_config({"data": {"name": "shapes"}}, Seq2SeqConfig), tmp_path)
+
+
+def test_missing_run_names_the_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no trained seq2seq model"):
+        load_seq2seq_run(tmp_path)
