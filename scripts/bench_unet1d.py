@@ -14,42 +14,17 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
-from _machine import device_name  # scripts/ is on sys.path when a script runs
+from _machine import device_name, time_calls  # scripts/ is on sys.path when a script runs
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _upstream_unet1d import UpstreamUnet1D  # noqa: E402
 
 from mmx import Context  # noqa: E402
 from mmx.models import UNet1D  # noqa: E402
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_calls(calls: dict, warmup: int, repeats: int, device: torch.device) -> dict[str, float]:
-    """Median seconds of each zero-argument callable; the callables alternate, in rotating order."""
-    names = list(calls)
-    for _ in range(warmup):
-        for name in names:
-            calls[name]()
-    _sync(device)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for i in range(repeats):
-        order = names[i % len(names):] + names[: i % len(names)]
-        for name in order:
-            start = time.perf_counter()
-            calls[name]()
-            _sync(device)
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(v) for name, v in times.items()}
 
 
 def main() -> None:
