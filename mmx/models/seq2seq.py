@@ -212,6 +212,11 @@ class ImageCaptioner(_DecoderMixin, ModelMixin, ConfigMixin):
         arch, stage, norm: the ResNet trunk (see :class:`mmx.encoders.ResNetFeatures`); random
             weights, see :meth:`load_trunk` for pretrained ones.
         input_size: images are resized (bilinear) to ``input_size x input_size`` first (None: as given).
+        colour_stream: split the image into intensity and colour (like a luminance / chrominance
+            split): the trunk sees only the intensity (the channel mean, repeated), and each token
+            gets a learned embedding of its region's mean colour added. Shape features then cannot
+            depend on the colour they were seen in, which is what lets a captioner name colour and
+            shape pairs it never saw together (see BENCHMARKS.md, captioning).
         pad_id, bos_id, eos_id: special ids.
     """
 
@@ -231,6 +236,7 @@ class ImageCaptioner(_DecoderMixin, ModelMixin, ConfigMixin):
         stage: str = "layer1",
         norm: str = "group",
         input_size: int | None = 64,
+        colour_stream: bool = False,
         pad_id: int = 0,
         bos_id: int = 1,
         eos_id: int = 2,
@@ -245,6 +251,11 @@ class ImageCaptioner(_DecoderMixin, ModelMixin, ConfigMixin):
         _check_specials(vocab_size, pad_id, bos_id, eos_id)
         self.trunk = ResNetFeatures(arch, stage, weights=None, norm=norm, normalize=False)
         self.proj = nn.Linear(self.trunk.channels, d_model)
+        # Region colour -> token embedding (only with colour_stream): a small MLP so colour names need
+        # not be linear in RGB.
+        self.colour = (
+            nn.Sequential(nn.Linear(3, d_model), nn.GELU(), nn.Linear(d_model, d_model)) if colour_stream else None
+        )
         self.encoder = (
             TransformerEncoder(d_model, heads, dim_head, encoder_layers, ff_mult, dropout) if encoder_layers else None
         )
@@ -271,9 +282,13 @@ class ImageCaptioner(_DecoderMixin, ModelMixin, ConfigMixin):
         size = self.config.input_size
         if size is not None and tuple(x.shape[-2:]) != (size, size):
             x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-        fmap = self.trunk(x).map  # (B, C, h, w)
+        trunk_input = x.mean(dim=1, keepdim=True).expand_as(x) if self.colour is not None else x
+        fmap = self.trunk(trunk_input).map  # (B, C, h, w)
         b, _, h, w = fmap.shape
         tokens = self.proj(fmap.flatten(2).transpose(1, 2))  # (B, h*w, D)
+        if self.colour is not None:
+            region_colour = F.adaptive_avg_pool2d(x, (h, w)).flatten(2).transpose(1, 2)  # (B, h*w, 3)
+            tokens = tokens + self.colour(region_colour)
         tokens = tokens + _grid_embedding(h, w, self.config.d_model, tokens.device, tokens.dtype)
         if self.encoder is not None:
             tokens = self.encoder(tokens)

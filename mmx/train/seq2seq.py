@@ -58,6 +58,10 @@ class Seq2SeqConfig:
     model: dict = field(default_factory=lambda: {"name": "seq2seq"})
     data: dict = field(default_factory=lambda: {"name": "translation", "split": "train", "length": 20000})
     label_smoothing: float = 0.1
+    # Word dropout on the decoder's inputs (Bowman et al., 2016): each input word but <s> becomes
+    # <unk> with this probability, so the next word must come from the source / image, not from
+    # the words before it (the prior that writes "blue square" where the image shows a blue circle).
+    token_dropout: float = 0.0
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: Seq2SeqEvalConfig = field(default_factory=Seq2SeqEvalConfig)
 
@@ -100,6 +104,8 @@ class Seq2SeqTask:
         from mmx.data import WordTokenizer
         from mmx.models import MODELS
 
+        if not 0.0 <= cfg.token_dropout < 1.0:
+            raise ValueError(f"token_dropout must be a probability in [0, 1); got {cfg.token_dropout}")
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self._eval = None
         if trained is None:
@@ -143,6 +149,10 @@ class Seq2SeqTask:
         device = generator.device
         target = batch["target"].to(device)
         inputs, labels = target[:, :-1], target[:, 1:]  # teacher forcing: read <s> w1..wn, predict w1..wn </s>
+        if self.cfg.token_dropout > 0:
+            drop = torch.rand(inputs.shape, generator=generator, device=device) < self.cfg.token_dropout
+            drop[:, 0] = False  # <s> stays
+            inputs = inputs.masked_fill(drop & (inputs != self.target.pad_id), self.target.unk_id)
         if self.captioning:
             logits = model(batch["image"].to(device), inputs)
         else:

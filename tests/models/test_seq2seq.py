@@ -237,3 +237,22 @@ def test_bad_inputs_are_clear_errors():
         captioner.encode(torch.zeros(2, 3, 16, 16, dtype=torch.uint8))
     with pytest.raises(ValueError, match=r"max id 20.*vocab size is 13"):
         captioner(torch.rand(2, 3, 16, 16), torch.full((2, 3), 20))
+
+
+def test_colour_stream_trunk_sees_intensity_and_tokens_get_region_colour():
+    model = _captioner(colour_stream=True)
+    seen = {}
+    model.trunk.register_forward_pre_hook(lambda m, args: seen.update(input=args[0]))
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    memory = model.encode(images)
+    x = seen["input"]
+    assert torch.allclose(x[:, 0], images.mean(1)) and torch.equal(x[:, 0], x[:, 2])
+    # a colour change that keeps each pixel's intensity changes the tokens only through the colour path
+    swapped = images[:, [2, 0, 1]]
+    seen.clear()
+    other = model.encode(swapped)
+    assert torch.allclose(seen["input"], x, atol=1e-6) and not torch.allclose(other.tokens, memory.tokens)
+    pooled = lambda im: torch.nn.functional.adaptive_avg_pool2d(im, (8, 8)).flatten(2).transpose(1, 2)  # noqa: E731
+    with torch.no_grad():
+        colour_change = model.colour(pooled(swapped)) - model.colour(pooled(images))
+    assert torch.allclose(other.tokens - memory.tokens, colour_change, atol=1e-5)

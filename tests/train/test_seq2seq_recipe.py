@@ -78,3 +78,25 @@ def test_wrong_model_for_the_data_and_set_vocab_sizes_are_errors(tmp_path):
 def test_missing_run_names_the_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="no trained seq2seq model"):
         load_seq2seq_run(tmp_path)
+
+
+def test_token_dropout_replaces_decoder_inputs_but_not_labels_or_bos(tmp_path):
+    task = _task("translation", tmp_path, "token_dropout=0.5")
+    data = task.train_dataset()
+    batch = task.collate([data[i] for i in range(8)])
+    seen = {}
+
+    def spy(src, tgt_in, src_mask):
+        seen["inputs"] = tgt_in
+        return torch.zeros(*tgt_in.shape, len(task.target))
+
+    task.loss(spy, batch, torch.Generator().manual_seed(0))
+    inputs, original = seen["inputs"], batch["target"][:, :-1]
+    dropped = inputs != original
+    assert inputs[:, 0].eq(task.target.bos_id).all()
+    droppable = original.ne(task.target.pad_id)
+    droppable[:, 0] = False
+    assert inputs[dropped].eq(task.target.unk_id).all() and not (dropped & ~droppable).any()
+    assert 0.35 < dropped[droppable].float().mean() < 0.65
+    with pytest.raises(ValueError, match="token_dropout"):
+        _task("translation", tmp_path, "token_dropout=1.5")
