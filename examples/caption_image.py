@@ -4,7 +4,7 @@ The captioner's memory is ResNet-18 region tokens of the image; a Transformer de
 caption word by word (greedy, with key/value caches), each word's cross-attention reading the
 regions. The full recipe is configs/seq2seq_captioning.yaml (`mmx train` / `mmx eval` / `mmx attend`).
 
-    python examples/caption_image.py                      # trains the recipe first (minutes on 2 CPU cores)
+    python examples/caption_image.py                      # trains the recipe first (about 8 min on 2 CPU cores)
     python examples/caption_image.py runs/captioning      # a trained run: captions held-out images
     python examples/caption_image.py runs/captioning my.png
 """
@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 
-def main(run: str = "runs/caption_example", image: str | None = None, steps: int = 1500, index: int = 0) -> str:
+def main(run: str = "runs/caption_example", image: str | None = None, steps: int | None = None, index: int = 0) -> str:
     import torch
 
     from mmx.attnmap import save_word_grid
@@ -27,8 +27,8 @@ def main(run: str = "runs/caption_example", image: str | None = None, steps: int
 
     if not (Path(run) / "model" / "seq2seq").is_dir():          # no trained run yet: train the recipe
         cfg = load_config(Path(__file__).parents[1] / "configs" / "seq2seq_captioning.yaml", Seq2SeqConfig)
-        cfg.train.max_steps = steps
-        cfg.train.validate_every = cfg.train.checkpoint_every = steps
+        cfg.train.max_steps = steps or cfg.train.max_steps
+        cfg.train.validate_every = cfg.train.checkpoint_every = cfg.train.max_steps
         train(Seq2SeqTask(cfg, run), cfg.train, run)
     cfg, task = load_seq2seq_run(run)                          # model (eval mode) + its word tokenizer
 

@@ -362,7 +362,8 @@ def _eval_seq2seq(run: Path, num: Optional[int], beam: Optional[int], out: Path)
         lines.append(f"alignment accuracy (strongest source word is the one translated): {_score(scores['alignment_accuracy'])}")
     if "attention_miou" in scores:
         lines.append(f"attention mIoU of colour and shape words (threshold {cfg.eval.threshold}): "
-                     f"{_score(scores['attention_miou'])}")
+                     f"{_score(scores['attention_miou'])}; their map peaks on the object: "
+                     f"{_score(scores['attention_pointing'])}")
     wrong = [e for e in scores["examples"] if e["output"] != e["reference"]][:3]
     for e in wrong:
         lines.append(f"  wrong: {e['input']!r}\n     got {e['output']!r}\n    want {e['reference']!r}")

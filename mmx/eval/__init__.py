@@ -13,7 +13,7 @@ from mmx.eval.detector import (
     detect_objects,
     parse_caption,
 )
-from mmx.eval.localization import binarize, detection_masks, iou, object_words, word_ious
+from mmx.eval.localization import binarize, detection_masks, iou, object_words, word_ious, word_pointing
 from mmx.eval.rollout import RolloutResult, chunk_latency, evaluate_policy
 
 __all__ = [
@@ -31,6 +31,7 @@ __all__ = [
     "iou",
     "object_words",
     "word_ious",
+    "word_pointing",
     "RolloutResult",
     "chunk_latency",
     "evaluate_policy",

@@ -13,7 +13,7 @@ import torch
 from mmx.data.shapes import COLOURS, SHAPES
 from mmx.eval.detector import Claim, Detection, parse_caption
 
-__all__ = ["binarize", "iou", "object_words", "word_ious", "detection_masks"]
+__all__ = ["binarize", "iou", "object_words", "word_ious", "word_pointing", "detection_masks"]
 
 
 def binarize(heat: torch.Tensor, threshold: float = 0.4) -> torch.Tensor:
@@ -69,3 +69,19 @@ def word_ious(word_maps: Sequence, masks: dict[int, torch.Tensor], threshold: fl
             continue
         scores[word_map.index] = iou(binarize(word_map.map, threshold), mask.to(word_map.map.device))
     return scores
+
+
+def word_pointing(word_maps: Sequence, masks: dict[int, torch.Tensor]) -> dict[int, bool]:
+    """Pointing game (Zhang et al. 2016): does each object word's map peak inside its object's mask?
+
+    Arguments as :func:`word_ious`; complements the IoU for peaked maps that point at the right
+    object but cover only part of it.
+    """
+    hits = {}
+    for word_map in word_maps:
+        mask = masks.get(word_map.index)
+        if mask is None or word_map.word not in COLOURS and word_map.word not in SHAPES:
+            continue
+        peak = int(word_map.map.argmax())
+        hits[word_map.index] = bool(mask.flatten()[peak])
+    return hits

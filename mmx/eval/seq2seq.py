@@ -6,7 +6,8 @@
   exactly).
 * Captioning: attention mIoU, as for text-to-image (DAAM's protocol): each colour and shape word's
   map over the image, min-max normalised and thresholded at 0.4, against the mask of the object
-  it names (objects the caption names but the image lacks are skipped).
+  it names (objects the caption names but the image lacks are skipped); and the pointing game
+  (the share of those maps whose peak lies inside the object).
 """
 
 from __future__ import annotations
@@ -81,16 +82,18 @@ def score_seq2seq(
 
     ``data`` items are translation pairs (``source``, ``target``, ``alignment``; give
     ``source_tokenizer``) or captioned images (``image``, ``caption``, ``objects``).
-    Returns ``{"exact_match", "alignment_accuracy" | "attention_miou", "examples": [...]}``.
+    Returns ``{"exact_match", "alignment_accuracy" | ("attention_miou", "attention_pointing"),
+    "examples": [...]}``.
     """
     from mmx.attnmap.seq2seq import caption_word_maps, decoder_attention, region_maps
-    from mmx.eval.localization import word_ious
+    from mmx.eval.localization import word_ious, word_pointing
 
     device = next(model.parameters()).device
     captioning = source_tokenizer is None
     predictions, references, examples = [], [], []
     aligned = aligned_hits = 0
     ious: list[float] = []
+    pointing: list[bool] = []
     for start in range(0, len(data), batch_size):
         items = [data[i] for i in range(start, min(start + batch_size, len(data)))]
         if captioning:
@@ -112,7 +115,9 @@ def score_seq2seq(
                 for it, out, m in zip(items, outputs, maps):
                     words = out.split()
                     masks = caption_masks(out, it["objects"])
-                    ious += word_ious(caption_word_maps(words, m.cpu()), masks, threshold).values()
+                    word_maps = caption_word_maps(words, m.cpu())
+                    ious += word_ious(word_maps, masks, threshold).values()
+                    pointing += word_pointing(word_maps, masks).values()
             else:
                 for it, out, a in zip(items, outputs, att):
                     if out != it["target"]:
@@ -127,6 +132,7 @@ def score_seq2seq(
     scores: dict[str, Any] = {"exact_match": exact_match(predictions, references)}
     if attention and captioning:
         scores["attention_miou"] = sum(ious) / len(ious) if ious else float("nan")
+        scores["attention_pointing"] = sum(pointing) / len(pointing) if pointing else float("nan")
     elif attention:
         scores["alignment_accuracy"] = aligned_hits / aligned if aligned else float("nan")
     scores["examples"] = examples

@@ -52,3 +52,16 @@ def test_maps_on_the_wrong_object_score_low():
     swapped = {i: (second.mask if m is first.mask else first.mask) for i, m in sample["word_masks"].items()}
     scores = word_ious(_perfect_maps(sample), swapped)
     assert all(v == 0.0 for v in scores.values())
+
+
+def test_pointing_game_checks_the_peak_of_object_words():
+    from mmx.context import WordSpan
+    from mmx.eval import word_pointing
+
+    mask = torch.zeros(8, 8, dtype=torch.bool)
+    mask[2:4, 2:4] = True
+    inside, outside = torch.zeros(8, 8), torch.zeros(8, 8)
+    inside[3, 3], outside[6, 6] = 1.0, 1.0
+    maps = [WordMap("red", 1, WordSpan("red", 1, 2), inside), WordMap("circle", 2, WordSpan("circle", 2, 3), outside),
+            WordMap("a", 0, WordSpan("a", 0, 1), inside)]
+    assert word_pointing(maps, {0: mask, 1: mask, 2: mask}) == {1: True, 2: False}

@@ -55,7 +55,7 @@ def test_captioning_trains_through_the_shared_trainer_and_reloads(tmp_path):
     losses = []
     result = train(task, task.cfg.train, tmp_path, on_step=lambda step, loss: losses.append(loss.item()))
     assert result.step == 6 and all(math.isfinite(v) for v in losses)
-    assert set(result.metrics) == {"exact_match", "attention_miou"}
+    assert set(result.metrics) == {"exact_match", "attention_miou", "attention_pointing"}
     assert (tmp_path / "samples" / "step_0000006.json").is_file()
     cfg, again = load_seq2seq_run(tmp_path)
     assert isinstance(cfg, Seq2SeqConfig) and again.captioning and not again.model.training
