@@ -134,12 +134,17 @@ def train(
     config: Path = typer.Argument(..., help="Recipe YAML, e.g. configs/shapes_t2i.yaml."),
     overrides: Optional[list[str]] = typer.Argument(None, help="key=value overrides, e.g. train.max_steps=100."),
     out: Optional[Path] = typer.Option(None, help="Run folder (default: runs/<config name>)."),
-    resume: Optional[str] = typer.Option(None, help="'latest' or a checkpoint folder to continue from."),
+    resume: Optional[str] = typer.Option(
+        None, help="'latest' (the newest checkpoint that passes its manifest; a damaged one is skipped with a "
+        "warning) or a checkpoint folder to continue from."),
 ) -> None:
     """Train a model from a recipe (runs unchanged under `accelerate launch` / `torchrun`)."""
+    from accelerate import PartialState
+
     from mmx.config import ConfigError, save_config
     from mmx.train import train as run_training
     from mmx.train.recipes import load_recipe
+    from mmx.train.trainer import CheckpointError, NonFiniteLossError, multi_process_cpu_launch
 
     try:
         cfg, task_cls = load_recipe(config, list(overrides or []))
@@ -147,14 +152,23 @@ def train(
         _fail(str(err))
     run_dir = out or Path("runs") / config.stem
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
+    main_process = PartialState(cpu=multi_process_cpu_launch()).is_main_process
+    if main_process:  # one writer; save_config writes a temporary file and renames it
+        try:
+            save_config(cfg, run_dir / "config.yaml")
+        except OSError as err:
+            _fail(f"cannot write {run_dir / 'config.yaml'}: {err}")
     try:
         task = task_cls(cfg, run_dir)
     except (KeyError, ValueError, TypeError, OSError) as err:
         _fail(str(err))
-    result = run_training(task, cfg.train, run_dir, resume=resume, hparams=_flat_hparams(cfg))
-    metrics = "  ".join(f"{k} {v:.3f}" for k, v in result.metrics.items())
-    console.print(f"trained {result.step} steps, loss {result.loss:.4f}  {metrics}\nrun folder: {run_dir}")
+    try:
+        result = run_training(task, cfg.train, run_dir, resume=resume, hparams=_flat_hparams(cfg))
+    except (CheckpointError, NonFiniteLossError, FileNotFoundError) as err:
+        _fail(str(err))
+    if main_process:
+        metrics = "  ".join(f"{k} {v:.3f}" for k, v in result.metrics.items())
+        console.print(f"trained {result.step} steps, loss {result.loss:.4f}  {metrics}\nrun folder: {run_dir}")
 
 
 def _flat_hparams(cfg: object) -> dict:

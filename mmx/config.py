@@ -167,5 +167,13 @@ def load_config(source: str | Path | dict[str, Any], cls: type[T], overrides: li
 
 
 def save_config(config: Any, path: str | Path) -> None:
-    """Write a dataclass config as YAML."""
-    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    """Write a dataclass config as YAML, atomically: the file is the old one or the whole new one."""
+    import os
+
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        partial.write_text(yaml.safe_dump(to_dict(config), sort_keys=False, allow_unicode=True))
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)

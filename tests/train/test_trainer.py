@@ -93,3 +93,139 @@ def test_grounding_weight_adds_the_attention_loss(tmp_path):
     task.pipeline.grounding_weight = 1.0
     grounded = task.loss(task.model, batch, torch.Generator().manual_seed(0))
     assert grounded > plain, "object words attend partly outside their objects at initialisation"
+
+
+# --------------------------------------------------------------------------- non-finite losses, exact resume (MLP)
+
+
+class _MLPTask:
+    """A tiny regression task; its loss is NaN at the steps in ``nan_at`` and 1e36 times larger at ``huge_at``."""
+
+    def __init__(self, nan_at=(), huge_at=()):
+        torch.manual_seed(0)
+        self.model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.GELU(), torch.nn.Linear(16, 2))
+        g = torch.Generator().manual_seed(1)
+        self.x, self.y = torch.randn(32, 4, generator=g), torch.randn(32, 2, generator=g)
+        self.nan_at, self.huge_at = set(nan_at), set(huge_at)
+        self.calls, self.grads_were_none = 0, []
+
+    def train_dataset(self):
+        return torch.utils.data.TensorDataset(self.x, self.y)
+
+    def collate(self, items):
+        return torch.stack([x for x, _ in items]), torch.stack([y for _, y in items])
+
+    def loss(self, model, batch, generator):
+        self.calls += 1  # == the step being computed (grad_accum = 1)
+        self.grads_were_none.append(all(p.grad is None for p in model.parameters()))
+        x, y = batch
+        loss = torch.nn.functional.mse_loss(model(x + 0.1 * torch.randn(x.shape, generator=generator)), y)
+        if self.calls in self.nan_at:
+            return loss * float("nan")
+        return loss * 1e36 if self.calls in self.huge_at else loss
+
+    def validate(self, model, step, out_dir):
+        return {}
+
+    def save_model(self, model, out_dir):
+        pass
+
+
+def _mlp_cfg(**changes):
+    from mmx.train import TrainConfig
+
+    base = dict(max_steps=6, batch_size=8, lr=1e-2, warmup_steps=1, checkpoint_every=3, checkpoints_total_limit=None,
+                validate_every=1000, log_every=1, progress=False, tensorboard=False, ema=True, ema_decay=0.9)
+    return TrainConfig(**{**base, **changes})
+
+
+def _checkpoint_counts(folder):
+    """(steps the trainer ran, non-finite steps, EMA updates, LR-schedule steps) recorded in a checkpoint."""
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "mmx_state_0.safetensors"), "pt") as f:
+        state = f.metadata()
+    with safe_open(str(folder / "mmx_ema.safetensors"), "pt") as f:
+        ema = json.loads(f.metadata()["mmx_ema"])
+    schedule = torch.load(folder / "scheduler.bin", weights_only=True)
+    return int(state["step"]), int(state["nonfinite_steps"]), ema["optimization_step"], schedule["last_epoch"]
+
+
+def test_a_nonfinite_loss_skips_the_step_and_is_counted(tmp_path, caplog):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    task = _MLPTask(nan_at={2, 5})
+    weights = {}
+    train(task, _mlp_cfg(tensorboard=True), tmp_path,
+          on_step=lambda s, l: weights.__setitem__(s, [p.detach().clone() for p in task.model.parameters()]))
+    for step in (2, 5):  # no optimizer step: the weights stay those of the step before
+        same = all(torch.equal(a, b) for a, b in zip(weights[step], weights[step - 1]))
+        assert same, f"step {step} changed the weights"
+        assert task.grads_were_none[step], f"the gradients of step {step} were not zeroed"
+    assert not any(torch.equal(a, b) for a, b in zip(weights[3], weights[2])), "step 3 trains again"
+    assert [r.getMessage().split(":")[0] for r in caplog.records if r.levelname == "WARNING"] == ["step 2", "step 5"]
+    # 6 steps, 2 skipped: neither EMA nor the LR schedule moved on them
+    assert _checkpoint_counts(tmp_path / "checkpoints" / "step_0000006") == (6, 2, 4, 4)
+    events = EventAccumulator(str(next((tmp_path / "logs").rglob("events.out.tfevents*")).parent))
+    events.Reload()
+    counted = {e.step: e.value for e in events.Scalars("train/nonfinite_steps")}
+    assert counted == {1: 0, 2: 1, 3: 1, 4: 1, 5: 2, 6: 2}
+    losses = {e.step: e.value for e in events.Scalars("train/loss")}
+    assert all(v == v for v in losses.values()) and set(losses) == {1, 3, 4, 6}, "skipped steps log no loss"
+
+
+def test_nonfinite_losses_in_a_row_stop_training_naming_the_step_and_the_last_good_checkpoint(tmp_path):
+    from mmx.train.trainer import NonFiniteLossError
+
+    cfg = _mlp_cfg(max_steps=20, checkpoint_every=2, max_nonfinite_steps=3)
+    with pytest.raises(NonFiniteLossError, match=r"step 7: .* 3 steps in a row \(steps 5-7.*step_0000004") as err:
+        train(_MLPTask(nan_at=range(5, 21)), cfg, tmp_path)
+    assert "--resume" in str(err.value)
+    # the checkpoint due at step 6 (inside the streak) was postponed, so step 4 stays the newest
+    assert latest_checkpoint(tmp_path).name == "step_0000004"
+
+
+def test_under_a_grad_scaler_overflow_is_the_scalers_and_a_nan_loss_is_counted(tmp_path, monkeypatch, caplog):
+    """fp16 path (a CPU GradScaler stands in): the scaler skips both bad steps; only the NaN loss counts."""
+    import accelerate
+
+    made = []
+
+    class ScaledAccelerator(accelerate.Accelerator):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+            made.append(self)
+
+    monkeypatch.setattr(accelerate, "Accelerator", ScaledAccelerator)
+    task = _MLPTask(nan_at={2}, huge_at={4})  # 1e36 * 2**10 overflows float32 in the scaled backward pass
+    train(task, _mlp_cfg(max_nonfinite_steps=2, max_grad_norm=None), tmp_path)
+    assert made[0].scaler.get_scale() == 2.0**8, "the scaler saw and skipped both steps"
+    assert [r.getMessage().split(":")[0] for r in caplog.records if r.levelname == "WARNING"] == ["step 2"]
+    assert _checkpoint_counts(tmp_path / "checkpoints" / "step_0000006") == (6, 1, 4, 4)
+
+
+def test_stop_and_resume_is_bit_identical_with_ema(tmp_path):
+    """Weights, EMA and Adam state after an interrupted + resumed run equal the uninterrupted run's exactly."""
+    from safetensors.torch import load_file
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_5(step, loss):
+        if step == 5:
+            raise Stop
+
+    cfg = _mlp_cfg(max_steps=8, checkpoint_every=4)
+    train(_MLPTask(), cfg, tmp_path / "a")
+    with pytest.raises(Stop):
+        train(_MLPTask(), cfg, tmp_path / "b", on_step=stop_at_5)
+    train(_MLPTask(), cfg, tmp_path / "b", resume="latest")
+    a, b = (tmp_path / x / "checkpoints" / "step_0000008" for x in "ab")
+    for name in ("model.safetensors", "mmx_ema.safetensors"):
+        wa, wb = load_file(str(a / name)), load_file(str(b / name))
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), name
+    oa, ob = (torch.load(x / "optimizer.bin", weights_only=True)["state"] for x in (a, b))
+    assert all(torch.equal(oa[i][k], ob[i][k]) for i in oa for k in oa[i])
