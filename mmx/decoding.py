@@ -202,7 +202,7 @@ def beam_search(
         finished = was_finished | (new_tok == eos)
         tokens = torch.cat([tokens[src], new_tok[:, None]], dim=1)
         if cache is not None:
-            cache.reorder(src)
+            cache.reorder(src, memory=False)  # beams move within their input: its memory rows are equal
         if (step + 1) % _CHECK_EVERY == 0 and bool(finished.all()):
             break
     final = beam_scores.view(-1) / _length_penalty(lengths, length_penalty)  # (B*K,)

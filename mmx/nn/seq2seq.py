@@ -135,13 +135,18 @@ class DecoderCache:
     def __len__(self) -> int:
         return self.length
 
-    def reorder(self, index: torch.Tensor) -> None:
+    def reorder(self, index: torch.Tensor, memory: bool = True) -> None:
         """Keep batch rows ``index`` ``[B']`` (e.g. the beams that survive a beam-search step).
 
-        Reorders every layer's self-attention and cross-attention cache and the mask.
+        Reorders every layer's self-attention cache, the mask and, with ``memory``, the projected
+        memory. Beam search passes ``memory=False``: its beams only move among the rows of one
+        input, whose memory rows are equal, so copying them would change nothing.
         """
         for layer in self.layers:
-            layer.reorder(index)
+            if memory:
+                layer.reorder(index)
+            else:
+                layer.self_attn.reorder(index)
         if self.mask is not None:
             self.mask = self.mask.index_select(0, index.to(self.mask.device))
 
@@ -202,6 +207,7 @@ class TransformerDecoder(nn.Module):
             for _ in range(layers)
         )
         self.norm = nn.LayerNorm(d_model)
+        self._position_table: torch.Tensor | None = None  # (N, D) sinusoids of positions 0..N-1, see _positions
         if self.tie_output:
             self.out_bias = nn.Parameter(torch.zeros(vocab_size))
         else:
@@ -211,10 +217,28 @@ class TransformerDecoder(nn.Module):
         """An empty :class:`DecoderCache` with one :class:`BlockCache` per block."""
         return DecoderCache(layers=[BlockCache() for _ in self.blocks])
 
-    def embed_tokens(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """``tokens [B, T]`` at ``positions [B, T]`` -> ``[B, T, D]`` (scaled embedding + sinusoids, dropout)."""
+    def _positions(self, positions: torch.Tensor, limit: int | None = None) -> torch.Tensor:
+        """``sinusoidal_positions(positions, D)`` read from a table that grows as needed (a plain
+        attribute, not saved, rebuilt on a new device), so a decoding step does not recompute sines.
+
+        ``limit``: a bound on the positions known on the host (all < limit); without it the bound is
+        read from the tensor (one host synchronisation).
+        """
+        table = self._position_table
+        needed = limit if limit is not None else (int(positions.max()) + 1 if positions.numel() else 0)
+        if table is None or table.device != positions.device or table.shape[0] < needed:
+            size = max(needed, 64 if table is None else 2 * table.shape[0])
+            rows = torch.arange(size, device=positions.device)[None]  # (1, size)
+            table = self._position_table = sinusoidal_positions(rows, self.d_model)[0]  # (size, D)
+        return table[positions]  # (B, T, D)
+
+    def embed_tokens(self, tokens: torch.Tensor, positions: torch.Tensor, limit: int | None = None) -> torch.Tensor:
+        """``tokens [B, T]`` at ``positions [B, T]`` -> ``[B, T, D]`` (scaled embedding + sinusoids, dropout).
+
+        ``limit``: every position is below it (known on the host; saves a synchronisation).
+        """
         x = self.embed(tokens) * math.sqrt(self.d_model)
-        x = x + sinusoidal_positions(positions, self.d_model).to(x.dtype)
+        x = x + self._positions(positions, limit).to(x.dtype)
         return self.dropout(x)
 
     def project_out(self, h: torch.Tensor) -> torch.Tensor:
@@ -274,7 +298,7 @@ class TransformerDecoder(nn.Module):
             if cache is not None:
                 cache.mask = self_mask
 
-        x = self.embed_tokens(tokens, positions)  # (B, T, D)
+        x = self.embed_tokens(tokens, positions, limit=start + t)  # (B, T, D); positions < start + t
         for i, block in enumerate(self.blocks):
             layer_cache = None if cache is None else cache.layers[i]
             x = block(x, memory, mask=memory_mask, self_mask=self_mask, causal=True, cache=layer_cache)

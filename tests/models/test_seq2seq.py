@@ -256,3 +256,14 @@ def test_colour_stream_trunk_sees_intensity_and_tokens_get_region_colour():
     with torch.no_grad():
         colour_change = model.colour(pooled(swapped)) - model.colour(pooled(images))
     assert torch.allclose(other.tokens - memory.tokens, colour_change, atol=1e-5)
+
+
+def test_position_table_equals_the_sinusoids_and_is_not_saved():
+    from mmx.nn.seq2seq import sinusoidal_positions
+
+    model = _seq2seq()
+    decoder = model.decoder
+    positions = torch.tensor([[0, 1, 2, 70], [5, 5, 6, 7]])
+    assert torch.equal(decoder._positions(positions), sinusoidal_positions(positions, decoder.d_model))
+    assert decoder._position_table.shape[0] >= 71
+    assert not any("position" in k for k in model.state_dict())
