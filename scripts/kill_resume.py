@@ -85,6 +85,7 @@ def child(args: argparse.Namespace) -> None:
     import accelerate.checkpointing
     import torch
 
+    import mmx.train.checkpoint as checkpoint
     import mmx.train.trainer as trainer
 
     torch.set_num_threads(1)
@@ -115,12 +116,12 @@ def child(args: argparse.Namespace) -> None:
 
     accelerate.checkpointing.save = save_one_file
     instrument(accelerate.Accelerator, "save_state", "save_state")
-    instrument(trainer, "_save_trainer_files", "trainer_files")
-    instrument(trainer, "_write_manifest", "manifest")
-    instrument(trainer, "_publish", "rename")
-    instrument(trainer, "_prune_checkpoints", "prune")
+    instrument(checkpoint, "_save_trainer_files", "trainer_files")
+    instrument(checkpoint, "_write_manifest", "manifest")
+    instrument(checkpoint, "_publish", "rename")
+    instrument(checkpoint, "_prune_checkpoints", "prune")
 
-    original_sha256, original_rmtree = trainer._sha256, shutil.rmtree
+    original_sha256, original_rmtree = checkpoint._sha256, shutil.rmtree
 
     def sha256(path, fsync=False):  # fsync=True: hashing a file for the manifest (resuming verifies without it)
         digest = original_sha256(path, fsync)
@@ -133,7 +134,7 @@ def child(args: argparse.Namespace) -> None:
             event(f"delete {Path(path).name}", args.save_delay)
         original_rmtree(path, *a, **k)
 
-    trainer._sha256, shutil.rmtree = sha256, rmtree
+    checkpoint._sha256, shutil.rmtree = sha256, rmtree
 
     def on_step(step: int, loss) -> None:
         current["step"] = step

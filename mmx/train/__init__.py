@@ -1,16 +1,7 @@
 """Training: one Accelerate loop for every model, recipes, run folders. This layer owns the I/O."""
 
-from mmx.train.trainer import (
-    CheckpointError,
-    NonFiniteLossError,
-    Task,
-    TrainConfig,
-    TrainResult,
-    latest_checkpoint,
-    train,
-    upgrade_checkpoint,
-    verify_checkpoint,
-)
+from mmx.train.checkpoint import CheckpointError, latest_checkpoint, upgrade_checkpoint, verify_checkpoint
+from mmx.train.trainer import NonFiniteLossError, Task, TrainConfig, TrainResult, train
 
 __all__ = [
     "CheckpointError",

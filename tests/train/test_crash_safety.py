@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from mmx.train import TrainConfig, latest_checkpoint, train
-from mmx.train.trainer import MANIFEST, CheckpointError, _write_manifest, upgrade_checkpoint, verify_checkpoint
+from mmx.train.checkpoint import MANIFEST, CheckpointError, _write_manifest, upgrade_checkpoint, verify_checkpoint
 
 SCRIPTS = Path(__file__).parents[2] / "scripts"
 sys.path.insert(0, str(SCRIPTS))
