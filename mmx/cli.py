@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+import math
 import platform
+import re
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import typer
 from rich.console import Console
@@ -82,7 +84,12 @@ def _encoder_spec(config: Optional[Path], encoder: str, model: Optional[str], pr
 
         if not config.is_file():
             raise ValueError(f"config file not found: {config}")
-        spec = yaml.safe_load(config.read_text())
+        try:
+            spec = yaml.safe_load(config.read_text(encoding="utf-8"))
+        except yaml.YAMLError as err:
+            raise ValueError(f"{config} is not valid YAML: {err}") from None
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{config} is not a UTF-8 text file: {err}") from None
         if not isinstance(spec, dict):
             raise ValueError(f"{config} must hold a mapping with a 'name' key; got {type(spec).__name__}")
         return spec
@@ -107,7 +114,7 @@ def encode(
     try:
         enc = ENCODERS.build_from_dict(_encoder_spec(config, encoder, model, pretrained))
         ctx = enc(list(texts))
-    except (KeyError, ValueError, OSError, TypeError) as err:
+    except (KeyError, ValueError, OSError, TypeError, RuntimeError) as err:  # RuntimeError: open_clip loading
         console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(code=2) from None
     if ctx.words is None:
@@ -129,6 +136,58 @@ def _fail(message: str) -> None:
     raise typer.Exit(code=2)
 
 
+_COUNT_MAX = 100_000  # --num, --steps, --beam: anything larger is a typo, not a request
+_SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes 0 .. 2**64 - 1
+
+
+def _in_range(low: int, high: int) -> Callable[[Optional[int]], Optional[int]]:
+    """typer callback factory: an int option must lie in ``low .. high``; the error names the value."""
+
+    def check(value: Optional[int]) -> Optional[int]:
+        if value is not None and not low <= value <= high:
+            raise typer.BadParameter(f"{value} is not in the range {low} .. {high}")
+        return value
+
+    return check
+
+
+def _finite(value: Optional[float]) -> Optional[float]:
+    """typer callback: a float option (e.g. --guidance) must be a finite number, not nan or inf."""
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"{value} is not a finite number")
+    return value
+
+
+def _make_dir(path: Path) -> Path:
+    """Create an output folder (and parents); an error names the folder instead of a traceback."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        _fail(f"cannot create the output folder {path}: {err.strerror or err}")
+    return path
+
+
+def _check_steps(steps: Optional[int], scheduler: object) -> None:
+    """--steps must fit the run's noise schedule (1 .. its training timesteps); the error names the value."""
+    if steps is None:
+        return
+    from mmx.diffusion.sampling import check_steps
+
+    try:
+        check_steps(steps, scheduler)
+    except ValueError as err:
+        _fail(f"--steps {steps}: {err}")
+
+
+def _file_label(word: str, limit: int = 40) -> str:
+    """``word`` as a safe part of a file name: letters, digits, '-' and '_' only, at most ``limit`` characters.
+
+    A prompt word such as ``x/../../y`` or a 400-letter word must not pick the folder or break the name.
+    """
+    label = re.sub(r"[^\w-]+", "_", word).strip("_")[:limit]
+    return label or "word"
+
+
 @app.command()
 def train(
     config: Path = typer.Argument(..., help="Recipe YAML, e.g. configs/shapes_t2i.yaml."),
@@ -144,14 +203,17 @@ def train(
     from mmx.config import ConfigError, save_config
     from mmx.train import train as run_training
     from mmx.train.recipes import load_recipe
-    from mmx.train.trainer import CheckpointError, NonFiniteLossError, multi_process_cpu_launch
+    from mmx.train.trainer import CheckpointError, NonFiniteLossError, TrainSetupError, multi_process_cpu_launch
 
     try:
         cfg, task_cls = load_recipe(config, list(overrides or []))
     except (ConfigError, FileNotFoundError, KeyError) as err:
         _fail(str(err))
     run_dir = out or Path("runs") / config.stem
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        _fail(f"cannot create the run folder {run_dir}: {err}")
     main_process = PartialState(cpu=multi_process_cpu_launch()).is_main_process
     if main_process:  # one writer; save_config writes a temporary file and renames it
         try:
@@ -164,7 +226,7 @@ def train(
         _fail(str(err))
     try:
         result = run_training(task, cfg.train, run_dir, resume=resume, hparams=_flat_hparams(cfg))
-    except (CheckpointError, NonFiniteLossError, FileNotFoundError) as err:
+    except (CheckpointError, NonFiniteLossError, TrainSetupError, FileNotFoundError) as err:
         _fail(str(err))
     if main_process:
         metrics = "  ".join(f"{k} {v:.3f}" for k, v in result.metrics.items())
@@ -205,9 +267,11 @@ def _load(run: Path):
 def sample(
     run: Path = typer.Argument(..., help="A run folder (from `mmx train`)."),
     prompt: list[str] = typer.Option(..., "--prompt", "-p", help="A caption; repeat for several."),
-    steps: Optional[int] = typer.Option(None, help="Sampling steps (default: the recipe's)."),
-    guidance: Optional[float] = typer.Option(None, help="Classifier-free guidance scale (1.0: none)."),
-    seed: int = typer.Option(0, help="Seed of the initial noise."),
+    steps: Optional[int] = typer.Option(None, callback=_in_range(1, _COUNT_MAX),
+                                        help="Sampling steps (default: the recipe's)."),
+    guidance: Optional[float] = typer.Option(None, callback=_finite,
+                                             help="Classifier-free guidance scale (1.0: none)."),
+    seed: int = typer.Option(0, callback=_in_range(0, _SEED_MAX), help="Seed of the initial noise."),
     scheduler: Optional[str] = typer.Option(None, help="ddpm, ddim, dpm++ or euler (default: the recipe's)."),
     out: Path = typer.Option(Path("samples"), help="Folder for the PNGs."),
 ) -> None:
@@ -224,7 +288,7 @@ def sample(
                                    scheduler or d.sampler, torch.Generator().manual_seed(seed))
     except (KeyError, ValueError) as err:
         _fail(str(err))
-    out.mkdir(parents=True, exist_ok=True)
+    _make_dir(out)
     for i, pixels in enumerate(to_uint8(images)):
         Image.fromarray(pixels.numpy()).save(out / f"{i:03d}.png")
     grid = save_grid(images, list(prompt), out / "grid.png", title=f"{run.name}: seed {seed}")
@@ -243,6 +307,7 @@ def _evaluate(cfg, pipeline, num: Optional[int], steps: Optional[int], out: Opti
     from mmx.train.text_to_image import heldout_prompts
     from mmx.train.visual import save_grid
 
+    _check_steps(steps, pipeline.scheduler)
     if num is not None:
         cfg.eval.num_prompts = num
         cfg.eval.data["length"] = max(num, cfg.eval.data.get("length", num))
@@ -266,7 +331,7 @@ def _evaluate(cfg, pipeline, num: Optional[int], steps: Optional[int], out: Opti
     correct = [caption_correct(image, prompt) for image, prompt in zip(images, prompts)]
     results["caption_accuracy"] = sum(correct) / len(correct)
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
+        _make_dir(out)
         k = cfg.eval.grid_prompts
         save_grid(images[:k], prompts[:k], out / "heldout_grid.png", correct[:k], title=title)
         (out / "eval.json").write_text(json.dumps({**results, "prompts": prompts, "correct": correct}, indent=1))
@@ -324,6 +389,7 @@ def _eval_policy(run: Path, num: Optional[int], steps: Optional[int], out: Path)
     from mmx.train.visual import save_rollouts
 
     cfg, policy = _load_policy(run)
+    _check_steps(steps, policy.scheduler)
     if steps is not None:
         policy.num_inference_steps = steps
     episodes = num or cfg.eval.episodes
@@ -332,7 +398,7 @@ def _eval_policy(run: Path, num: Optional[int], steps: Optional[int], out: Path)
     latency = chunk_latency(policy, cfg.data.env)
     summary = {**result.summary(), "episodes": episodes, "sampler": cfg.diffusion.sampler,
                "denoising_steps": policy.num_inference_steps, "chunk_latency_ms": latency["median_ms"]}
-    out.mkdir(parents=True, exist_ok=True)
+    _make_dir(out)
     picture = save_rollouts(result, out / "rollouts.png", title=f"{run.name}: {cfg.data.env} rollouts (green: success)")
     (out / "eval.json").write_text(json.dumps({**summary, "seeds": result.seeds, "success": result.success,
                                                "infos": result.infos}, indent=1, default=str))
@@ -368,7 +434,7 @@ def _eval_seq2seq(run: Path, num: Optional[int], beam: Optional[int], out: Path)
     scores = task.score(task.model, data, keep_examples=32, **decoding)
     method = decoding.get("method", cfg.eval.method)
     how = "greedy" if method == "greedy" else f"beam {decoding.get('beam_size', cfg.eval.beam_size)}"
-    out.mkdir(parents=True, exist_ok=True)
+    _make_dir(out)
     (out / "eval.json").write_text(json.dumps({"num": len(data), "decoding": how, **scores}, ensure_ascii=False, indent=1))
     what = "captions" if task.captioning else "translations"
     lines = [f"[bold]held-out {what}: exact match {scores['exact_match']:.1%}[/bold] ({len(data)} inputs, {how})"]
@@ -387,10 +453,13 @@ def _eval_seq2seq(run: Path, num: Optional[int], beam: Optional[int], out: Path)
 @app.command()
 def eval(
     run: Path = typer.Argument(..., help="A run folder (from `mmx train`)."),
-    num: Optional[int] = typer.Option(None, help="Number of held-out prompts (default: the recipe's)."),
-    steps: Optional[int] = typer.Option(None, help="Sampling steps (default: the recipe's)."),
+    num: Optional[int] = typer.Option(None, callback=_in_range(1, _COUNT_MAX),
+                                      help="Number of held-out prompts (default: the recipe's)."),
+    steps: Optional[int] = typer.Option(None, callback=_in_range(1, _COUNT_MAX),
+                                        help="Sampling steps (default: the recipe's)."),
     out: Optional[Path] = typer.Option(None, help="Write the grid and eval.json here (default: RUN/eval)."),
-    beam: Optional[int] = typer.Option(None, help="Seq2seq runs: beam size (1: greedy; default: the recipe's)."),
+    beam: Optional[int] = typer.Option(None, callback=_in_range(1, _COUNT_MAX),
+                                       help="Seq2seq runs: beam size (1: greedy; default: the recipe's)."),
 ) -> None:
     """Score a run: held-out caption accuracy (text-to-image), mask IoU (grounding), rollouts (policy),
     exact match (seq2seq).
@@ -430,9 +499,11 @@ def attend(
         None, help="Map attention on this real image (noised) instead of a generated one (captioning runs: the image "
                    "to caption; default: held-out shapes image number --seed)."),
     out: Path = typer.Option(Path("attend"), help="Folder for overlays, grid and words.json."),
-    steps: Optional[int] = typer.Option(None, help="Sampling steps (default: the recipe's)."),
-    guidance: Optional[float] = typer.Option(None, help="Guidance scale (default: the recipe's)."),
-    seed: int = typer.Option(0, help="Seed of the initial noise (policy runs: of the episode)."),
+    steps: Optional[int] = typer.Option(None, callback=_in_range(1, _COUNT_MAX),
+                                        help="Sampling steps (default: the recipe's)."),
+    guidance: Optional[float] = typer.Option(None, callback=_finite, help="Guidance scale (default: the recipe's)."),
+    seed: int = typer.Option(0, callback=_in_range(0, _SEED_MAX),
+                             help="Seed of the initial noise (policy runs: of the episode)."),
     gif: bool = typer.Option(False, help="Also write a GIF per word across windows of denoising steps."),
 ) -> None:
     """Which image region (or action step) looked at which word: overlays, a grid, and statistics.
@@ -481,10 +552,10 @@ def attend(
         scores = word_ious(maps, detection_masks(prompt, detect_objects(images[0])))
     except ValueError:  # a caption outside the shapes grammar: no detector scores
         scores = {}
-    out.mkdir(parents=True, exist_ok=True)
+    _make_dir(out)
     stats = []
     for m in maps:
-        save_overlay(images[0], m, out / f"word_{m.index:02d}_{m.word}.png")
+        save_overlay(images[0], m, out / f"word_{m.index:02d}_{_file_label(m.word)}.png")
         ys, xs = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
         weight = m.map / m.map.sum().clamp_min(1e-12)
         stats.append({"word": m.word, "index": m.index, "tokens": [m.span.start, m.span.end],
@@ -496,7 +567,7 @@ def attend(
             keys = sorted(recorder.window_totals)
             frames = [word_maps(recorder.window_totals[k], ctx.words, image_size=(height, width))[0] for k in keys]
             frame_maps = [next(f.map for f in frame if f.index == m.index) for frame in frames]
-            save_steps_gif(images[0], frame_maps, m.word, out / f"word_{m.index:02d}_{m.word}.gif",
+            save_steps_gif(images[0], frame_maps, m.word, out / f"word_{m.index:02d}_{_file_label(m.word)}.gif",
                            labels=[f"steps {k * window}-{(k + 1) * window - 1}" for k in keys])
     grid = save_word_grid(images[0], maps, prompt, out / "grid.png", scores=scores)
     (out / "words.json").write_text(json.dumps({"prompt": prompt, "image": str(image) if image else None, "words": stats}, indent=1))
@@ -518,10 +589,12 @@ def _attend_seq2seq(run: Path, prompt: Optional[str], image: Optional[Path], see
     cfg, task = _load_seq2seq(run)
     ev = cfg.eval
     model = task.model
-    out.mkdir(parents=True, exist_ok=True)
+    _make_dir(out)
     if not task.captioning:
         if prompt is None or image is not None:
             _fail("a translation run maps a sentence: give it with --prompt (and no --image)")
+        if not prompt.split():
+            _fail(f"--prompt {prompt!r} has no words: give the sentence to translate")
         unknown = task.source.unknown_words(prompt)
         if unknown:
             _fail(f"words outside the source vocabulary: {unknown}; known: {' '.join(task.source.words[4:])}")
@@ -602,7 +675,7 @@ def _attend_policy(run: Path, prompt: Optional[str], seed: int, out: Path, steps
         action, att = attend_policy(policy, batch, torch.Generator().manual_seed(seed), steps)
     except ValueError as err:
         _fail(str(err))
-    out.mkdir(parents=True, exist_ok=True)
+    _make_dir(out)
     first = policy.n_obs_steps - 1
     executed = (first, first + policy.n_action_steps - 1)
     labels, matrix = att.groups(0)
@@ -632,14 +705,12 @@ def _attend_policy(run: Path, prompt: Optional[str], seed: int, out: Path, steps
                   + "".join(f", {p}" for p in overlays) + f", {out / 'scene.png'} and {out / 'attention.json'}")
 
 
-DEMO_RUN = Path(__file__).parent / "assets" / "shapes_t2i"
-
-
 @app.command()
 def demo(
     out: Path = typer.Option(Path("mmx-demo"), help="Folder for the sample grid and eval.json."),
-    num: int = typer.Option(32, help="Held-out captions to generate and check."),
-    steps: Optional[int] = typer.Option(None, help="Sampling steps (default: the recipe's 25)."),
+    num: int = typer.Option(32, callback=_in_range(1, _COUNT_MAX), help="Held-out captions to generate and check."),
+    steps: Optional[int] = typer.Option(None, callback=_in_range(1, _COUNT_MAX),
+                                        help="Sampling steps (default: the recipe's 25)."),
     retrain: bool = typer.Option(False, "--train", help="Retrain the shipped model from scratch first (about 30 min on 2 CPU cores)."),
     config: Optional[Path] = typer.Option(None, hidden=True, help="Recipe for --train (default: the shipped one)."),
 ) -> None:

@@ -142,7 +142,11 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {part!r} is not a section")
-        node[parts[-1]] = _parse_value(text)
+        try:
+            node[parts[-1]] = _parse_value(text)
+        except yaml.YAMLError as err:  # e.g. a control character, or an unclosed bracket
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ConfigError(f"override {item!r}: the value {text!r} is not valid YAML ({reason})") from None
     return data
 
 

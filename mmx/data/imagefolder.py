@@ -24,6 +24,7 @@ __all__ = ["ImageDecodeError", "ImageFolderCaptions", "load_rgb"]
 logger = logging.getLogger(__name__)
 
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
+_MAX_ASPECT = 64  # beyond this aspect ratio only the kept square is resampled (see _resize_crop)
 
 
 class ImageDecodeError(OSError):
@@ -50,7 +51,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     if mode == "RGB":
         return image.copy()
     if mode.startswith("I;16") or mode in ("I", "F"):
-        values = np.asarray(image, dtype=np.float64)
+        values = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0, posinf=65535.0, neginf=0.0)
         if mode.startswith("I;16") or values.max(initial=0) > 255:
             values = values / 257.0  # 16-bit range -> 8-bit
         grey = np.clip(np.rint(values), 0, 255).astype(np.uint8)
@@ -133,18 +134,29 @@ class ImageFolderCaptions(Dataset):
         return len(self.items)
 
     def _resize_crop(self, image: Image.Image) -> Image.Image:
-        """Resize the shorter side to ``size``, then crop a ``size x size`` square (centre or random)."""
+        """Resize the shorter side to ``size``, then crop a ``size x size`` square (centre or random).
+
+        When the resized image would be much larger than both the source and the crop (an aspect
+        ratio above 64:1, e.g. a 1 x 100,000 strip that would become 64 x 6,400,000), only the
+        kept square is resampled (``resize(box=...)``, equal up to Pillow's rounding at the edge),
+        so memory stays bounded by the decoded source.
+        """
         width, height = image.size
         scale = self.size / min(width, height)
         new_w, new_h = max(self.size, round(width * scale)), max(self.size, round(height * scale))
-        if (new_w, new_h) != (width, height):
-            image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
         if self.center_crop:
             left, top = (new_w - self.size) // 2, (new_h - self.size) // 2
         else:
             left = int(torch.randint(new_w - self.size + 1, ()))
             top = int(torch.randint(new_h - self.size + 1, ()))
-        return image.crop((left, top, left + self.size, top + self.size))
+        crop = (left, top, left + self.size, top + self.size)
+        if (new_w, new_h) == (width, height):
+            return image.crop(crop)
+        if new_w * new_h <= max(width * height, _MAX_ASPECT * self.size**2):
+            return image.resize((new_w, new_h), Image.Resampling.BICUBIC).crop(crop)
+        sx, sy = width / new_w, height / new_h  # source pixels per resized pixel
+        box = (left * sx, top * sy, (left + self.size) * sx, (top + self.size) * sy)
+        return image.resize((self.size, self.size), Image.Resampling.BICUBIC, box=box)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         """``image`` [3, H, W] float in [-1, 1], ``caption`` str, ``file_name`` (path relative to root)."""

@@ -14,6 +14,7 @@ never shows or names an object with a held-out pair; every ``split="heldout"`` s
 from __future__ import annotations
 
 import logging
+import numbers
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Sequence
 
@@ -294,6 +295,14 @@ class ShapesDataset(Dataset):
     ) -> None:
         if split not in self.SPLITS:
             raise ValueError(f"unknown split {split!r}; valid: {', '.join(self.SPLITS)}")
+        # A spec from YAML can carry any type (``data.size=`` gives ""): name it before comparing.
+        for name, value in (("size", size), ("length", length), ("seed", seed), ("max_objects", max_objects)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise TypeError(f"ShapesDataset {name} must be an integer; got {type(value).__name__} {value!r}")
+        if isinstance(drop_attribute, bool) or not isinstance(drop_attribute, numbers.Real):
+            raise TypeError(
+                f"ShapesDataset drop_attribute must be a number; got {type(drop_attribute).__name__} {drop_attribute!r}"
+            )
         if size < 8:
             raise ValueError(f"size must be at least 8 pixels; got {size}")
         if length < 0:

@@ -6,13 +6,15 @@ progress bars and the attention recorder plug in there.
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Any, Callable
 
 import torch
 
 from mmx.context import Context, conditional_rows
 
-__all__ = ["sample", "pad_context", "StepCallback"]
+__all__ = ["sample", "pad_context", "check_steps", "StepCallback"]
 
 StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
 
@@ -31,6 +33,16 @@ def pad_context(context: Context, length: int) -> Context:
         pooled=context.pooled,
         words=context.words,
     )
+
+
+def check_steps(num_steps: Any, scheduler: Any) -> None:
+    """A ValueError naming ``num_steps`` unless it is an int from 1 to the scheduler's training timesteps."""
+    limit = getattr(getattr(scheduler, "config", None), "num_train_timesteps", None)
+    if isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral) or num_steps < 1 or (
+        isinstance(limit, int) and num_steps > limit
+    ):
+        upto = f" to {limit} (the timesteps the model was trained with)" if isinstance(limit, int) else ""
+        raise ValueError(f"num_steps must be an integer from 1{upto}; got {num_steps!r}")
 
 
 def _batch(context: Context, null: Context, components: Context | None = None) -> Context:
@@ -72,9 +84,10 @@ def sample(
         scheduler: any diffusers scheduler (DDPM, DDIM, DPM-Solver++, Euler, ...).
         context: the prompts' Context, B rows (prompts of different lengths are padded, masked).
         shape: the shape of one sample, e.g. ``(3, 32, 32)``.
-        num_steps: sampling steps.
-        guidance_scale: classifier-free guidance weight; 1.0 is the plain conditional model (one
-            call per step); otherwise conditional and unconditional rows run in one batched call.
+        num_steps: sampling steps, from 1 to the scheduler's ``num_train_timesteps`` (else a ValueError).
+        guidance_scale: classifier-free guidance weight, finite (else a ValueError); 1.0 is the plain
+            conditional model (one call per step); otherwise conditional and unconditional rows run
+            in one batched call.
         null_context: the empty caption's Context (needed when ``guidance_scale != 1``).
         generator: for the initial noise and stochastic schedulers.
         callback: called as ``callback(step_index, t, x)`` after every step.
@@ -83,6 +96,9 @@ def sample(
             k of prompt b at row ``k*B + b``); each adds ``w[k, b] * (pred_k - pred_uncond)``.
         component_weights: ``[K, B]`` weights (0 for a prompt that has fewer components).
     """
+    check_steps(num_steps, scheduler)
+    if not isinstance(guidance_scale, numbers.Real) or not math.isfinite(guidance_scale):
+        raise ValueError(f"guidance_scale must be a finite number (1.0: no guidance); got {guidance_scale!r}")
     b = context.batch_size
     device = context.device
     guided = guidance_scale != 1.0 or components is not None

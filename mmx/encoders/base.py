@@ -139,15 +139,34 @@ class TextEncoder(nn.Module):
 
 
 def check_texts(texts: Any) -> list[str]:
-    """Return ``texts`` as a list of str; a TypeError names any other type."""
+    """Return ``texts`` as a list of str; a TypeError names any other type.
+
+    A text holding a lone UTF-16 surrogate (e.g. ``"\\ud800"`` from JSON, or a file name decoded
+    with ``surrogateescape``) is not valid Unicode: a ValueError names the text and position,
+    instead of an error from inside the tokenizer.
+    """
     if isinstance(texts, str):
-        return [texts]
-    if not isinstance(texts, (list, tuple)):
+        texts = [texts]
+    elif not isinstance(texts, (list, tuple)):
         raise TypeError(f"texts must be a str or a list of str; got {type(texts).__name__}")
     for i, text in enumerate(texts):
         if not isinstance(text, str):
             raise TypeError(f"texts must be a str or a list of str; texts[{i}] is a {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise ValueError(
+                f"texts[{i}] = {preview(text)} is not valid Unicode: {err.object[err.start]!r} at position "
+                f"{err.start} is a lone surrogate; decode the source with errors='replace' or drop it"
+            ) from None
     return list(texts)
+
+
+def preview(text: str, limit: int = 60) -> str:
+    """``repr(text)`` cut to about ``limit`` characters, for log and error messages."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
 
 
 def word_char_spans(text: str) -> list[tuple[str, int, int]]:
@@ -166,12 +185,39 @@ def spans_from_counts(words: Sequence[str], counts: Sequence[int], start: int, l
 
 
 def spans_from_prefixes(words: Sequence[str], count: Callable[[str], int], start: int, limit: int) -> list[WordSpan]:
-    """Spans from token counts of growing prefixes ``" ".join(words[:k])`` (a tokenizer-agnostic fallback)."""
-    ends, last = [], 0
-    for k in range(1, len(words) + 1):
-        last = max(last, count(" ".join(words[:k])))  # keep spans monotonic
-        ends.append(last)
-    counts = [e - s for s, e in zip([0, *ends[:-1]], ends)]
+    """Spans from token counts of prefixes ``" ".join(words[:k])`` (a tokenizer-agnostic fallback).
+
+    Prefix counts are taken as non-decreasing in k, so a run of words between two prefixes with
+    equal counts adds no token and need not be counted, and past ``limit`` nothing is kept:
+    bisection counts O(min(W, T log W)) prefixes for W words and T kept tokens, instead of all
+    W (tokenizing every prefix of a 10,000-word text is quadratic and takes minutes).
+    """
+    n = len(words)
+    budget = max(limit - start, 0)  # tokens that fit between the leading specials and the limit
+    ends = [0] * (n + 1)  # ends[k]: tokens of the first k words (non-decreasing)
+
+    def prefix(k: int) -> int:
+        return count(" ".join(words[:k])) if k > 0 else 0
+
+    def fill(lo: int, hi: int, at_lo: int, at_hi: int) -> None:
+        """Set ends[lo+1 .. hi] knowing the counts at both ends (iterative, to bound the stack)."""
+        stack = [(lo, hi, at_lo, at_hi)]
+        while stack:
+            lo, hi, at_lo, at_hi = stack.pop()
+            at_hi = max(at_hi, at_lo)  # keep spans monotonic
+            if hi - lo <= 1 or at_hi == at_lo or at_lo >= budget:
+                # adjacent, or no token added in between, or everything here is cut by truncation
+                ends[lo + 1 : hi] = [at_lo] * (hi - lo - 1)
+                ends[hi] = at_hi
+                continue
+            mid = (lo + hi) // 2
+            at_mid = min(max(prefix(mid), at_lo), at_hi)
+            stack.append((mid, hi, at_mid, at_hi))
+            stack.append((lo, mid, at_lo, at_mid))
+
+    if n:
+        fill(0, n, 0, prefix(n))
+    counts = [ends[k] - ends[k - 1] for k in range(1, n + 1)]
     return spans_from_counts(words, counts, start, limit)
 
 
@@ -246,13 +292,17 @@ def hf_tokenize(
         whole = clean(text)
         ok = cleaned == whole
         if not ok:
-            logger.warning("%s: word-by-word cleaning differs from cleaning %r; word spans are approximate", who, text)
+            logger.warning(
+                "%s: word-by-word cleaning differs from cleaning %s; word spans are approximate", who, preview(text)
+            )
         inputs.append(cleaned if ok else whole)
         char_words.append(spans)
         fallback.append(not ok)
 
     n_special = tokenizer.num_special_tokens_to_add(pair=False)
-    lengths = [len(ids) + n_special for ids in tokenizer(inputs, add_special_tokens=False)["input_ids"]]
+    # verbose=False: this untruncated count is ours; mmx warns about the cut below, transformers need not.
+    counted = tokenizer(inputs, add_special_tokens=False, verbose=False)["input_ids"]
+    lengths = [len(ids) + n_special for ids in counted]
     cut = [max(0, n - max_length) for n in lengths]
     use_offsets = bool(getattr(tokenizer, "is_fast", False))
     enc = tokenizer(
@@ -270,7 +320,7 @@ def hf_tokenize(
 
     def count(prefix: str) -> int:
         prefix = clean(prefix) if clean is not None else prefix
-        return len(tokenizer(prefix, add_special_tokens=False)["input_ids"])
+        return len(tokenizer(prefix, add_special_tokens=False, verbose=False)["input_ids"])
 
     words: list[list[WordSpan]] = []
     for b in range(len(texts)):

@@ -19,6 +19,7 @@ from mmx.encoders.base import (
     ENCODERS,
     TextEncoder,
     hf_tokenize,
+    preview,
     spans_from_counts,
     spans_from_prefixes,
 )
@@ -125,9 +126,9 @@ class CLIPTextEncoder(TextEncoder):
             exact = content == full
             if not exact:
                 logger.warning(
-                    "%s: tokens of the words of %r differ from tokens of the whole text; word spans are approximate",
+                    "%s: tokens of the words of %s differ from tokens of the whole text; word spans are approximate",
                     self._label,
-                    text,
+                    preview(text),
                 )
                 content = full
             row = [sot, *content, eot]

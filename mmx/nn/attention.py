@@ -21,10 +21,33 @@ from mmx.context import Context, unpack_context
 
 __all__ = [
     "CrossAttention", "MultiHeadAttention", "KVCache", "prepare_mask", "attention_probs", "query_grid", "AttentionHook",
+    "check_input_dtype",
 ]
 
 # A hook sees (module, q [B, H, L, Dh], k [B, H, S, Dh], mask) for every call; see ``CrossAttention.hooks``.
 AttentionHook = Callable[["CrossAttention", torch.Tensor, torch.Tensor, "torch.Tensor | None"], None]
+
+
+def check_input_dtype(name: str, tensor: torch.Tensor, weight: torch.Tensor) -> None:
+    """Raise a TypeError naming ``name`` unless ``tensor`` can go through a layer whose weight is ``weight``.
+
+    ``tensor`` must be floating point, and of the weight's dtype (under ``torch.autocast``, which
+    casts float32/16 tensors by itself, only float64 ones must match). Without this check the
+    error comes from deep inside ``nn.Linear`` / ``nn.LayerNorm`` ("expected m1 and m2 to have the
+    same dtype").
+    """
+    if not tensor.is_floating_point():
+        raise TypeError(
+            f"{name} must be a floating-point tensor (the weights are {weight.dtype}); got {tensor.dtype}. "
+            f"Token ids must be embedded first; other values convert with .to({weight.dtype})."
+        )
+    # autocast casts float32/16 inputs and weights by itself, but never a float64 one
+    autocast = torch.is_autocast_enabled(tensor.device.type) and torch.float64 not in (tensor.dtype, weight.dtype)
+    if tensor.dtype != weight.dtype and weight.is_floating_point() and not autocast:
+        raise TypeError(
+            f"{name} is {tensor.dtype} but the weights are {weight.dtype}; cast the input with "
+            f".to({weight.dtype}) or the module with .to({tensor.dtype}), or run under torch.autocast"
+        )
 
 
 def prepare_mask(
@@ -36,7 +59,10 @@ def prepare_mask(
       * ``[B, S]`` key padding (the usual text mask),
       * ``[B, L, S]`` per query,
       * ``[B | 1, H | 1, L | 1, S]`` anything broadcastable to ``[B, H, L, S]``.
-    A float mask is cast to ``dtype`` (the query dtype) as SDPA requires.
+    A float mask is cast to ``dtype`` (the query dtype) as SDPA requires. Its values must be finite
+    or ``-inf``: a NaN or ``+inf`` would turn whole rows of the output into NaN, so it is a
+    ValueError (checking costs one host synchronisation, for float masks only; bool masks are the
+    fast path).
     """
     if mask is None:
         return None
@@ -64,8 +90,15 @@ def prepare_mask(
             f"mask of shape {tuple(mask.shape)} cannot broadcast to [B, H, L, S] = {expected} "
             "(the key dimension S must match exactly)"
         )
-    if mask.is_floating_point() and mask.dtype != dtype:
-        mask = mask.to(dtype)
+    if mask.is_floating_point():
+        if not bool((mask < float("inf")).all()):  # NaN compares False too
+            bad = "NaN" if bool(mask.isnan().any()) else "+inf"
+            raise ValueError(
+                f"a float mask is added to the attention scores, so its values must be finite or -inf (masked); "
+                f"this one holds {bad}. Use a bool mask (True = may attend) or -inf for masked keys."
+            )
+        if mask.dtype != dtype:
+            mask = mask.to(dtype)
     return mask
 
 
@@ -276,11 +309,13 @@ class CrossAttention(nn.Module):
         if not isinstance(x, torch.Tensor) or x.ndim != 3 or x.shape[-1] != self.query_dim:
             got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"x must be [B, L, query_dim={self.query_dim}]; got {got}")
+        check_input_dtype("x", x, self.to_q.weight)
         if context is None:
             return
         if not isinstance(context, torch.Tensor) or context.ndim != 3 or context.shape[-1] != self.context_dim:
             got = tuple(context.shape) if isinstance(context, torch.Tensor) else type(context).__name__
             raise ValueError(f"context must be [B, S, context_dim={self.context_dim}]; got {got}")
+        check_input_dtype("context", context, self.to_k.weight)
         if context.shape[0] != x.shape[0]:
             raise ValueError(
                 f"x and context must have the same batch size B; got x {tuple(x.shape)}, context {tuple(context.shape)}"
@@ -402,13 +437,19 @@ class CrossAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Fused attention ``[B, H, L, Dv]`` and, when a mask is in play, ``row_has_key [*, L|1, 1]``."""
         l, s = q.shape[2], k.shape[2]
+        if s == 0:
+            # No key at all (an empty context): every query has nothing to read, exactly as a fully
+            # masked row, so the output (bias included) is zero, with or without a mask.
+            nothing = torch.zeros(1, 1, 1, 1, dtype=torch.bool, device=q.device)
+            return q.new_zeros(*q.shape[:3], v.shape[-1]), nothing
         if mask is None:
             if not causal or l == s or (l == 1 and s > 0):
                 # One query aligned to the last key (cached decoding) sees every key: no mask needed.
                 return F.scaled_dot_product_attention(q, k, v, is_causal=causal and l == s and l > 1), None
             if l > s:
-                # The first L - S queries see no key at all: give them zeros.
-                mask = _causal_mask(l, s, q.device)
+                # The first L - S queries see no key at all: give them zeros. (4-D, as a prepared
+                # mask: row_has_key must come out [1, 1, L, 1], whatever B.)
+                mask = _causal_mask(l, s, q.device)[None, None]
             else:
                 return F.scaled_dot_product_attention(q, k, v, attn_mask=_causal_mask(l, s, q.device)), None
         elif causal:

@@ -10,6 +10,7 @@ Parameter names follow diffusers' ``BasicTransformerBlock`` / ``Transformer2DMod
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmx.context import Context, unpack_context
-from mmx.nn.attention import CrossAttention, KVCache
+from mmx.nn.attention import CrossAttention, KVCache, check_input_dtype
 
 __all__ = [
     "GEGLU", "FeedForward", "TransformerBlock", "BlockCache", "SpatialTransformer", "TemporalTransformer", "group_norm",
@@ -131,6 +132,10 @@ class TransformerBlock(nn.Module):
         incremental: ``x`` holds only the new positions, ``self_mask`` (if any) covers every cached
         position, and once the cross-attention cache is filled ``context`` may be None.
         """
+        if not isinstance(x, torch.Tensor) or x.ndim != 3 or x.shape[-1] != self.dim:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"TransformerBlock expects x [B, L, dim={self.dim}]; got {got}")
+        check_input_dtype("x", x, self.norm3.weight)
         context, mask = unpack_context(context, mask)
         if cache is not None and not isinstance(cache, BlockCache):
             raise TypeError(f"cache must be a BlockCache or None; got {type(cache).__name__}")
@@ -190,9 +195,22 @@ class _ChannelsTransformer(nn.Module):
         if not isinstance(x, torch.Tensor) or x.ndim != 2 + self.spatial_dims or x.shape[1] != self.channels:
             got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"{type(self).__name__} expects x {self.layout} with C={self.channels}; got {got}")
+        check_input_dtype("x", x, self.proj_in.weight)
         context, mask = unpack_context(context, mask)
         b, c, *grid = x.shape
-        h = self.norm(x).flatten(2).transpose(1, 2)  # (B, L, C), L = prod(grid)
+        positions = math.prod(grid)
+        group = self.channels // self.norm.num_groups
+        if b * group * positions == 1:
+            # torch refuses it too, but its message ("more than 1 value per channel when training")
+            # blames channels and training, not the groups.
+            raise ValueError(
+                f"{type(self).__name__}: x {tuple(x.shape)} gives GroupNorm ({self.norm.num_groups} groups of "
+                f"{group} channel) a single value per group to normalise; use a batch or feature map with "
+                "more than one value per group, or fewer norm_groups"
+            )
+        # An empty grid (a 0-sized H, W or T) has nothing to normalise: GroupNorm refuses it, the rest is fine.
+        normed = self.norm(x) if positions > 0 else x
+        h = normed.flatten(2).transpose(1, 2)  # (B, L, C), L = prod(grid)
         h = self.proj_in(h)  # (B, L, D)
         for block in self.transformer_blocks:
             h = block(h, context, mask=mask)

@@ -1,7 +1,7 @@
 """Training: one Accelerate loop for every model, recipes, run folders. This layer owns the I/O."""
 
 from mmx.train.checkpoint import CheckpointError, latest_checkpoint, upgrade_checkpoint, verify_checkpoint
-from mmx.train.trainer import NonFiniteLossError, Task, TrainConfig, TrainResult, train
+from mmx.train.trainer import NonFiniteLossError, Task, TrainConfig, TrainResult, TrainSetupError, train
 
 __all__ = [
     "CheckpointError",
@@ -9,6 +9,7 @@ __all__ = [
     "Task",
     "TrainConfig",
     "TrainResult",
+    "TrainSetupError",
     "latest_checkpoint",
     "train",
     "upgrade_checkpoint",

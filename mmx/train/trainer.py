@@ -32,7 +32,7 @@ from mmx.train.checkpoint import (  # noqa: F401  (re-exported: the trainer's pu
 
 __all__ = [
     "TrainConfig", "Task", "train", "latest_checkpoint", "verify_checkpoint", "upgrade_checkpoint", "TrainResult",
-    "CheckpointError", "NonFiniteLossError",
+    "CheckpointError", "NonFiniteLossError", "TrainSetupError",
 ]
 
 logger = logging.getLogger(__name__)
@@ -95,6 +95,10 @@ class NonFiniteLossError(RuntimeError):
     """The loss was NaN or infinite for ``max_nonfinite_steps`` steps in a row."""
 
 
+class TrainSetupError(ValueError):
+    """The run cannot start: a training option or the data set is unusable (the message says which)."""
+
+
 def _lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
     def factor(step: int) -> float:
         if step < cfg.warmup_steps:
@@ -151,7 +155,10 @@ def train(
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
     from tqdm.auto import tqdm
 
-    _check_config(cfg)
+    try:
+        _check_config(cfg)
+    except ValueError as err:
+        raise TrainSetupError(str(err)) from err
     run_dir = Path(run_dir)
     accelerator = Accelerator(
         cpu=multi_process_cpu_launch(),
@@ -168,13 +175,16 @@ def train(
     state = TrainerState(generator)
 
     model = task.model
-    dataset = task.train_dataset()
+    try:
+        dataset = task.train_dataset()
+    except (ValueError, TypeError, KeyError) as err:  # the data spec of the config: name it, no traceback
+        raise TrainSetupError(f"cannot build the training data: {err}") from err
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=True, collate_fn=task.collate,
         num_workers=cfg.num_workers, generator=torch.Generator().manual_seed(cfg.seed),
     )
     if len(loader) == 0:
-        raise ValueError(f"the data set has {len(dataset)} samples, fewer than one batch of {cfg.batch_size}")
+        raise TrainSetupError(f"the data set has {len(dataset)} samples, fewer than one batch of {cfg.batch_size}")
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
