@@ -706,6 +706,62 @@ def _attend_policy(run: Path, prompt: Optional[str], seed: int, out: Path, steps
 
 
 @app.command()
+def bench(
+    suite: str = typer.Argument(
+        "all", help="attention, unet2d, sample, recorder, unet1d, decoding, scaling, or all (every suite)."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write every figure and raw measurement here."),
+    device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when available)."),
+    quick: bool = typer.Option(False, "--quick", help="Tiny sizes, one repeat: a smoke run of seconds, not figures to quote."),
+    out: Optional[Path] = typer.Option(
+        None, help="Folder for the scaling PNGs (default: the folder of --json, else the current folder)."),
+) -> None:
+    """Time mmx against its alternatives in one run; each figure is printed as a ratio (below 1: mmx takes less).
+
+    The alternatives: diffusers' Attention and UNet2DConditionModel, the tutorial attention, bare
+    SDPA, the recorder off, the upstream UNet1D rebuild, decoding without caches; `scaling` draws
+    step time and peak memory against resolution, context length and horizon. `all` takes about
+    5 minutes on 2 idle CPU cores; --quick about 15 s.
+    """
+    import time
+
+    from mmx.bench import resolve, run_suites, tables
+    from mmx.bench.timing import pick_device
+
+    start = time.perf_counter()
+    try:
+        names = resolve(suite)
+        torch_device = pick_device(device)
+    except (KeyError, ValueError) as err:
+        _fail(str(err))
+    folder = _make_dir(out if out is not None else json_path.parent if json_path is not None else Path("."))
+
+    def log(line: str) -> None:
+        console.print(line, style="dim", markup=False, highlight=False)
+
+    report = run_suites(names, torch_device, quick=quick, out=folder, log=log)
+    report.meta["wall_seconds"] = time.perf_counter() - start
+    for table in tables(report):
+        console.print(table)
+    for result in report.suites.values():
+        for note in result.notes:
+            console.print(f"{result.name}: {note}", markup=False, highlight=False)
+        for path in result.files:
+            console.print(f"wrote {path}")
+    if json_path is not None:
+        try:
+            report.write_json(json_path)
+        except OSError as err:
+            _fail(f"cannot write {json_path}: {err.strerror or err}")
+        console.print(f"wrote {json_path}")
+    console.print(f"{len(report.suites)} suite(s) in {report.meta['wall_seconds']:.0f} s")
+    if report.errors:
+        _fail("failed: " + "; ".join(f"{name}: {message}" for name, message in report.errors.items()))
+
+
+DEMO_RUN = Path(__file__).parent / "assets" / "shapes_t2i"
+
+
+@app.command()
 def demo(
     out: Path = typer.Option(Path("mmx-demo"), help="Folder for the sample grid and eval.json."),
     num: int = typer.Option(32, callback=_in_range(1, _COUNT_MAX), help="Held-out captions to generate and check."),

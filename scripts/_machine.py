@@ -1,51 +1,40 @@
-"""What the benchmark scripts print about the machine they ran on, and how they time calls."""
+"""What the benchmark scripts print about the machine they ran on, how they time calls, and their JSON.
+
+The timing code lives in :mod:`mmx.bench.timing` (so ``mmx bench`` works from an installed wheel);
+this module re-exports it for the scripts.
+"""
 
 from __future__ import annotations
 
-import platform
-import statistics
-import time
+import argparse
+import json
+from typing import Any, Callable
 
 import torch
 
+from mmx.bench.timing import _sync, cpu_name, device_name, time_calls
 
-def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo, else what ``platform`` knows."""
+__all__ = ["_sync", "cpu_name", "device_name", "measure_and_save", "save_json", "time_calls"]
+
+
+def save_json(data: dict, path: str | None) -> None:
+    """Write a script's results to ``path`` (nothing when None) and say so on stdout."""
+    if path is None:
+        return
+    with open(path, "w") as f:
+        json.dump(data, f, indent=2)
+    print(f"# wrote {path}")
+
+
+def measure_and_save(measure: Callable[..., dict], config_class: type, args: argparse.Namespace) -> None:
+    """Run ``measure(config, warmup, repeats, device)`` of :mod:`mmx.bench` on a script's options; write --json.
+
+    Every option but --warmup, --repeats, --device and --json is a field of ``config_class``; a
+    ValueError (outputs that should agree do not) ends the script with its message.
+    """
+    options: dict[str, Any] = {k: v for k, v in vars(args).items() if k not in ("warmup", "repeats", "device", "json")}
     try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def device_name(device: torch.device) -> str:
-    """The GPU's name, or the CPU model and the number of torch threads."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu: {cpu_name()}, {torch.get_num_threads()} threads"
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_calls(calls: dict, warmup: int, repeats: int, device: torch.device) -> dict[str, float]:
-    """Median seconds of each zero-argument callable; the callables alternate, in rotating order."""
-    names = list(calls)
-    for _ in range(warmup):
-        for name in names:
-            calls[name]()
-    _sync(device)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for i in range(repeats):
-        order = names[i % len(names):] + names[: i % len(names)]
-        for name in order:
-            start = time.perf_counter()
-            calls[name]()
-            _sync(device)
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(v) for name, v in times.items()}
+        result = measure(config_class(**options), args.warmup, args.repeats, torch.device(args.device), log=print)
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
+    save_json(result, args.json)

@@ -1,17 +1,12 @@
 """UNet1D: Diffusion Policy's layout and keys, equal outputs to an independent rebuild, cross-attention, errors."""
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from mmx import Context
+from mmx.bench.upstream_unet1d import UpstreamUnet1D
 from mmx.models import MODELS, UNet1D
 from mmx.nn import ResBlock1D
-
-sys.path.insert(0, str(Path(__file__).parents[2] / "scripts"))
-from _upstream_unet1d import UpstreamUnet1D  # noqa: E402  (scripts/ is not a package)
 
 # The published small instance (shared/reference/diffusion_policy_unet1d_keys.tsv).
 SMALL = dict(input_dim=2, global_cond_dim=10, diffusion_step_embed_dim=32, down_dims=(32, 64), kernel_size=5,

@@ -1,8 +1,9 @@
 """An independent, plain-PyTorch rebuild of Diffusion Policy's ``ConditionalUnet1D`` (Chi et al., 2023).
 
 Written from the published architecture (layout, parameter names, forward order), not from mmx:
-nothing here imports mmx, so it can check ``mmx.models.UNet1D`` (tests/models/test_unet1d.py) and
-be timed against it (scripts/bench_unet1d.py). No einops; no ``local_cond``.
+nothing here imports the rest of mmx, so it can check ``mmx.models.UNet1D``
+(tests/models/test_unet1d.py) and be timed against it (:mod:`mmx.bench.unet1d`,
+``mmx bench unet1d``, scripts/bench_unet1d.py). No einops; no ``local_cond``.
 """
 
 from __future__ import annotations

@@ -1,0 +1,57 @@
+"""`mmx bench`: every suite runs (quick sizes) and reports finite, positive ratios; errors name the valid suites."""
+
+import json
+import math
+
+import pytest
+from typer.testing import CliRunner
+
+from mmx.bench import ORDER, SUITES, Figure, resolve
+from mmx.cli import app
+
+runner = CliRunner()
+
+
+def test_bench_all_quick_writes_every_suite_with_finite_ratios(tmp_path):
+    out = tmp_path / "bench" / "all.json"
+    result = runner.invoke(app, ["bench", "all", "--quick", "--device", "cpu", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert data["errors"] == {}
+    assert list(data["suites"]) == list(ORDER) == ["attention", "unet2d", "sample", "recorder", "unet1d", "decoding",
+                                                   "scaling"]
+    for name, suite in data["suites"].items():
+        assert suite["figures"], f"{name} reported no figures"
+        for figure in suite["figures"]:
+            assert math.isfinite(figure["ratio"]) and figure["ratio"] > 0, (name, figure)
+            assert figure["ratio"] == pytest.approx(figure["value"] / figure["other"])
+    meta = data["meta"]
+    for key in ("date", "device", "torch", "diffusers", "peak_memory_method"):
+        assert meta[key], key
+    assert meta["quick"] is True and meta["device"].startswith("cpu")
+    # The scaling PNGs land next to the JSON; the table names device and versions.
+    assert sorted(p.name for p in out.parent.glob("*.png")) == ["scaling_unet1d.png", "scaling_unet2d.png"]
+    assert data["suites"]["scaling"]["details"]["unet2d"]["points"][0]["peak_mib"] is not None
+    assert "diffusers" in result.output and "ratio" in result.output
+
+
+def test_bench_unknown_suite_lists_the_valid_ones():
+    result = runner.invoke(app, ["bench", "speed"])
+    assert result.exit_code == 2
+    assert "unknown benchmark suite 'speed'" in result.output
+    for name in (*ORDER, "all"):
+        assert name in result.output
+
+
+def test_bench_unknown_device_is_refused():
+    result = runner.invoke(app, ["bench", "unet1d", "--device", "tpu"])
+    assert result.exit_code == 2 and "valid devices: cpu, cuda" in result.output
+
+
+def test_registry_and_ratio():
+    assert sorted(ORDER) == SUITES.names()
+    assert resolve("all") == list(ORDER) and resolve(["unet1d", "unet1d"]) == ["unet1d"]
+    with pytest.raises(KeyError, match="valid names"):
+        resolve(["unet1d", "nope"])
+    figure = Figure("step", 2.0, "other", 4.0, "ms")
+    assert figure.ratio == 0.5 and math.isnan(Figure("x", 1.0, "y", 0.0, "ms").ratio)
