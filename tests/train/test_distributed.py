@@ -60,24 +60,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(out: Path, runs: list[str], batch_size: int, processes: int, cpu_flag: bool = True,
-            check: bool = True) -> subprocess.CompletedProcess:
-    """Run ``_dist_task.py`` as ``processes`` processes (torchrun) or as one plain process.
-
-    ``check``: fail the test with the command's output when it exits with an error.
-    """
+def _clean_env(cpu_flag: bool) -> dict[str, str]:
+    """This process's environment without launcher / Accelerate variables, one thread, no GPU visible."""
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("ACCELERATE_") and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
                                                             "MASTER_ADDR", "MASTER_PORT")}
     env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
     if cpu_flag:
         env["ACCELERATE_USE_CPU"] = "1"
-    task = [str(HELPER), str(out), *runs, "--batch-size", str(batch_size)]
-    if processes > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), *task]
-    else:
-        cmd = [sys.executable, *task]
+    return env
+
+
+def _run(cmd: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    """Run ``cmd`` from the repository root; past ``LAUNCH_TIMEOUT`` it is killed (with every worker) and the test fails."""
     # a session of its own, so that on a timeout torchrun and the workers it started go down together
     with subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                           start_new_session=True) as proc:
@@ -88,7 +83,23 @@ def _launch(out: Path, runs: list[str], batch_size: int, processes: int, cpu_fla
             stdout, stderr = proc.communicate()
             pytest.fail(f"{' '.join(cmd)} ran past {LAUNCH_TIMEOUT} s and was killed\n"
                         f"{stdout[-2000:]}\n{stderr[-6000:]}")
-    done = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+def _torchrun(processes: int, *args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), *args]
+
+
+def _launch(out: Path, runs: list[str], batch_size: int, processes: int, cpu_flag: bool = True,
+            check: bool = True) -> subprocess.CompletedProcess:
+    """Run ``_dist_task.py`` as ``processes`` processes (torchrun) or as one plain process.
+
+    ``check``: fail the test with the command's output when it exits with an error.
+    """
+    task = [str(HELPER), str(out), *runs, "--batch-size", str(batch_size)]
+    cmd = _torchrun(processes, *task) if processes > 1 else [sys.executable, *task]
+    done = _run(cmd, _clean_env(cpu_flag))
     if check and done.returncode != 0:
         pytest.fail(_failure(done))
     return done
@@ -320,23 +331,12 @@ def test_accelerate_config_loads_and_says_how_to_launch(path, monkeypatch):
 @needs_gloo
 def test_mmx_train_under_torchrun_writes_one_run(tmp_path):
     """`torchrun --nproc_per_node 2 -m mmx.cli train CONFIG`: one config, one model, samples from rank 0 only."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("ACCELERATE_") and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
-                                                            "MASTER_ADDR", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "-m", "mmx.cli", "train", "configs/policy_reach_tiny.yaml",
-           "train.max_steps=2", "train.validate_every=2", "--out", str(run)]
-    with subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          start_new_session=True) as proc:
-        try:
-            stdout, stderr = proc.communicate(timeout=LAUNCH_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            stdout, stderr = proc.communicate()
-    assert proc.returncode == 0, (stdout + stderr)[-3000:]
-    assert stdout.count("trained 2 steps") == 1  # the closing line comes from the main process only
+    cmd = _torchrun(2, "-m", "mmx.cli", "train", "configs/policy_reach_tiny.yaml", "train.max_steps=2",
+                    "train.validate_every=2", "--out", str(run))
+    done = _run(cmd, _clean_env(cpu_flag=False))
+    assert done.returncode == 0, _failure(done)
+    assert done.stdout.count("trained 2 steps") == 1  # the closing line comes from the main process only
     assert (run / "config.yaml").is_file() and (run / "model").is_dir()
     checkpoint = run / "checkpoints" / "step_0000002"
     assert {"random_states_0.pkl", "random_states_1.pkl"} <= {p.name for p in checkpoint.iterdir()}
