@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-import torch
 from torch.utils.data import Dataset
 
 from mmx.data.shapes import (
@@ -227,11 +226,3 @@ class CaptioningDataset(Dataset):
 
     def __repr__(self) -> str:
         return f"CaptioningDataset({self.shapes!r})"
-
-
-def as_tensor_alignment(alignment: Sequence[tuple[int, int]], target_len: int, source_len: int) -> torch.Tensor:
-    """A ``[T, S]`` bool matrix from an alignment list (True where target word t translates source word s)."""
-    matrix = torch.zeros(target_len, source_len, dtype=torch.bool)
-    for t, s in alignment:
-        matrix[t, s] = True
-    return matrix
