@@ -536,11 +536,7 @@ def attend(
     window = max(1, n_steps // 8) if gif else None
     try:
         if image is not None:
-            from mmx.data.imagefolder import load_rgb
-            from torchvision.transforms.functional import pil_to_tensor, resize
-
-            picture = resize(pil_to_tensor(load_rgb(image)), [height, width], antialias=True)
-            images = picture[None].float() / 127.5 - 1.0
+            images = _image_tensor(image, (height, width))[None]
             ctx, recorder = attend_real(pipeline, images, [prompt], generator=generator)
         else:
             scale = d.guidance_scale if guidance is None else guidance
@@ -575,6 +571,15 @@ def attend(
         names = {m.index: m.word for m in maps}
         console.print("object words' attention IoU: " + ", ".join(f"{names[i]} {v:.2f}" for i, v in scores.items()))
     console.print(f"wrote {len(maps)} word overlays, {grid} and {out / 'words.json'}")
+
+
+def _image_tensor(path: Path, size: tuple[int, int]):
+    """An image file as ``[3, H, W]`` in [-1, 1], resized to ``size``; a bad file is an error naming it."""
+    from torchvision.transforms.functional import pil_to_tensor, resize
+
+    from mmx.data.imagefolder import load_rgb
+
+    return resize(pil_to_tensor(load_rgb(path)), list(size), antialias=True).float() / 127.5 - 1.0
 
 
 def _attend_seq2seq(run: Path, prompt: Optional[str], image: Optional[Path], seed: int, out: Path) -> None:
@@ -618,15 +623,10 @@ def _attend_seq2seq(run: Path, prompt: Optional[str], image: Optional[Path], see
         _fail("a captioning run writes its own caption: give an image with --image (or none: a held-out shapes image)")
     item = None
     if image is not None:
-        from mmx.data.imagefolder import load_rgb
-        from torchvision.transforms.functional import pil_to_tensor, resize
-
         try:
-            size = tuple(task.eval_dataset()[0]["image"].shape[-2:])
-            pixels = resize(pil_to_tensor(load_rgb(image)), list(size), antialias=True)
+            picture = _image_tensor(image, tuple(task.eval_dataset()[0]["image"].shape[-2:]))
         except (ValueError, OSError) as err:
             _fail(str(err))
-        picture = pixels.float() / 127.5 - 1.0
     else:
         data = task.eval_dataset()
         item = data[seed % len(data)]
