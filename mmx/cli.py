@@ -706,6 +706,44 @@ def _attend_policy(run: Path, prompt: Optional[str], seed: int, out: Path, steps
 
 
 @app.command()
+def convert(
+    source: Path = typer.Argument(..., help="A Diffusion Policy checkpoint (.ckpt), or a state_dict file "
+                                            "(.safetensors, .pt) of its ConditionalUnet1D."),
+    out: Path = typer.Option(..., "--out", "-o", help="New folder for the mmx UNet1D (config.json + safetensors)."),
+    trust_pickle: bool = typer.Option(
+        False, "--trust-pickle",
+        help="Allow unpickling SOURCE. Diffusion Policy .ckpt files pickle their config, and unpickling runs "
+             "code from the file: pass this only for files you trust."),
+    which: str = typer.Option("ema_model", help="The weights of a .ckpt to take: ema_model (else model) or model."),
+    prefix: str = typer.Option("model.", help="Where the UNet's keys start in the policy's state_dict "
+                                              "('' for a bare UNet state_dict)."),
+) -> None:
+    """Convert a Diffusion Policy ConditionalUnet1D checkpoint into an mmx UNet1D folder.
+
+    The configuration is read from the tensor shapes and the weights load with strict=True. The
+    folder holds safetensors, so it loads later with UNet1D.from_pretrained(OUT) and no pickle;
+    SOURCE is trusted once, here, with --trust-pickle, or not at all.
+    """
+    from mmx.models.unet1d import convert_diffusion_policy
+
+    try:
+        model = convert_diffusion_policy(source, out, trust_pickle=trust_pickle, which=which, prefix=prefix)
+    except (FileNotFoundError, FileExistsError, KeyError, ValueError, RuntimeError) as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+        _fail(message)
+    except OSError as err:
+        _fail(f"cannot write {out}: {err.strerror or err}")
+    table = Table("setting", "value", title=f"UNet1D from {source.name}")
+    for key in ("input_dim", "global_cond_dim", "diffusion_step_embed_dim", "down_dims", "kernel_size",
+                "cond_predict_scale", "n_groups"):
+        value = model.config[key]
+        table.add_row(key, str(tuple(value) if isinstance(value, list) else value))
+    table.add_row("parameters", f"{sum(p.numel() for p in model.parameters()):,}")
+    console.print(table)
+    console.print(f"wrote {out}; load it with mmx.models.UNet1D.from_pretrained({str(out)!r})")
+
+
+@app.command()
 def bench(
     suite: str = typer.Argument(
         "all", help="attention, unet2d, sample, recorder, unet1d, decoding, scaling, or all (every suite)."),

@@ -184,3 +184,31 @@ def test_seq2seq_config_needs_the_model_of_its_data(tmp_path):
     result = runner.invoke(app, ["train", "configs/seq2seq_captioning_tiny.yaml", "model.name=seq2seq",
                                  "--out", str(tmp_path)])
     assert result.exit_code != 0 and "model.name: captioner" in result.output
+
+
+def test_convert_refuses_a_pickled_checkpoint_unless_trusted(tmp_path):
+    import types
+
+    import torch
+
+    from mmx.models import UNet1D
+
+    torch.manual_seed(0)
+    unet = UNet1D(input_dim=2, global_cond_dim=4, diffusion_step_embed_dim=16, down_dims=(16, 32)).eval()
+    state = {f"model.{k}": v for k, v in unet.state_dict().items()}
+    ckpt = tmp_path / "epoch=0100.ckpt"
+    torch.save({"cfg": types.SimpleNamespace(name="train_diffusion_unet_lowdim"),  # a pickled object, as upstream
+                "state_dicts": {"model": state, "ema_model": state}}, ckpt)
+    out = tmp_path / "unet1d"
+    refused = runner.invoke(app, ["convert", str(ckpt), "--out", str(out)])
+    assert refused.exit_code == 2 and "--trust-pickle" in refused.output and not out.exists()
+    result = runner.invoke(app, ["convert", str(ckpt), "--out", str(out), "--trust-pickle"])
+    assert result.exit_code == 0, result.output
+    assert "(16, 32)" in result.output and "from_pretrained" in result.output
+    x, t, g = torch.randn(1, 8, 2), torch.tensor([5]), torch.randn(1, 4)
+    with torch.no_grad():
+        assert torch.allclose(UNet1D.from_pretrained(out)(x, t, global_cond=g), unet(x, t, global_cond=g), atol=1e-6)
+    again = runner.invoke(app, ["convert", str(ckpt), "--out", str(out), "--trust-pickle"])
+    assert again.exit_code == 2 and "already exists" in again.output
+    missing = runner.invoke(app, ["convert", str(tmp_path / "nope.ckpt"), "--out", str(tmp_path / "x")])
+    assert missing.exit_code == 2 and "nope.ckpt" in missing.output

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -26,9 +27,10 @@ from torch import nn
 from mmx.context import Context
 from mmx.nn import Conv1dBlock, ResBlock1D, SinusoidalEmbedding
 
-__all__ = ["UNet1D", "Downsample1D", "Upsample1D", "infer_diffusion_policy_config"]
+__all__ = ["UNet1D", "Downsample1D", "Upsample1D", "convert_diffusion_policy", "infer_diffusion_policy_config"]
 
 logger = logging.getLogger(__name__)
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")  # torch colours parts of its weights_only message
 
 
 class Downsample1D(nn.Module):
@@ -318,7 +320,7 @@ def _dp_state_dict(source: str | os.PathLike | dict, which: str, trust_pickle: b
                 raise ValueError(
                     f"{path} holds pickled Python objects besides tensors (Diffusion Policy .ckpt files pickle "
                     "their config); loading it runs code from the file. If you trust its origin, pass "
-                    f"trust_pickle=True (CLI: --trust-pickle). Detail: {str(err).splitlines()[0]}"
+                    f"trust_pickle=True (CLI: --trust-pickle). Detail: {_ANSI.sub('', str(err).splitlines()[0])}"
                 ) from None
             logger.warning("loading %s with pickle (trust_pickle=True): only do this for files you trust", path)
             payload = torch.load(path, map_location="cpu", weights_only=False)
@@ -329,3 +331,49 @@ def _dp_state_dict(source: str | os.PathLike | dict, which: str, trust_pickle: b
             raise KeyError(f"{_name(source)} has no state_dicts[{which!r}] or ['model']; it has {sorted(dicts)}")
         return dicts[key]
     return payload.get("state_dict", payload)
+
+
+def convert_diffusion_policy(
+    source: str | os.PathLike,
+    out: str | os.PathLike,
+    trust_pickle: bool = False,
+    which: str = "ema_model",
+    prefix: str = "model.",
+) -> UNet1D:
+    """Write a Diffusion Policy checkpoint's UNet as an mmx UNet1D folder (``config.json`` + safetensors).
+
+    The folder loads with ``UNet1D.from_pretrained(out)``, without pickle, so a ``.ckpt`` has to be
+    trusted once, here, and never again. It is written into a temporary sibling folder, checked by
+    loading it back (the state_dict must equal the converted model's), and renamed into place: ``out``
+    either does not exist afterwards or holds the whole model. An existing non-empty ``out`` is refused.
+
+    Args:
+        source, trust_pickle, which, prefix: as for :meth:`UNet1D.from_diffusion_policy`.
+        out: the new folder.
+
+    Returns:
+        The converted model (loaded from ``out``).
+    """
+    import shutil
+    import tempfile
+
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} already exists and is not an empty folder; choose a new folder for the model")
+    model = UNet1D.from_diffusion_policy(source, prefix=prefix, which=which, trust_pickle=trust_pickle)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        loaded = UNet1D.from_pretrained(tmp)
+        theirs = loaded.state_dict()
+        if any(not torch.equal(v, theirs[k]) for k, v in model.state_dict().items()):
+            raise RuntimeError(f"the UNet1D written to {tmp} does not load back equal to {source}")
+        if out.exists():
+            out.rmdir()  # empty (checked above)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("wrote %s from %s", out, source)
+    return loaded

@@ -213,3 +213,26 @@ def test_from_diffusion_policy_refuses_pickled_objects_unless_trusted(tmp_path):
         UNet1D.from_diffusion_policy(tmp_path / "nope.ckpt")
     with pytest.raises(KeyError, match="no keys start with 'unet.'"):
         UNet1D.from_diffusion_policy(_dp_checkpoint(model, model), prefix="unet.")
+
+
+def test_convert_diffusion_policy_writes_a_folder_that_loads_without_pickle(tmp_path):
+    from mmx.models.unet1d import convert_diffusion_policy
+
+    torch.manual_seed(0)
+    model, ema = UNet1D(**SMALL), UNet1D(**SMALL)
+    ema.load_state_dict(_perturbed_state(ema))
+    path = tmp_path / "latest.ckpt"
+    torch.save(_dp_checkpoint(model, ema), path)
+    out = tmp_path / "converted" / "unet1d"
+    convert_diffusion_policy(path, out)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
+    loaded = UNet1D.from_pretrained(out)
+    x, t, g = torch.randn(2, 8, 2), torch.tensor([3, 70]), torch.randn(2, 10)
+    assert torch.equal(loaded(x, t, global_cond=g), ema(x, t, global_cond=g))
+    with pytest.raises(FileExistsError, match="unet1d already exists"):
+        convert_diffusion_policy(path, out)
+    # a failed conversion leaves no folder and no temporary behind
+    with pytest.raises(KeyError, match="no keys start with 'unet.'"):
+        convert_diffusion_policy(path, tmp_path / "other", prefix="unet.")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["converted", "latest.ckpt"]
+    assert [p.name for p in (tmp_path / "converted").iterdir()] == ["unet1d"]
