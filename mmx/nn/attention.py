@@ -187,6 +187,8 @@ class KVCache:
         self.k: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
         self.kind: str | None = None
+        # Cross-attention: (user mask, its _version, dtype, prepared, SDPA mask, row_has_key), see padding()
+        self._padding: tuple | None = None
 
     def __len__(self) -> int:
         """Number of cached key positions S (0 when empty)."""
@@ -204,6 +206,7 @@ class KVCache:
         """Forget everything (the next call fills the cache again)."""
         self.k = self.v = None
         self.kind = None
+        self._padding = None
 
     def reorder(self, index: torch.Tensor) -> None:
         """Keep batch rows ``index`` (a ``[B']`` long tensor, repeats allowed), e.g. the surviving beams."""
@@ -215,6 +218,7 @@ class KVCache:
         index = index.to(self.k.device)
         self.k = self.k.index_select(0, index)
         self.v = self.v.index_select(0, index)
+        self._padding = None
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Self-attention: add the new positions ``k [B, H, L, Dh]``, ``v [B, H, L, Dv]``; return all of them."""
@@ -232,6 +236,33 @@ class KVCache:
     def store(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Cross-attention: keep the projected context ``k [B, H, S, Dh]``, ``v [B, H, S, Dv]``."""
         self.k, self.v, self.kind = k, v, "cross"
+        self._padding = None
+
+    def padding(
+        self, mask: torch.Tensor, heads: int, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Cross-attention: a ``[B, S]`` key-padding mask of the cached context, prepared once.
+
+        The memory's mask is the same at every decoding step, so its checks, its empty-row fix and
+        the host synchronisation that tells whether it masks anything run on the first step only
+        (again when another mask, or this one modified in place, comes). Returns ``(prepared, sdpa_mask,
+        row_has_key)``: the mask hooks see (:func:`prepare_mask`), the mask for SDPA (None when every
+        key may be read, so the unmasked kernel runs), and the keep-factor of rows without keys
+        (None when every row has one).
+        """
+        cached = self._padding
+        if cached is not None and cached[0] is mask and cached[1] == mask._version and cached[2] == dtype:
+            return cached[3:]
+        assert self.k is not None, "padding() needs the projected context"
+        b, _, s, _ = self.k.shape
+        prepared = prepare_mask(mask, b, heads, 1, s, dtype)  # [B, 1, 1, S]: the same for any L
+        sdpa_mask, row_has_key = _fix_empty_rows(prepared)
+        if bool(row_has_key.all()):  # one host synchronisation per memory, not per step
+            row_has_key = None
+            if prepared.dtype == torch.bool and bool(prepared.all()):
+                sdpa_mask = None
+        self._padding = (mask, mask._version, dtype, prepared, sdpa_mask, row_has_key)
+        return prepared, sdpa_mask, row_has_key
 
 
 class CrossAttention(nn.Module):
@@ -374,10 +405,18 @@ class CrossAttention(nn.Module):
             q, k, v = self._project_cached(x, context, cache)
         b, h, l, _ = q.shape
         s = k.shape[2]
-        mask = prepare_mask(mask, b, h, l, s, q.dtype)
+        cached_padding = (cache is not None and cache.kind == "cross" and not causal and s > 0
+                          and isinstance(mask, torch.Tensor) and mask.ndim == 2)
+        if cached_padding:
+            mask, sdpa_mask, row_has_key = cache.padding(mask, h, q.dtype)
+        else:
+            mask = prepare_mask(mask, b, h, l, s, q.dtype)
         for hook in list(self.hooks.values()):
             hook(self, q, k, mask)
-        out, row_has_key = self._sdpa(q, k, v, mask, causal)  # (B, H, L, Dv)
+        if cached_padding:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask)  # (B, H, L, Dv)
+        else:
+            out, row_has_key = self._sdpa(q, k, v, mask, causal)  # (B, H, L, Dv)
         out = out.transpose(1, 2).reshape(b, l, h * self.value_dim_head)  # (B, L, H*Dv)
         out = self.to_out(out)
         if row_has_key is not None:

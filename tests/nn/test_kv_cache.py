@@ -58,6 +58,32 @@ def test_cross_attention_cache_projects_the_context_once():
     torch.testing.assert_close(attn(x2, ctx, cache=cache), out)  # a context given again is ignored
 
 
+def test_cross_attention_cache_prepares_the_memory_mask_once_and_notices_changes(monkeypatch):
+    import mmx.nn.attention as attention
+
+    torch.manual_seed(0)
+    attn = CrossAttention(16, 12, heads=2, dim_head=8).eval()
+    memory = torch.randn(3, 4, 12)
+    mask = torch.tensor([[1, 1, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)  # row 1 reads nothing
+    prepared = []
+    real = attention.prepare_mask
+    monkeypatch.setattr(attention, "prepare_mask", lambda *a, **k: prepared.append(1) or real(*a, **k))
+    cache = KVCache()
+    for step in range(3):
+        x = torch.randn(3, 1, 16)
+        out = attn(x, memory, mask=mask, cache=cache)
+        torch.testing.assert_close(out, attn(x, memory, mask=mask), atol=1e-6, rtol=0)
+        assert torch.all(out[1] == 0), "a query whose keys are all masked gets no update"
+    n = len(prepared)
+    assert n == 1 + 3, "the cached path prepares the mask once; each uncached call once"
+    mask[1, 0] = True  # changed in place: noticed through the tensor's version counter
+    x = torch.randn(3, 1, 16)
+    torch.testing.assert_close(attn(x, memory, mask=mask, cache=cache), attn(x, memory, mask=mask), atol=1e-6, rtol=0)
+    full = torch.ones(3, 4, dtype=torch.bool)  # another mask object; nothing masked: the unmasked kernel
+    torch.testing.assert_close(attn(x, memory, mask=full, cache=cache), attn(x, memory), atol=1e-6, rtol=0)
+    assert cache._padding[4] is None and cache._padding[5] is None
+
+
 def test_reorder_selects_batch_rows_and_decoding_continues_on_them():
     torch.manual_seed(0)
     attn = CrossAttention(8, heads=2, dim_head=4).eval()
