@@ -746,7 +746,7 @@ def convert(
 @app.command()
 def bench(
     suite: str = typer.Argument(
-        "all", help="attention, unet2d, sample, recorder, unet1d, decoding, scaling, or all (every suite)."),
+        "all", help="attention, unet2d, sample, recorder, unet1d, decoding, options, scaling, or all (every suite)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write every figure and raw measurement here."),
     device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when available)."),
     quick: bool = typer.Option(False, "--quick", help="Tiny sizes, one repeat: a smoke run of seconds, not figures to quote."),
@@ -756,7 +756,8 @@ def bench(
     """Time mmx against its alternatives in one run; each figure is printed as a ratio (below 1: mmx takes less).
 
     The alternatives: diffusers' Attention and UNet2DConditionModel, the tutorial attention, bare
-    SDPA, the recorder off, the upstream UNet1D rebuild, decoding without caches; `scaling` draws
+    SDPA, the recorder off, the upstream UNet1D rebuild, decoding without caches, plain fp32 training
+    (`options`: gradient checkpointing, channels_last, torch.compile, bf16, TF32); `scaling` draws
     step time and peak memory against resolution, context length and horizon. `all` takes about
     5 minutes on 2 idle CPU cores; --quick about 15 s.
     """

@@ -19,7 +19,7 @@ def test_bench_all_quick_writes_every_suite_with_finite_ratios(tmp_path):
     data = json.loads(out.read_text())
     assert data["errors"] == {}
     assert list(data["suites"]) == list(ORDER) == ["attention", "unet2d", "sample", "recorder", "unet1d", "decoding",
-                                                   "scaling"]
+                                                   "options", "scaling"]
     for name, suite in data["suites"].items():
         assert suite["figures"], f"{name} reported no figures"
         for figure in suite["figures"]:
@@ -32,6 +32,16 @@ def test_bench_all_quick_writes_every_suite_with_finite_ratios(tmp_path):
     # The scaling PNGs land next to the JSON; the table names device and versions.
     assert sorted(p.name for p in out.parent.glob("*.png")) == ["scaling_unet1d.png", "scaling_unet2d.png"]
     assert data["suites"]["scaling"]["details"]["unet2d"]["points"][0]["peak_mib"] is not None
+    # options: every option against fp32 (UNet1D has no channels_last); TF32 is a note on the CPU, not a figure.
+    options = data["suites"]["options"]
+    labels = [f["label"] for f in options["figures"]]
+    for option in ("gradient checkpointing step", "gradient checkpointing peak memory", "torch.compile step (steady)",
+                   "torch.compile compile time", "bf16 autocast step"):
+        assert sum(option in label for label in labels) == 2, option
+    assert sum("channels_last" in label for label in labels) == 1
+    assert not any("TF32" in label for label in labels) and "TF32: not applicable on the CPU" in options["notes"][0]
+    assert set(options["details"]["unet2d"]["variants"]) == {"fp32", "gradient checkpointing", "channels_last",
+                                                             "torch.compile", "bf16 autocast"}
     assert "diffusers" in result.output and "ratio" in result.output
 
 

@@ -8,6 +8,8 @@ Suites (registered in :data:`SUITES`, in the order ``all`` runs them):
 * ``recorder``: sampling with the attention recorder on against off, and its memory
 * ``unet1d``: UNet1D against the upstream ConditionalUnet1D rebuild (:mod:`mmx.bench.upstream_unet1d`)
 * ``decoding``: decoding with key/value caches against re-running the prefix
+* ``options``: a training step with each speed option (gradient checkpointing, channels-last, torch.compile,
+  bf16 autocast, TF32 on CUDA) against plain fp32, UNet2D and UNet1D
 * ``scaling``: training-step time and peak memory against resolution, context length and horizon
 
 >>> from mmx.bench import run_suites
@@ -41,6 +43,7 @@ _WHERE = {  # suite name -> (module of mmx.bench, function), in the order `all` 
     "recorder": ("recorder", "suite"),
     "unet1d": ("unet1d", "suite"),
     "decoding": ("decoding", "suite"),
+    "options": ("options", "suite"),
     "scaling": ("scaling", "suite"),
 }
 ORDER = tuple(_WHERE)

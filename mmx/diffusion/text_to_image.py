@@ -90,7 +90,7 @@ class TextToImage(nn.Module):
         ``word_masks`` (per sample, word index -> ``[H, W]`` object mask) enable the grounding
         loss when ``grounding_weight > 0``.
         """
-        unet = unet or self.unet
+        unet = self.unet if unet is None else unet
         ctx = self.encode(captions)
         null = pad_context(self.null_context(), ctx.tokens.shape[1])
         dropped_ctx, dropped = drop_conditions(ctx, null, self.cond_drop_prob, generator, return_dropped=True)
@@ -138,6 +138,6 @@ class TextToImage(nn.Module):
             parts = self.encode(texts)
         null = self.null_context() if guidance_scale != 1.0 or parts is not None else None
         scheduler = sampler_from(self.scheduler, sampler)
-        x = sample(unet or self.unet, scheduler, ctx, self.image_size, num_steps, guidance_scale, null, generator, callback,
+        x = sample(self.unet if unet is None else unet, scheduler, ctx, self.image_size, num_steps, guidance_scale, null, generator, callback,
                    components=parts, component_weights=weights)
         return x.clamp(-1, 1)

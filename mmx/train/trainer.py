@@ -40,7 +40,20 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class TrainConfig:
-    """Optimisation, precision, EMA, checkpointing and logging of a run."""
+    """Optimisation, precision, speed options, EMA, checkpointing and logging of a run.
+
+    Speed options (``mmx bench options`` measures each against plain fp32 training):
+
+    * ``gradient_checkpointing``: the model's residual and attention blocks are recomputed in the
+      backward pass instead of keeping their activations (less memory, more compute); every
+      submodule that supports it (diffusers' ModelMixin, e.g. UNet2D and UNet1D) is switched on.
+    * ``channels_last``: parameters and 4-D image batches in channels-last memory format, for models
+      with 2-D convolutions (nothing changes for the others).
+    * ``compile``: the training forward runs through ``torch.compile`` (the first steps pay the
+      compilation); validation, EMA and the saved weights use the model itself.
+    * ``allow_tf32``: TF32 matmuls and convolutions on CUDA (process-wide; no effect elsewhere).
+    * bf16 autocast is ``mixed_precision: bf16``.
+    """
 
     max_steps: int = 1000
     batch_size: int = 64
@@ -52,6 +65,10 @@ class TrainConfig:
     grad_accum: int = 1
     max_grad_norm: float | None = 1.0
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    gradient_checkpointing: bool = False
+    channels_last: bool = False
+    compile: bool = False
+    allow_tf32: bool = True
     ema: bool = True
     ema_decay: float = 0.9999
     ema_power: float = 0.75
@@ -122,6 +139,52 @@ def _check_config(cfg: TrainConfig) -> None:
     if cfg.checkpoints_total_limit is not None and cfg.checkpoints_total_limit < 1:
         raise ValueError(f"train.checkpoints_total_limit = {cfg.checkpoints_total_limit!r}; expected null (keep all) "
                          "or an integer >= 1")
+    for key in ("gradient_checkpointing", "channels_last", "compile", "allow_tf32"):
+        if not isinstance(getattr(cfg, key), bool):
+            raise ValueError(f"train.{key} = {getattr(cfg, key)!r}; expected true or false")
+
+
+def _speed_options(model: nn.Module, cfg: TrainConfig, device: torch.device) -> None:
+    """Apply ``cfg``'s TF32, gradient checkpointing and channels-last options to ``model`` (before ``prepare``).
+
+    Raises:
+        ValueError: gradient checkpointing was asked for and no submodule of the model supports it.
+    """
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = cfg.allow_tf32
+        torch.backends.cudnn.allow_tf32 = cfg.allow_tf32
+    if cfg.gradient_checkpointing:
+        supported = [m for m in model.modules() if getattr(m, "_supports_gradient_checkpointing", False)
+                     and hasattr(m, "enable_gradient_checkpointing")]
+        if not supported:
+            raise ValueError(f"train.gradient_checkpointing = true, but {type(model).__name__} has no submodule that "
+                             "supports it (diffusers ModelMixin models with _supports_gradient_checkpointing, e.g. "
+                             "mmx's UNet2D and UNet1D)")
+        for module in supported:
+            module.enable_gradient_checkpointing()
+        logger.info("gradient checkpointing on in %s", ", ".join(sorted({type(m).__name__ for m in supported})))
+    if cfg.channels_last:
+        if _has_conv2d(model):
+            model.to(memory_format=torch.channels_last)
+        else:
+            logger.info("train.channels_last: %s has no 2-D convolution; nothing to change", type(model).__name__)
+
+
+def _has_conv2d(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.Conv2d) for m in model.modules())
+
+
+def _channels_last(batch: Any) -> Any:
+    """``batch`` with every floating 4-D tensor (images, masks) in channels-last format; other values as they are."""
+    if isinstance(batch, torch.Tensor):
+        if batch.ndim == 4 and batch.is_floating_point():
+            return batch.contiguous(memory_format=torch.channels_last)
+        return batch
+    if isinstance(batch, dict):
+        return {k: _channels_last(v) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)) and not hasattr(batch, "_fields"):  # namedtuples are left as they are
+        return type(batch)(_channels_last(v) for v in batch)
+    return batch
 
 
 def train(
@@ -185,10 +248,18 @@ def train(
     )
     if len(loader) == 0:
         raise TrainSetupError(f"the data set has {len(dataset)} samples, fewer than one batch of {cfg.batch_size}")
+    try:
+        _speed_options(model, cfg, accelerator.device)
+    except ValueError as err:
+        raise TrainSetupError(str(err)) from err
+    images_channels_last = cfg.channels_last and _has_conv2d(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    # Only the training forward is compiled; checkpoints, EMA, validation and the saved weights keep using
+    # `model`, so no state_dict key gains torch.compile's `_orig_mod.` prefix.
+    forward_model = torch.compile(model) if cfg.compile else model
 
     ema = None
     if cfg.ema:
@@ -222,8 +293,10 @@ def train(
         loader.set_epoch(epoch)
         batches = accelerator.skip_first_batches(loader, skip) if skip else loader
         for batch in batches:
+            if images_channels_last:
+                batch = _channels_last(batch)
             with accelerator.accumulate(model):
-                loss = task.loss(model, batch, generator)
+                loss = task.loss(forward_model, batch, generator)
                 finite = torch.isfinite(loss.detach())
                 bad |= ~finite
                 running += torch.stack([torch.where(finite, loss.detach().float(), 0.0), finite.float()])

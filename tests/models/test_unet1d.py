@@ -236,3 +236,28 @@ def test_convert_diffusion_policy_writes_a_folder_that_loads_without_pickle(tmp_
         convert_diffusion_policy(path, tmp_path / "other", prefix="unet.")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["converted", "latest.ckpt"]
     assert [p.name for p in (tmp_path / "converted").iterdir()] == ["unet1d"]
+
+
+def test_gradient_checkpointing_gives_the_same_outputs_and_gradients():
+    torch.manual_seed(0)
+    plain = UNet1D(**SMALL, **XATTN)
+    plain.load_state_dict(_perturbed_state(plain))
+    checkpointed = UNet1D(**SMALL, **XATTN)
+    checkpointed.load_state_dict(plain.state_dict())
+    checkpointed.enable_gradient_checkpointing()
+    assert checkpointed.is_gradient_checkpointing
+    calls = []
+    checkpointed.mid_modules[0].register_forward_pre_hook(lambda *_: calls.append(1))
+    x, t, ctx = torch.randn(3, 8, 2), torch.tensor([0, 40, 99]), _ctx(pooled=torch.randn(3, 10))
+    results = []
+    for model in (plain, checkpointed):
+        sample = x.clone().requires_grad_(True)
+        out = model(sample, t, ctx)
+        (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+        results.append((out.detach(), sample.grad, {n: p.grad for n, p in model.named_parameters()}))
+    assert len(calls) == 2, "the block runs again in the backward pass"
+    (out_a, dx_a, grads_a), (out_b, dx_b, grads_b) = results
+    torch.testing.assert_close(out_b, out_a, rtol=0, atol=0)
+    torch.testing.assert_close(dx_b, dx_a)
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], msg=name)

@@ -1,5 +1,6 @@
 """The Accelerate training loop on the tiny text-to-image recipe: learning, exact resume, run folders."""
 
+import math
 from pathlib import Path
 
 import pytest
@@ -229,3 +230,86 @@ def test_stop_and_resume_is_bit_identical_with_ema(tmp_path):
         assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), name
     oa, ob = (torch.load(x / "optimizer.bin", weights_only=True)["state"] for x in (a, b))
     assert all(torch.equal(oa[i][k], ob[i][k]) for i in oa for k in oa[i])
+
+
+# --------------------------------------------------------------------------- speed options
+
+
+def _losses_and_images_format(cfg, run_dir):
+    """Train; return the per-step losses, the task, and whether every image batch reached the loss channels-last."""
+    task = TextToImageTask(cfg, run_dir)
+    formats, losses = [], []
+    task_loss = task.loss
+
+    def loss(model, batch, generator):
+        formats.append(batch["image"].is_contiguous(memory_format=torch.channels_last))
+        return task_loss(model, batch, generator)
+
+    task.loss = loss
+    train(task, cfg.train, run_dir, on_step=lambda s, l: losses.append(l.item()))
+    return losses, task, all(formats)
+
+
+def test_gradient_checkpointing_and_channels_last_train_like_the_plain_run_and_save_loadable_weights(tmp_path):
+    common = ("train.max_steps=4", "train.checkpoint_every=4", "train.validate_every=1000")
+    plain, plain_task, plain_format = _losses_and_images_format(_cfg(*common), tmp_path / "plain")
+    cfg = _cfg(*common, "train.gradient_checkpointing=true", "train.channels_last=true")
+    fast, task, fast_format = _losses_and_images_format(cfg, tmp_path / "fast")
+    assert task.model.is_gradient_checkpointing and not plain_task.model.is_gradient_checkpointing
+    assert task.model.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert fast_format and not plain_format
+    assert fast == pytest.approx(plain, rel=2e-3)  # same data, noise and weights: only the float rounding differs
+    loaded_cfg, pipeline = load_run(tmp_path / "fast")
+    assert loaded_cfg.train.gradient_checkpointing and loaded_cfg.train.channels_last
+    saved, reference = pipeline.unet.state_dict(), load_run(tmp_path / "plain")[1].unet.state_dict()
+    assert saved.keys() == reference.keys()
+    images = pipeline.generate(["a red circle on the left"], num_steps=2, generator=torch.Generator().manual_seed(0))
+    assert images.shape == (1, 3, 16, 16) and torch.isfinite(images).all()
+
+
+def _saved_keys(run_dir, step):
+    from safetensors.torch import load_file
+
+    checkpoint = load_file(str(run_dir / "checkpoints" / f"step_{step:07d}" / "model.safetensors"))
+    final = load_file(str(run_dir / "model" / "unet" / "diffusion_pytorch_model.safetensors"))
+    return set(checkpoint), set(final)
+
+
+def test_compiled_training_forward_saves_the_models_own_keys(tmp_path, monkeypatch):
+    """The compile plumbing with dynamo's eager backend (seconds); the inductor run is the slow test below."""
+    import functools
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    cfg = _cfg("train.max_steps=2", "train.checkpoint_every=2", "train.validate_every=2", "train.compile=true")
+    task = TextToImageTask(cfg, tmp_path)
+    result = train(task, cfg.train, tmp_path)
+    assert result.step == 2 and "caption_accuracy" in result.metrics  # validation ran on the model itself
+    checkpoint, final = _saved_keys(tmp_path, 2)
+    assert checkpoint == final == set(task.model.state_dict())
+    load_run(tmp_path)
+
+
+@pytest.mark.slow
+def test_compiled_training_with_inductor_runs_and_saves_keys_without_orig_mod(tmp_path):
+    """torch.compile's default backend (inductor builds C++ on the CPU: about 2 minutes cold, seconds once cached)."""
+    cfg = _cfg("train.max_steps=2", "train.checkpoint_every=2", "train.validate_every=1000", "train.compile=true")
+    losses = []
+    train(TextToImageTask(cfg, tmp_path), cfg.train, tmp_path, on_step=lambda s, l: losses.append(l.item()))
+    assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
+    checkpoint, final = _saved_keys(tmp_path, 2)
+    assert checkpoint == final and not any("_orig_mod" in key for key in checkpoint)
+    load_run(tmp_path)
+
+
+def test_speed_options_are_checked_and_harmless_where_they_do_not_apply(tmp_path):
+    from mmx.train.trainer import TrainSetupError
+
+    with pytest.raises(TrainSetupError, match=r"train.compile = 'yes'; expected true or false"):
+        train(_MLPTask(), _mlp_cfg(compile="yes"), tmp_path / "a")
+    with pytest.raises(TrainSetupError, match="Sequential has no submodule that supports it"):
+        train(_MLPTask(), _mlp_cfg(gradient_checkpointing=True), tmp_path / "b")
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    task = _MLPTask()
+    train(task, _mlp_cfg(max_steps=2, channels_last=True, allow_tf32=not tf32[0]), tmp_path / "c")
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == tf32, "CPU: TF32 untouched"
+    assert all(p.is_contiguous() for p in task.model.parameters()), "no 2-D convolution: nothing to change"
