@@ -101,15 +101,16 @@ def greedy_decode(
     bos, eos, pad = _special_ids(model)
     b, device = memory.batch_size, memory.device
     cache = model.new_cache() if use_cache else None
-    tokens = torch.full((b, 1), bos, dtype=torch.long, device=device)  # (B, 1 + t)
+    tokens = torch.full((b, 1 + max_len), pad, dtype=torch.long, device=device)  # BOS, then one column per step
+    tokens[:, 0] = bos
     finished = torch.zeros(b, dtype=torch.bool, device=device)
     lengths = torch.zeros(b, dtype=torch.long, device=device)
     scores = torch.zeros(b, dtype=torch.float32, device=device)
     for step in range(max_len):
         if cache is not None:
-            logits = model.decode(tokens[:, -1:], memory, cache=cache)[:, -1]  # (B, V)
+            logits = model.decode(tokens[:, step:step + 1], memory, cache=cache)[:, -1]  # (B, V)
         else:
-            logits = model.decode(tokens, memory)[:, -1]
+            logits = model.decode(tokens[:, :step + 1], memory)[:, -1]
         logp = logits.float().log_softmax(dim=-1)
         best_logp, best = logp.max(dim=-1)  # (B,)
         if stop_at_eos:
@@ -120,7 +121,7 @@ def greedy_decode(
         else:
             scores += best_logp
             lengths += 1
-        tokens = torch.cat([tokens, best[:, None]], dim=1)
+        tokens[:, step + 1] = best
         if stop_at_eos and (step + 1) % _CHECK_EVERY == 0 and bool(finished.all()):
             break
     return _finish(tokens[:, 1:], lengths, scores)

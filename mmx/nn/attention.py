@@ -11,7 +11,7 @@ kernels on GPU and CPU); attention probabilities are computed beside it, only wh
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +21,7 @@ from mmx.context import Context, unpack_context
 
 __all__ = [
     "CrossAttention", "MultiHeadAttention", "KVCache", "prepare_mask", "attention_probs", "query_grid", "AttentionHook",
-    "check_input_dtype",
+    "check_input_dtype", "AttentionCapture",
 ]
 
 # A hook sees (module, q [B, H, L, Dh], k [B, H, S, Dh], mask) for every call; see ``CrossAttention.hooks``.
@@ -177,6 +177,10 @@ class KVCache:
 
     The cache learns which of the two it is on its first use (``kind``: ``"self"`` / ``"cross"``).
 
+    Self-attention keys/values live in buffers with room to spare (capacity doubles when full), so
+    a step writes only its new positions instead of copying the whole prefix (``torch.cat``), and
+    ``k`` / ``v`` are views of the filled part.
+
     Attributes:
         k: ``[B, H, S, Dh]`` cached keys, or None while empty.
         v: ``[B, H, S, Dv]`` cached values, or None while empty.
@@ -187,6 +191,7 @@ class KVCache:
         self.k: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
         self.kind: str | None = None
+        self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None  # self-attention: (k, v) with spare room
         # Cross-attention: (user mask, its _version, dtype, prepared, SDPA mask, row_has_key), see padding()
         self._padding: tuple | None = None
 
@@ -207,6 +212,7 @@ class KVCache:
         self.k = self.v = None
         self.kind = None
         self._padding = None
+        self._buffers = None
 
     def reorder(self, index: torch.Tensor) -> None:
         """Keep batch rows ``index`` (a ``[B']`` long tensor, repeats allowed), e.g. the surviving beams."""
@@ -216,9 +222,14 @@ class KVCache:
             got = f"{index.dtype} {tuple(index.shape)}" if isinstance(index, torch.Tensor) else type(index).__name__
             raise TypeError(f"KVCache.reorder needs a 1-D long tensor of batch rows; got {got}")
         index = index.to(self.k.device)
+        self._padding = None
+        if self._buffers is not None:  # keep the spare room: select rows of the whole buffers
+            n = self.k.shape[2]
+            self._buffers = (self._buffers[0].index_select(0, index), self._buffers[1].index_select(0, index))
+            self.k, self.v = self._buffers[0][:, :, :n], self._buffers[1][:, :, :n]
+            return
         self.k = self.k.index_select(0, index)
         self.v = self.v.index_select(0, index)
-        self._padding = None
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Self-attention: add the new positions ``k [B, H, L, Dh]``, ``v [B, H, L, Dv]``; return all of them."""
@@ -228,15 +239,35 @@ class KVCache:
                     f"the KVCache holds {self.k.shape[0]} batch rows but the new keys have {k.shape[0]} "
                     "(reorder the cache when the batch changes, e.g. with beams)"
                 )
-            k = torch.cat([self.k, k], dim=2)
-            v = torch.cat([self.v, v], dim=2)
-        self.k, self.v, self.kind = k, v, "self"
-        return k, v
+        if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
+            # Writing into a buffer that earlier steps' graphs saved would break their backward pass.
+            if self.k is not None and self.v is not None:
+                k, v = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)
+            self.k, self.v, self.kind, self._buffers = k, v, "self", None
+            return k, v
+        n, added = len(self), k.shape[2]
+        buffers = self._buffers
+        fits = (buffers is not None and n + added <= buffers[0].shape[2]
+                and buffers[0].shape[:2] == k.shape[:2] and buffers[0].shape[3] == k.shape[3]
+                and buffers[1].shape[3] == v.shape[3] and buffers[0].dtype == k.dtype and buffers[0].device == k.device)
+        if not fits:  # (re)allocate with room for as many positions again, keeping what is cached
+            capacity = max(2 * (n + added), 16)
+            kb = k.new_empty(k.shape[0], k.shape[1], capacity, k.shape[3])
+            vb = v.new_empty(v.shape[0], v.shape[1], capacity, v.shape[3])
+            if n:
+                kb[:, :, :n] = self.k
+                vb[:, :, :n] = self.v
+            buffers = self._buffers = (kb, vb)
+        buffers[0][:, :, n:n + added] = k
+        buffers[1][:, :, n:n + added] = v
+        self.k, self.v, self.kind = buffers[0][:, :, :n + added], buffers[1][:, :, :n + added], "self"
+        return self.k, self.v
 
     def store(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Cross-attention: keep the projected context ``k [B, H, S, Dh]``, ``v [B, H, S, Dv]``."""
         self.k, self.v, self.kind = k, v, "cross"
         self._padding = None
+        self._buffers = None
 
     def padding(
         self, mask: torch.Tensor, heads: int, dtype: torch.dtype
@@ -531,3 +562,34 @@ class MultiHeadAttention(CrossAttention):
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Self-attention over ``x [B, L, query_dim]``; ``mask`` and ``cache`` as in :meth:`CrossAttention.forward`."""
         return super().forward(x, None, mask=mask, causal=causal, return_attention=return_attention, cache=cache)
+
+
+class AttentionCapture:
+    """Context manager keeping the q/k/mask of every cross-attention call of ``model``, for a loss on the maps.
+
+    The hooks see the same q and k the fused attention used, with their gradients, so a loss on
+    :meth:`mean_probs` (or on ``calls``) trains the projections that made them.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.calls: list[tuple[torch.Tensor, torch.Tensor, Any, float]] = []
+        self._undo: list = []
+
+    def __enter__(self) -> "AttentionCapture":
+        for module in self.model.modules():
+            if isinstance(module, CrossAttention) and module.is_cross:
+                self._undo.append(module.add_hook(lambda m, q, k, mask: self.calls.append((q, k, mask, m.scale))))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for undo in self._undo:
+            undo()
+        self._undo = []
+
+    def mean_probs(self) -> torch.Tensor:
+        """The attention probabilities of the captured calls averaged over heads and calls, ``[B, L, S]``
+        (differentiable; all calls must share L and S, e.g. the cross-attention layers of a decoder)."""
+        if not self.calls:
+            raise RuntimeError("no cross-attention ran inside the AttentionCapture")
+        return torch.stack([attention_probs(q, k, mask, scale=scale).mean(1) for q, k, mask, scale in self.calls]).mean(0)

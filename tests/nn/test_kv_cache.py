@@ -104,6 +104,30 @@ def test_reorder_selects_batch_rows_and_decoding_continues_on_them():
         cache.reorder(torch.tensor([0.0, 1.0]))
 
 
+def test_self_attention_cache_writes_new_positions_into_spare_room_and_keeps_gradients_safe():
+    torch.manual_seed(0)
+    cache = KVCache()
+    ks, vs = torch.randn(2, 3, 40, 4), torch.randn(2, 3, 40, 5)
+    pointers = set()
+    for t in range(40):
+        k, v = cache.append(ks[:, :, t:t + 1], vs[:, :, t:t + 1])
+        assert torch.equal(k, ks[:, :, :t + 1]) and torch.equal(v, vs[:, :, :t + 1])
+        pointers.add(k.data_ptr())
+    assert len(pointers) <= 3, "the prefix is not copied at every step: buffers grow by doubling"
+    cache.reorder(torch.tensor([1, 1]))
+    k, _ = cache.append(ks[:1, :, :1].expand(2, -1, -1, -1), vs[:1, :, :1].expand(2, -1, -1, -1))
+    assert torch.equal(k[:, :, :40], ks[[1, 1]]) and len(cache) == 41
+    # with gradients, earlier steps' graphs hold the keys: nothing is written in place
+    attn = CrossAttention(8, heads=2, dim_head=4)
+    x = torch.randn(2, 5, 8, requires_grad=True)
+    cache = KVCache()
+    out = torch.cat([attn(x[:, i:i + 1], causal=True, cache=cache) for i in range(5)], dim=1)
+    out.sum().backward()
+    full = x.detach().clone().requires_grad_(True)
+    attn(full, causal=True).sum().backward()
+    torch.testing.assert_close(x.grad, full.grad, atol=1e-5, rtol=0)
+
+
 def test_hooks_see_the_full_key_set():
     torch.manual_seed(0)
     attn = CrossAttention(8, heads=2, dim_head=4).eval()
