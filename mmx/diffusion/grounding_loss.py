@@ -7,16 +7,15 @@ Computed from the same q/k the model used (through CrossAttention hooks), with g
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from mmx.context import WordSpan
-from mmx.nn.attention import CrossAttention, attention_probs, query_grid
+from mmx.nn.attention import AttentionCapture, attention_probs, query_grid
 
-__all__ = ["token_targets", "AttentionCapture"]
+__all__ = ["token_targets", "GroundingCapture"]
 
 
 def token_targets(
@@ -35,23 +34,8 @@ def token_targets(
     return targets.to(device), valid.to(device)
 
 
-class AttentionCapture:
-    """Context manager keeping the q/k/mask of every cross-attention call, for a loss on the maps."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-        self.calls: list[tuple[torch.Tensor, torch.Tensor, Any, float]] = []
-        self._undo: list = []
-
-    def __enter__(self) -> "AttentionCapture":
-        for module in self.model.modules():
-            if isinstance(module, CrossAttention) and module.is_cross:
-                self._undo.append(module.add_hook(lambda m, q, k, mask: self.calls.append((q, k, mask, m.scale))))
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for undo in self._undo:
-            undo()
+class GroundingCapture(AttentionCapture):
+    """:class:`~mmx.nn.AttentionCapture` of a UNet's cross-attention calls, with the grounding loss on their maps."""
 
     def grounding_loss(self, targets: torch.Tensor, valid: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
         """Mean over layers of the mean over valid tokens of ``(1 - inside / total)^2``."""
@@ -67,4 +51,26 @@ class AttentionCapture:
             per_token = (1 - inside / total) ** 2  # (B, S)
             v = valid[:, :s].float()
             losses.append((per_token * v).sum() / v.sum().clamp_min(1.0))
+        return torch.stack(losses).mean() if losses else torch.zeros(())
+
+    def coverage_loss(self, targets: torch.Tensor, valid: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
+        """Mean over layers and valid tokens of KL(object mask || the token's map), each normalised over
+        the query positions: the map must cover its whole object, not just lie inside it (a single
+        peak inside the object costs nothing in :meth:`grounding_loss`, but a lot here).
+
+        Args: as for :meth:`grounding_loss` (``targets [B, S, H, W]``, ``valid [B, S]``).
+        """
+        losses = []
+        for q, k, mask, scale in self.calls:
+            probs = attention_probs(q, k, mask, scale=scale).mean(1)  # (B, L, S)
+            b, l, s = probs.shape
+            grid = query_grid(image_size, l)
+            have = probs.transpose(1, 2)  # (B, S, L): each token's map over the query positions
+            want = F.adaptive_avg_pool2d(targets[:, :s], grid).flatten(2)  # (B, S, L)
+            mass = want.sum(-1)
+            v = (valid[:, :s] & (mass > 0)).float()
+            want = want / mass[..., None].clamp_min(1e-12)
+            have = have / have.sum(-1, keepdim=True).clamp_min(1e-12)
+            kl = (want * (want.clamp_min(1e-12).log() - have.clamp_min(1e-8).log())).sum(-1)  # (B, S)
+            losses.append((kl * v).sum() / v.sum().clamp_min(1.0))
         return torch.stack(losses).mean() if losses else torch.zeros(())

@@ -12,7 +12,7 @@ from torch import nn
 
 from mmx.context import Context
 from mmx.encoders.cache import CachedTextEncoder
-from mmx.diffusion.grounding_loss import AttentionCapture, token_targets
+from mmx.diffusion.grounding_loss import GroundingCapture, token_targets
 from mmx.diffusion.loss import diffusion_loss, drop_conditions
 from mmx.diffusion.sampling import StepCallback, pad_context, sample
 from mmx.diffusion.schedulers import sampler_from
@@ -98,7 +98,7 @@ class TextToImage(nn.Module):
             return diffusion_loss(unet, images, dropped_ctx, self.scheduler, self.min_snr_gamma, generator)
         targets, valid = token_targets(ctx.words, word_masks, ctx.tokens.shape[1], tuple(images.shape[-2:]), images.device)
         valid = valid & ~dropped[:, None]
-        with AttentionCapture(unet) as capture:
+        with GroundingCapture(unet) as capture:
             loss = diffusion_loss(unet, images, dropped_ctx, self.scheduler, self.min_snr_gamma, generator)
         return loss + self.grounding_weight * capture.grounding_loss(targets, valid, tuple(images.shape[-2:]))
 

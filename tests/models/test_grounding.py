@@ -72,3 +72,22 @@ def test_unknown_task_lists_the_recipes(tmp_path):
     bad.write_text("task: painting\n")
     with pytest.raises(KeyError, match="grounding, policy, seq2seq, text_to_image"):
         load_recipe(bad)
+
+
+def test_attention_supervision_adds_the_coverage_loss_and_reaches_the_keys(tmp_path):
+    overrides = ["train.batch_size=4", "data.length=8", "model.depth=1", "model.input_size=32"]
+    cfg, task_cls = load_recipe(CONFIG, overrides + ["attention_supervision=1.0"])
+    supervised = task_cls(cfg, tmp_path)
+    plain_cfg, _ = load_recipe(CONFIG, overrides + ["attention_supervision=0.0"])
+    plain = task_cls(plain_cfg, tmp_path)
+    plain.model.load_state_dict(supervised.model.state_dict())
+    data = supervised.train_dataset()
+    batch = supervised.collate([data[i] for i in range(4)])
+    g = torch.Generator().manual_seed(0)
+    loss = supervised.loss(supervised.model, batch, g)
+    assert loss.item() > plain.loss(plain.model, batch, torch.Generator().manual_seed(0)).item()
+    loss.backward()
+    keys = [m.to_k.weight.grad for m in supervised.model.modules() if getattr(m, "is_cross", False)]
+    assert keys and all(k is not None and k.abs().sum() > 0 for k in keys)
+    with pytest.raises(ValueError, match="attention_supervision must be"):
+        task_cls(load_recipe(CONFIG, ["attention_supervision=-0.5"])[0], tmp_path)

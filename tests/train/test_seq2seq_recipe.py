@@ -100,3 +100,47 @@ def test_token_dropout_replaces_decoder_inputs_but_not_labels_or_bos(tmp_path):
     assert 0.35 < dropped[droppable].float().mean() < 0.65
     with pytest.raises(ValueError, match="token_dropout"):
         _task("translation", tmp_path, "token_dropout=1.5")
+
+
+def test_attention_supervision_targets_each_object_word_and_trains_the_cross_attention(tmp_path):
+    from mmx.train.seq2seq import attention_supervision_loss
+
+    task = _task("captioning", tmp_path, "attention_supervision=1.0")
+    data = task.train_dataset()
+    items = [data[i] for i in range(4)]
+    batch = task.collate(items)
+    masks = batch["word_masks"]  # (B, T, H, W): row i is the object named by word i
+    assert masks.shape[:2] == (4, batch["target"].shape[1] - 1)
+    for b, item in enumerate(items):
+        words = item["caption"].split()
+        named = {i for i, w in enumerate(words) if masks[b, i].any()}
+        assert named == set(item["word_masks"]) and all(words[i] not in ("a", "and", "the") for i in named)
+        for i in named:
+            assert torch.equal(masks[b, i], torch.as_tensor(item["word_masks"][i]))
+    # the loss is zero when the attention is the target, positive otherwise
+    side = 4
+    target = torch.nn.functional.adaptive_avg_pool2d(masks.flatten(0, 1).float()[:, None], side).flatten(1)
+    rows = target.sum(-1) > 0
+    exact = torch.full_like(target, 1.0 / side**2)
+    exact[rows] = target[rows] / target[rows].sum(-1, keepdim=True)
+    exact = exact.view(4, -1, side**2)
+    assert attention_supervision_loss(exact, masks).item() == pytest.approx(0.0, abs=1e-5)
+    uniform = torch.full_like(exact, 1.0 / side**2)
+    assert attention_supervision_loss(uniform, masks).item() > 0.1
+    with pytest.raises(ValueError, match="square grid"):
+        attention_supervision_loss(torch.full((4, exact.shape[1], 6), 1 / 6), masks)
+    # through the task: the term adds to the loss and its gradient reaches the cross-attention keys
+    g = torch.Generator().manual_seed(0)
+    plain = Seq2SeqTask(load_config({**task.cfg.__dict__, "attention_supervision": 0.0}, Seq2SeqConfig), tmp_path)
+    plain.model.load_state_dict(task.model.state_dict())
+    task.model.eval(), plain.model.eval()
+    supervised = task.loss(task.model, batch, g)
+    assert supervised.item() > plain.loss(plain.model, batch, torch.Generator().manual_seed(0)).item()
+    supervised.backward()
+    keys = [m.to_k.weight.grad for m in task.model.modules() if getattr(m, "is_cross", False)]
+    assert keys and all(k is not None and k.abs().sum() > 0 for k in keys)
+    assert all(not m.hooks for m in task.model.modules() if getattr(m, "is_cross", False)), "hooks removed"
+    with pytest.raises(ValueError, match="attention_supervision needs object masks"):
+        _task("translation", tmp_path, "attention_supervision=1.0")
+    with pytest.raises(ValueError, match="attention_supervision must be"):
+        _task("captioning", tmp_path, "attention_supervision=-1")
