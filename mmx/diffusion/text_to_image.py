@@ -17,7 +17,9 @@ from mmx.diffusion.loss import diffusion_loss, drop_conditions
 from mmx.diffusion.sampling import StepCallback, pad_context, sample
 from mmx.diffusion.schedulers import sampler_from
 
-__all__ = ["TextToImage"]
+__all__ = ["TextToImage", "GROUNDING_KINDS"]
+
+GROUNDING_KINDS = ("inside", "coverage")
 
 
 class TextToImage(nn.Module):
@@ -37,6 +39,9 @@ class TextToImage(nn.Module):
             :meth:`generate` (e.g. the shapes recipe's ``caption_components``); used when
             ``component_scale > 0``.
         component_scale: weight of each partial description's guidance term.
+        grounding_kind: ``"inside"`` (the attention a word receives should lie inside its object,
+            :meth:`GroundingCapture.grounding_loss`) or ``"coverage"`` (it should cover the whole
+            object, :meth:`GroundingCapture.coverage_loss`).
     """
 
     def __init__(
@@ -51,10 +56,13 @@ class TextToImage(nn.Module):
         grounding_weight: float = 0.0,
         describe_parts: Callable[[str], list[str]] | None = None,
         component_scale: float = 0.0,
+        grounding_kind: str = "inside",
     ) -> None:
         super().__init__()
         if not 0.0 <= cond_drop_prob < 1.0:
             raise ValueError(f"cond_drop_prob must be in [0, 1); got {cond_drop_prob}")
+        if grounding_kind not in GROUNDING_KINDS:
+            raise ValueError(f"grounding_kind must be one of {', '.join(GROUNDING_KINDS)}; got {grounding_kind!r}")
         self.unet = unet
         self.text_encoder = text_encoder
         self.scheduler = scheduler
@@ -62,7 +70,7 @@ class TextToImage(nn.Module):
         self.cond_drop_prob = cond_drop_prob
         self.min_snr_gamma = min_snr_gamma
         self.max_tokens = max_tokens
-        self.grounding_weight = grounding_weight
+        self.grounding_weight, self.grounding_kind = grounding_weight, grounding_kind
         self.describe_parts, self.component_scale = describe_parts, component_scale
         self._texts = CachedTextEncoder(text_encoder, max_tokens)
 
@@ -100,7 +108,8 @@ class TextToImage(nn.Module):
         valid = valid & ~dropped[:, None]
         with GroundingCapture(unet) as capture:
             loss = diffusion_loss(unet, images, dropped_ctx, self.scheduler, self.min_snr_gamma, generator)
-        return loss + self.grounding_weight * capture.grounding_loss(targets, valid, tuple(images.shape[-2:]))
+        term = capture.grounding_loss if self.grounding_kind == "inside" else capture.coverage_loss
+        return loss + self.grounding_weight * term(targets, valid, tuple(images.shape[-2:]))
 
     # -- generation ------------------------------------------------------------------------------
     @torch.no_grad()

@@ -94,6 +94,11 @@ def test_grounding_weight_adds_the_attention_loss(tmp_path):
     task.pipeline.grounding_weight = 1.0
     grounded = task.loss(task.model, batch, torch.Generator().manual_seed(0))
     assert grounded > plain, "object words attend partly outside their objects at initialisation"
+    task.pipeline.grounding_kind = "coverage"
+    covered = task.loss(task.model, batch, torch.Generator().manual_seed(0))
+    assert covered > plain and covered != grounded, "a map spread over the image covers no object well"
+    with pytest.raises(ValueError, match="grounding_kind: 'outside' is not one of 'inside', 'coverage'"):
+        _cfg("diffusion.grounding_kind=outside")
 
 
 # --------------------------------------------------------------------------- non-finite losses, exact resume (MLP)
