@@ -256,7 +256,8 @@ def _load(run: Path):
 
     task = _task_of(run)
     if task != "text_to_image":
-        _fail(f"{run} is a {task} run; this command works on text-to-image runs (`mmx eval` and `mmx attend` take any run)")
+        _fail(f"{run} is a {task} run; this command works on text-to-image runs (`mmx eval` and `mmx attend` take "
+              "any run)")
     try:
         return load_run(run)
     except (FileNotFoundError, ValueError, OSError) as err:
@@ -494,7 +495,8 @@ def attend(
     run: Path = typer.Argument(..., help="A run folder (from `mmx train`)."),
     prompt: Optional[str] = typer.Option(
         None, "--prompt", "-p",
-        help="The caption whose words to map (policy runs: replaces the instruction; translation runs: the sentence)."),
+        help="The caption whose words to map (policy runs: replaces the instruction; translation runs: the sentence; "
+             "grounding runs: the phrase)."),
     image: Optional[Path] = typer.Option(
         None, help="Map attention on this real image (noised) instead of a generated one (captioning runs: the image "
                    "to caption; default: held-out shapes image number --seed)."),
@@ -511,7 +513,9 @@ def attend(
     Policy runs: for the first action chunk of a seeded episode, each action step's attention over
     the observation tokens (per source step and per instruction word) and, for camera images,
     over image regions. Seq2seq runs: for each generated word, the attention over the source
-    words (an alignment matrix) or over the image regions (one overlay per word).
+    words (an alignment matrix) or over the image regions (one overlay per word). Grounding runs:
+    each phrase word's map over the image (--image, or held-out shapes image --seed with its
+    phrase) and the predicted region.
     """
     import json
 
@@ -525,6 +529,9 @@ def attend(
         return
     if _task_of(run) == "seq2seq":
         _attend_seq2seq(run, prompt, image, seed, out)
+        return
+    if _task_of(run) == "grounding":
+        _attend_grounding(run, prompt, image, seed, out)
         return
     if prompt is None:
         _fail("give the caption to map with --prompt")
@@ -654,6 +661,64 @@ def _attend_seq2seq(run: Path, prompt: Optional[str], image: Optional[Path], see
                   + f"\nwrote {grid} and {out / 'words.json'}")
 
 
+def _attend_grounding(run: Path, prompt: Optional[str], image: Optional[Path], seed: int, out: Path) -> None:
+    """GroundingNet: each phrase word's map over the image regions (which region read which word),
+    and the region the model predicts. Without --image: held-out shapes image number --seed."""
+    import json
+
+    import torch
+
+    from mmx.attnmap import AttentionRecorder, WordMap, save_overlay, save_word_grid, word_maps
+    from mmx.context import WordSpan
+    from mmx.data import DATASETS
+    from mmx.eval import word_ious
+    from mmx.train.grounding import PhraseData, load_grounding_run
+
+    try:
+        cfg, model, encoder = load_grounding_run(run)
+    except (FileNotFoundError, ValueError, OSError) as err:
+        _fail(str(err))
+    data = PhraseData(DATASETS.build_from_dict(dict(cfg.eval.data)), seed=1)
+    item = None
+    if image is not None:
+        if prompt is None:
+            _fail("give the phrase to ground in --image with --prompt, e.g. -p \"the red circle\"")
+        try:
+            picture = _image_tensor(image, tuple(data[0]["image"].shape[-2:]))
+        except (ValueError, OSError) as err:
+            _fail(str(err))
+    else:
+        item = data[seed % len(data)]
+        picture = item["image"]
+        prompt = item["phrase"] if prompt is None else prompt
+    if not prompt.split():
+        _fail(f"--prompt {prompt!r} has no words: give the phrase to ground")
+    size = tuple(picture.shape[-2:])
+    grid = size if model.config.input_size is None else (model.config.input_size,) * 2
+    ctx = encoder([prompt])
+    with torch.no_grad(), AttentionRecorder(model, grid) as recorder:
+        logits = model(picture[None], ctx)
+    maps = word_maps(recorder.maps(), ctx.words, image_size=size)[0]
+    scores = {}
+    if item is not None and prompt == item["phrase"]:  # the data set knows the named object's mask
+        scores = word_ious(maps, item["word_masks"], cfg.eval.threshold)
+    _make_dir(out)
+    region = WordMap("predicted region", -1, WordSpan("predicted region", 0, 0), logits[0, 0].sigmoid())
+    save_overlay(picture, region, out / "region.png")
+    for m in maps:
+        save_overlay(picture, m, out / f"word_{m.index:02d}_{_file_label(m.word)}.png")
+    picture_path = save_word_grid(picture, maps, prompt, out / "grid.png", scores=scores)
+    stats = [{"word": m.word, "index": m.index, "peak": [int(v) for v in divmod(int(m.map.argmax()), size[1])],
+              "iou": None if m.index not in scores else round(scores[m.index], 3)} for m in maps]
+    (out / "words.json").write_text(json.dumps({
+        "prompt": prompt, "image": str(image) if image else f"held-out #{seed % len(data)}",
+        "predicted_region_share": round(float((logits[0, 0] > 0).float().mean()), 4), "words": stats}, indent=1))
+    if scores:
+        names = {m.index: m.word for m in maps}
+        console.print("object words' attention IoU: " + ", ".join(f"{names[i]} {v:.2f}" for i, v in scores.items()))
+    console.print(f"{prompt}: wrote {len(maps)} word overlays, {picture_path}, {out / 'region.png'} and {out / 'words.json'}")
+
+
 def _attend_policy(run: Path, prompt: Optional[str], seed: int, out: Path, steps: Optional[int]) -> None:
     import json
 
@@ -759,7 +824,7 @@ def bench(
     SDPA, the recorder off, the upstream UNet1D rebuild, decoding without caches, plain fp32 training
     (`options`: gradient checkpointing, channels_last, torch.compile, bf16, TF32); `scaling` draws
     step time and peak memory against resolution, context length and horizon. `all` takes about
-    5 minutes on 2 idle CPU cores; --quick about 15 s.
+    10 minutes on 2 idle CPU cores (half of it the two cold compilations of `options`); --quick about 30 s.
     """
     import time
 

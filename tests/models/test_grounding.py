@@ -65,6 +65,13 @@ def test_grounding_recipe_trains_and_validates(tmp_path):
     out = CliRunner().invoke(app, ["eval", str(tmp_path), "--num", "4"])
     assert out.exit_code == 0, out.output
     assert "predicted-mask IoU" in out.output and "attention mIoU" in out.output
+    att = CliRunner().invoke(app, ["attend", str(tmp_path), "--seed", "2", "--out", str(tmp_path / "att")])
+    assert att.exit_code == 0, att.output
+    words = __import__("json").loads((tmp_path / "att" / "words.json").read_text())
+    assert [w["word"] for w in words["words"]] == words["prompt"].split()
+    assert (tmp_path / "att" / "grid.png").is_file() and (tmp_path / "att" / "region.png").is_file()
+    blank = CliRunner().invoke(app, ["attend", str(tmp_path), "-p", " ", "--out", str(tmp_path / "att2")])
+    assert blank.exit_code == 2 and "has no words" in blank.output
 
 
 def test_unknown_task_lists_the_recipes(tmp_path):
