@@ -178,14 +178,20 @@ def _dp_checkpoint(model: UNet1D, ema: UNet1D) -> dict:
     return {"state_dicts": {"model": policy_state(model), "ema_model": policy_state(ema)}}
 
 
-def test_from_diffusion_policy_reads_the_config_from_shapes_and_loads_the_ema_weights(tmp_path):
-    from mmx.models.unet1d import infer_diffusion_policy_config
-
+def _saved_dp_checkpoint(tmp_path):
+    """``(model, ema, path)``: a workspace checkpoint on disk whose EMA weights differ from the model's."""
     torch.manual_seed(0)
     model, ema = UNet1D(**SMALL), UNet1D(**SMALL)
     ema.load_state_dict(_perturbed_state(ema))
     path = tmp_path / "latest.ckpt"
     torch.save(_dp_checkpoint(model, ema), path)
+    return model, ema, path
+
+
+def test_from_diffusion_policy_reads_the_config_from_shapes_and_loads_the_ema_weights(tmp_path):
+    from mmx.models.unet1d import infer_diffusion_policy_config
+
+    model, ema, path = _saved_dp_checkpoint(tmp_path)
     loaded = UNet1D.from_diffusion_policy(path)
     assert {k: loaded.config[k] for k in SMALL} == {**SMALL, "down_dims": tuple(loaded.config["down_dims"])}
     assert tuple(loaded.config["down_dims"]) == (32, 64)
@@ -218,11 +224,7 @@ def test_from_diffusion_policy_refuses_pickled_objects_unless_trusted(tmp_path):
 def test_convert_diffusion_policy_writes_a_folder_that_loads_without_pickle(tmp_path):
     from mmx.models.unet1d import convert_diffusion_policy
 
-    torch.manual_seed(0)
-    model, ema = UNet1D(**SMALL), UNet1D(**SMALL)
-    ema.load_state_dict(_perturbed_state(ema))
-    path = tmp_path / "latest.ckpt"
-    torch.save(_dp_checkpoint(model, ema), path)
+    model, ema, path = _saved_dp_checkpoint(tmp_path)
     out = tmp_path / "converted" / "unet1d"
     convert_diffusion_policy(path, out)
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
