@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from mmx.context import WordSpan
-from mmx.nn.attention import AttentionCapture, attention_probs, query_grid
+from mmx.nn.attention import AttentionCapture, attention_probs, mask_kl, query_grid
 
 __all__ = ["token_targets", "GroundingCapture"]
 
@@ -63,14 +63,7 @@ class GroundingCapture(AttentionCapture):
         losses = []
         for q, k, mask, scale in self.calls:
             probs = attention_probs(q, k, mask, scale=scale).mean(1)  # (B, L, S)
-            b, l, s = probs.shape
-            grid = query_grid(image_size, l)
-            have = probs.transpose(1, 2)  # (B, S, L): each token's map over the query positions
-            want = F.adaptive_avg_pool2d(targets[:, :s], grid).flatten(2)  # (B, S, L)
-            mass = want.sum(-1)
-            v = (valid[:, :s] & (mass > 0)).float()
-            want = want / mass[..., None].clamp_min(1e-12)
-            have = have / have.sum(-1, keepdim=True).clamp_min(1e-12)
-            kl = (want * (want.clamp_min(1e-12).log() - have.clamp_min(1e-8).log())).sum(-1)  # (B, S)
-            losses.append((kl * v).sum() / v.sum().clamp_min(1.0))
+            s = probs.shape[2]
+            grid = query_grid(image_size, probs.shape[1])
+            losses.append(mask_kl(probs.transpose(1, 2), targets[:, :s], grid, valid[:, :s]))  # each token's map
         return torch.stack(losses).mean() if losses else torch.zeros(())

@@ -1,6 +1,6 @@
 """Attention math and conditioning blocks: pure ``nn.Module``s, no noise, no I/O."""
 
-from mmx.nn.attention import AttentionCapture, CrossAttention, KVCache, MultiHeadAttention, attention_probs, prepare_mask
+from mmx.nn.attention import AttentionCapture, CrossAttention, mask_kl, KVCache, MultiHeadAttention, attention_probs, prepare_mask
 from mmx.nn.conditioning import FiLM, ResBlock1D, ResBlock2D, Conv1dBlock, SinusoidalEmbedding, timestep_embedding
 from mmx.nn.transformer import (
     BlockCache, FeedForward, GEGLU, SpatialTransformer, TemporalTransformer, TransformerBlock, group_norm,
@@ -11,6 +11,7 @@ from mmx.nn.seq2seq import (
 
 __all__ = [
     "AttentionCapture",
+    "mask_kl",
     "CrossAttention",
     "MultiHeadAttention",
     "KVCache",

@@ -21,7 +21,7 @@ from mmx.context import Context, unpack_context
 
 __all__ = [
     "CrossAttention", "MultiHeadAttention", "KVCache", "prepare_mask", "attention_probs", "query_grid", "AttentionHook",
-    "check_input_dtype", "AttentionCapture",
+    "check_input_dtype", "AttentionCapture", "mask_kl",
 ]
 
 # A hook sees (module, q [B, H, L, Dh], k [B, H, S, Dh], mask) for every call; see ``CrossAttention.hooks``.
@@ -593,3 +593,26 @@ class AttentionCapture:
         if not self.calls:
             raise RuntimeError("no cross-attention ran inside the AttentionCapture")
         return torch.stack([attention_probs(q, k, mask, scale=scale).mean(1) for q, k, mask, scale in self.calls]).mean(0)
+
+
+def mask_kl(maps: torch.Tensor, masks: torch.Tensor, grid: tuple[int, int], valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over rows of KL(mask || map): how far each attention map is from covering its mask evenly.
+
+    Args:
+        maps: ``[B, R, h*w]`` non-negative maps over the positions of an ``h x w`` grid (each row is
+            normalised to sum 1 here), e.g. a word's attention over image regions.
+        masks: ``[B, R, H, W]`` the region each row should cover, at any resolution; area-pooled to
+            ``grid`` and normalised, so a position counts by how much of it the mask covers.
+        grid: ``(h, w)``.
+        valid: ``[B, R]`` bool, the rows to count (default all); rows with an empty mask never count.
+
+    Zero when every map is its mask; no host synchronisation (0 when no row counts).
+    """
+    want = F.adaptive_avg_pool2d(masks.float(), grid).flatten(2)  # (B, R, h*w)
+    mass = want.sum(-1)
+    rows = mass > 0 if valid is None else valid & (mass > 0)
+    want = want / mass[..., None].clamp_min(1e-12)
+    have = maps.float() / maps.float().sum(-1, keepdim=True).clamp_min(1e-12)
+    kl = (want * (want.clamp_min(1e-12).log() - have.clamp_min(1e-8).log())).sum(-1)  # (B, R)
+    rows = rows.float()
+    return (kl * rows).sum() / rows.sum().clamp_min(1.0)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmx.config import save_config
-from mmx.nn import AttentionCapture
+from mmx.nn import AttentionCapture, mask_kl
 from mmx.train.trainer import TrainConfig
 
 __all__ = ["Seq2SeqConfig", "Seq2SeqEvalConfig", "Seq2SeqTask", "load_seq2seq_run", "build_tokenizers"]
@@ -231,14 +231,7 @@ def attention_supervision_loss(attention: torch.Tensor, word_masks: torch.Tensor
         raise ValueError(f"attention supervision needs a square grid of regions; got {s} regions")
     if word_masks.shape[:2] != (b, t):
         raise ValueError(f"word masks {tuple(word_masks.shape)} do not match attention {tuple(attention.shape)}")
-    target = F.adaptive_avg_pool2d(word_masks.flatten(0, 1).float()[:, None], side).flatten(1)  # (B*T, S)
-    mass = target.sum(-1)
-    rows = mass > 0
-    if not bool(rows.any()):
-        return attention.sum() * 0.0
-    target = target[rows] / mass[rows, None]
-    log_attention = attention.flatten(0, 1)[rows].float().clamp_min(1e-8).log()
-    return F.kl_div(log_attention, target, reduction="batchmean")
+    return mask_kl(attention, word_masks, (side, side))
 
 
 def load_seq2seq_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[Seq2SeqConfig, Seq2SeqTask]:
