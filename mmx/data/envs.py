@@ -24,7 +24,7 @@ from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
-from mmx.data.shapes import COLOURS, POSITIONS, SHAPES, ShapeSpec, render as render_shapes
+from mmx.data.shapes import COLOURS, POSITIONS, SHAPES, ShapeSpec, object_masks, render as render_shapes
 from mmx.registry import UnknownNameError
 
 __all__ = [
@@ -368,6 +368,7 @@ class TargetsEnv(_Sim):
         template = INSTRUCTION_TEMPLATES[int(rng.integers(len(INSTRUCTION_TEMPLATES)))]
         self.instruction = f"{template} {kinds[named][0]} {kinds[named][1]}"
         self._scene = render_shapes(self.targets, self.image_size)
+        self._target_mask = object_masks([self.targets[self.target]], self.image_size)[0]
         lo, hi = self.START_MARGIN, 1 - self.START_MARGIN
         while True:  # rejection sampling; well over half the square qualifies
             start = rng.uniform(lo, hi, size=2)
@@ -375,6 +376,16 @@ class TargetsEnv(_Sim):
                 break
         self._start(start)
         return self._observation()
+
+    def target_mask(self) -> np.ndarray:
+        """bool [H, W]: the named target's pixels in the observation image (where a policy should look)."""
+        if not self.targets:
+            raise RuntimeError(f"{type(self).__name__}: call reset(seed) first")
+        return self._target_mask.copy()
+
+    def annotations(self) -> dict[str, np.ndarray]:
+        """Per-step training labels beside the observation: ``target_mask`` (see :meth:`target_mask`)."""
+        return {"target_mask": self.target_mask()}
 
     def _observation(self) -> Observation:
         image = self._scene.copy()
@@ -444,7 +455,9 @@ def collect_demos(
 
     Each observation key is stacked over the T steps ("state" [T, D] float32, "image" [T, H, W, 3]
     uint8, "instruction" [T] unicode) beside "action" [T, 2] float32, the expert's action for that
-    observation. Episode ``i`` is ``reset((seed, i))``. With ``noise`` > 0 the executed action is the
+    observation. An env with an ``annotations()`` method adds its per-step labels too (TargetsEnv:
+    "target_mask" [T, H, W] bool, the named target's pixels), which are never observations but
+    may supervise training (e.g. a policy's ``attention_supervision``). Episode ``i`` is ``reset((seed, i))``. With ``noise`` > 0 the executed action is the
     expert's plus Gaussian noise of that standard deviation (per coordinate, from ``(seed, i, 1)``)
     while the recorded action stays the expert's, so the data show how to recover from drift.
     Failed episodes are dropped and counted in a warning.
@@ -463,15 +476,19 @@ def collect_demos(
     for i in episodes:
         noise_rng = np.random.default_rng([seed, i, 1])
         obs = env.reset((seed, i))
-        steps: dict[str, list[Any]] = {key: [] for key in (*obs, "action")}
+        annotate = getattr(env, "annotations", None)
+        labels = annotate() if annotate is not None else {}
+        steps: dict[str, list[Any]] = {key: [] for key in (*obs, *labels, "action")}
         done, info = False, {"success": False}
         while not done:
             action = env.expert()
-            for key, value in obs.items():
+            for key, value in {**obs, **labels}.items():
                 steps[key].append(value)
             steps["action"].append(action)
             executed = action + noise * noise_rng.standard_normal(action.shape) if noise else action
             obs, done, info = env.step(executed)
+            if annotate is not None and not done:
+                labels = annotate()
         if info["success"]:
             demo = {key: _stack(values) for key, values in steps.items()}
             demo["action"] = demo["action"].astype(np.float32)

@@ -21,6 +21,7 @@ from mmx.context import Context
 from mmx.diffusion.loss import diffusion_loss
 from mmx.diffusion.sampling import sample
 from mmx.diffusion.schedulers import sampler_from
+from mmx.nn.attention import AttentionCapture, attention_probs, mask_kl
 
 __all__ = ["LinearNormalizer", "DiffusionPolicy"]
 
@@ -103,6 +104,12 @@ class DiffusionPolicy(nn.Module):
         lowdim_keys: observation keys normalised by ``normalizer``; image keys (``image_keys``) are
             scaled from uint8 [0, 255] to [0, 1]; other keys (text) pass through.
         sampler, num_inference_steps: the few-step sampler (DDIM, 16 steps by default).
+        attention_supervision: weight of a training-only loss on where the action chunk looks: the
+            KL divergence from ``batch[attention_mask_key]`` (``[B, To, H, W]`` masks, e.g. the named
+            target's pixels) to the action steps' cross-attention over each frame's image regions
+            (mean over heads, steps and layers), as :func:`mmx.nn.mask_kl`. 0: off.
+        attention_mask_key: the batch key of those masks (never an observation).
+        attention_image_key: the image observation the masks are drawn on (None: the only one).
     """
 
     def __init__(
@@ -119,8 +126,22 @@ class DiffusionPolicy(nn.Module):
         image_keys: tuple[str, ...] = (),
         sampler: str = "ddim",
         num_inference_steps: int = 16,
+        attention_supervision: float = 0.0,
+        attention_mask_key: str = "target_mask",
+        attention_image_key: str | None = None,
     ) -> None:
         super().__init__()
+        if not attention_supervision >= 0.0:
+            raise ValueError(f"attention_supervision must be a weight >= 0; got {attention_supervision}")
+        if attention_supervision > 0:
+            if attention_image_key is None and len(image_keys) != 1:
+                raise ValueError(
+                    "attention_supervision needs the image the masks are drawn on: set attention_image_key to one of "
+                    f"the image observations {list(image_keys)}"
+                )
+            if attention_image_key is not None and attention_image_key not in image_keys:
+                raise ValueError(f"attention_image_key {attention_image_key!r} is not an image observation; "
+                                 f"images: {list(image_keys)}")
         if not 1 <= n_obs_steps <= horizon:
             raise ValueError(f"n_obs_steps={n_obs_steps} must be in [1, horizon={horizon}]")
         if not 1 <= n_action_steps <= horizon - n_obs_steps + 1:
@@ -132,6 +153,8 @@ class DiffusionPolicy(nn.Module):
         self.horizon, self.n_obs_steps, self.n_action_steps, self.action_dim = horizon, n_obs_steps, n_action_steps, action_dim
         self.lowdim_keys, self.image_keys = tuple(lowdim_keys), tuple(image_keys)
         self.sampler, self.num_inference_steps = sampler, num_inference_steps
+        self.attention_supervision, self.attention_mask_key = attention_supervision, attention_mask_key
+        self.attention_image_key = attention_image_key or (image_keys[0] if image_keys else None)
 
     @property
     def device(self) -> torch.device:
@@ -164,9 +187,32 @@ class DiffusionPolicy(nn.Module):
         actions = torch.as_tensor(batch["action"], device=self.device).float()
         if actions.ndim != 3 or actions.shape[1:] != (self.horizon, self.action_dim):
             raise ValueError(f"batch['action'] must be [B, horizon={self.horizon}, {self.action_dim}]; got {tuple(actions.shape)}")
-        context = self.encode({k: v for k, v in batch.items() if k != "action"})
+        obs = {k: v for k, v in batch.items() if k not in ("action", self.attention_mask_key)}
         naction = self.normalizer.normalize("action", actions)
-        return diffusion_loss(self.unet, naction, context, self.scheduler, min_snr_gamma, generator)
+        if not self.attention_supervision > 0:
+            return diffusion_loss(self.unet, naction, self.encode(obs), self.scheduler, min_snr_gamma, generator)
+        if self.attention_mask_key not in batch:
+            raise KeyError(f"attention_supervision needs batch[{self.attention_mask_key!r}] ([B, To, H, W] masks); "
+                           f"batch keys: {sorted(batch)}")
+        context, segments = self.obs_encoder.encode(self.prepare_obs(obs))
+        with AttentionCapture(self.unet) as capture:
+            loss = diffusion_loss(self.unet, naction, context, self.scheduler, min_snr_gamma, generator)
+        masks = torch.as_tensor(batch[self.attention_mask_key], device=self.device)
+        return loss + self.attention_supervision * self._attention_loss(capture, segments, masks)
+
+    def _attention_loss(self, capture: AttentionCapture, segments: list, masks: torch.Tensor) -> torch.Tensor:
+        """KL(mask || the chunk's attention over each frame's regions); see ``attention_supervision``."""
+        segment = next((s for s in segments if s.name == self.attention_image_key), None)
+        if segment is None:
+            raise ValueError(f"attention_supervision: the encoder gives no tokens for image {self.attention_image_key!r}")
+        steps, h, w = segment.grid
+        if masks.ndim != 4 or masks.shape[:2] != (len(masks), steps):
+            raise ValueError(f"batch[{self.attention_mask_key!r}] must be [B, To={steps}, H, W] masks; got {tuple(masks.shape)}")
+        maps = torch.stack([
+            attention_probs(q, k, mask, scale=scale).mean((1, 2))[:, segment.start : segment.end]  # (B, To*h*w)
+            for q, k, mask, scale in capture.calls
+        ]).mean(0)
+        return mask_kl(maps.view(-1, steps, h * w), masks, (h, w))
 
     def forward(self, batch: Mapping[str, Any], generator: torch.Generator | None = None) -> torch.Tensor:
         """The training loss (so wrappers such as DistributedDataParallel see the call): see :meth:`loss`."""

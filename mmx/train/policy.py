@@ -102,6 +102,16 @@ class PolicyConfig:
     diffusion: PolicyDiffusionConfig = field(default_factory=PolicyDiffusionConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-4, weight_decay=1e-6, warmup_steps=100))
     eval: PolicyEvalConfig = field(default_factory=PolicyEvalConfig)
+    # Training-only loss on where the action chunk looks (see DiffusionPolicy): the weight, the data key
+    # of the [T, H, W] masks (the targets simulator records "target_mask") and the image they are drawn on.
+    attention_supervision: float = 0.0
+    attention_mask_key: str = "target_mask"
+    attention_image_key: str | None = None
+
+
+def _data_keys(cfg: PolicyConfig) -> list[str]:
+    """The observation keys, then the attention masks when they supervise training."""
+    return [*cfg.obs, cfg.attention_mask_key] if cfg.attention_supervision > 0 else list(cfg.obs)
 
 
 def load_buffer(cfg: PolicyConfig):
@@ -111,8 +121,7 @@ def load_buffer(cfg: PolicyConfig):
 
     d = cfg.data
     if d.path is not None:
-        keys = [*cfg.obs, d.action_key]
-        return ReplayBuffer.load(d.path, keys=keys)
+        return ReplayBuffer.load(d.path, keys=[*_data_keys(cfg), d.action_key])
     if d.env is None:
         raise ValueError("data.path and data.env are both empty: give a zarr replay buffer or a simulator to demonstrate")
     logger.info("collecting %d scripted demonstrations of %r (seed %d)", d.episodes, d.env, d.seed)
@@ -128,6 +137,9 @@ def _complete(cfg: PolicyConfig, buffer: Any) -> None:
     if action.ndim != 2:
         raise ValueError(f"data[{d.action_key!r}] must be [steps, action_dim]; got shape {action.shape}")
     cfg.action_dim = int(action.shape[1])
+    if cfg.attention_supervision > 0 and cfg.attention_mask_key not in buffer.keys():
+        raise KeyError(f"attention_supervision needs masks under attention_mask_key {cfg.attention_mask_key!r}, which the "
+                       f"data lack; keys: {sorted(buffer.keys())}")
     for key, spec in cfg.obs.items():
         if key not in buffer.keys():
             raise KeyError(f"observation key {key!r} is not in the data; keys: {sorted(buffer.keys())}")
@@ -154,6 +166,9 @@ def build_policy(cfg: PolicyConfig, buffer: Any | None = None):
         raise ValueError("action_dim is unknown: build the policy from data, or from a saved run's config.yaml")
     film = m.conditioning in ("film", "both")
     attend = m.conditioning in ("cross_attention", "both")
+    if cfg.attention_supervision > 0 and not attend:
+        raise ValueError(f"attention_supervision={cfg.attention_supervision} supervises cross-attention, which "
+                         f"model.conditioning={m.conditioning!r} does not have; use cross_attention or both")
     encoder = ObservationEncoder(cfg.obs, dim=m.dim, n_obs_steps=cfg.n_obs_steps, tokens=attend,
                                  fusion_layers=m.fusion_layers, fusion_heads=m.heads)
     unet = UNet1D(
@@ -179,7 +194,8 @@ def build_policy(cfg: PolicyConfig, buffer: Any | None = None):
     scheduler = make_scheduler("ddpm", num_train_timesteps=d.num_train_timesteps, beta_schedule=d.beta_schedule,
                                prediction_type=d.prediction_type, clip_sample=True)
     return DiffusionPolicy(encoder, unet, normalizer, scheduler, cfg.horizon, cfg.n_obs_steps, cfg.n_action_steps,
-                           cfg.action_dim, lowdim, images, d.sampler, d.sample_steps)
+                           cfg.action_dim, lowdim, images, d.sampler, d.sample_steps, cfg.attention_supervision,
+                           cfg.attention_mask_key, cfg.attention_image_key)
 
 
 class _Sequences(torch.utils.data.Dataset):
@@ -189,7 +205,7 @@ class _Sequences(torch.utils.data.Dataset):
         from mmx.data.trajectory import TrajectoryDataset
 
         self.action_key = cfg.data.action_key
-        obs = list(cfg.obs)
+        obs = _data_keys(cfg)
         self.data = TrajectoryDataset(
             buffer, cfg.horizon, pad_before=cfg.n_obs_steps - 1, pad_after=cfg.n_action_steps - 1,
             keys=[*obs, self.action_key], key_first_k={k: cfg.n_obs_steps for k in obs},

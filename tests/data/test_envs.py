@@ -166,6 +166,21 @@ def test_targets_image_shows_agent_dot_and_three_targets():
     assert frame.shape == (96, 96, 3) and frame.dtype == np.uint8
 
 
+def test_targets_mask_covers_the_named_target_only():
+    env = TargetsEnv()
+    for seed in range(20):
+        obs = env.reset(seed)
+        mask = env.target_mask()
+        named = env.targets[env.target]
+        assert mask.shape == (32, 32) and 20 <= mask.sum() <= 64  # one 8x8-pixel shape
+        pixels = obs["image"][mask]
+        assert ((pixels == COLOURS[named.colour]).all(-1) | (pixels == 255).all(-1)).all()  # its colour (or the agent dot)
+        others = [t for k, t in enumerate(env.targets) if k != env.target]
+        col, row = (np.array(named.centre) * 32).astype(int)
+        assert mask[row, col] and not any(mask[int(t.centre[1] * 32), int(t.centre[0] * 32)] for t in others)
+        assert env.annotations()["target_mask"].tolist() == mask.tolist()
+
+
 def matches(targets, colour=None, shape=None):
     return [k for k, t in enumerate(targets) if colour in (None, t.colour) and shape in (None, t.shape)]
 
@@ -210,8 +225,9 @@ def test_collect_demos_shapes_dtypes_and_determinism():
     assert len(targets) == 3
     for demo in targets:
         T = len(demo["action"])
-        assert set(demo) == {"image", "state", "instruction", "action"}
+        assert set(demo) == {"image", "state", "instruction", "target_mask", "action"}
         assert demo["image"].shape == (T, 32, 32, 3) and demo["image"].dtype == np.uint8
+        assert demo["target_mask"].shape == (T, 32, 32) and demo["target_mask"].dtype == bool
         assert demo["state"].shape == (T, 2) and demo["state"].dtype == np.float32
         assert demo["instruction"].shape == (T,) and demo["instruction"].dtype.kind == "U"
         assert len(set(demo["instruction"])) == 1

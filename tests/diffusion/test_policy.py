@@ -176,3 +176,72 @@ def test_fusion_lets_observation_tokens_read_the_instruction_and_ignores_padding
     c = {"state": state, "instruction": ["go to the blue square", "x " * 20]}
     n = fused(a).tokens.shape[1]
     assert torch.allclose(fused(a).tokens[0], fused(c).tokens[0, :n], atol=1e-5)
+
+
+def _image_policy(weight):
+    torch.manual_seed(0)
+    spec = {"state": {"kind": "lowdim", "in_dim": 2}, "image": {"kind": "rgb", "stage": "layer1", "keypoints": 4}}
+    enc = ObservationEncoder(spec, dim=16, n_obs_steps=2)
+    unet = UNet1D(input_dim=2, diffusion_step_embed_dim=16, down_dims=(16, 32), kernel_size=3, context_dim=16,
+                  heads=2, dim_head=8)
+    sched = make_scheduler("ddpm", num_train_timesteps=50, beta_schedule="squaredcos_cap_v2", clip_sample=True)
+    return DiffusionPolicy(enc, unet, LinearNormalizer({"action": 2, "state": 2}), sched, 8, 2, 4, 2,
+                           lowdim_keys=("state",), image_keys=("image",), num_inference_steps=4,
+                           attention_supervision=weight)
+
+
+def _masked_batch(b=8):
+    g = torch.Generator().manual_seed(0)
+    masks = torch.zeros(b, 2, 32, 32, dtype=torch.bool)
+    for i in range(b):  # an 8x8-pixel square somewhere on a 4-pixel grid: two by two 8x8-grid regions
+        r, c = (torch.randint(0, 7, (2,), generator=g) * 4).tolist()
+        masks[i, :, r : r + 8, c : c + 8] = True
+    batch = {"state": torch.randn(b, 2, 2, generator=g), "image": torch.rand(b, 2, 3, 32, 32, generator=g),
+             "action": torch.rand(b, 8, 2, generator=g) * 2 - 1, "target_mask": masks}
+    return batch, masks
+
+
+def _mass_on_mask(policy, batch, masks):
+    """Share of the chunk's attention over the last frame's 8x8 image regions that lies on the mask (recorder path)."""
+    from mmx.attnmap import attend_policy
+
+    obs = {k: v for k, v in batch.items() if k in ("state", "image")}
+    _, att = attend_policy(policy.eval(), obs, torch.Generator().manual_seed(0))
+    image = next(s for s in att.segments if s.name == "image")
+    regions = att.weights[:, :, image.start + 64 : image.end].mean(1)  # (B, 64): the current frame
+    on = torch.nn.functional.adaptive_avg_pool2d(masks[:, -1].float(), (8, 8)).flatten(1) > 0
+    return ((regions * on).sum(-1) / regions.sum(-1)).mean().item()
+
+
+def test_attention_supervision_moves_the_chunks_attention_onto_the_mask():
+    """A few steps on the supervised loss put most of the action steps' image attention on the masked regions."""
+    policy = _image_policy(1.0)
+    batch, masks = _masked_batch()
+    g = torch.Generator().manual_seed(0)
+    plain = _image_policy(0.0)
+    plain.load_state_dict(policy.state_dict())
+    supervised = policy(batch, torch.Generator().manual_seed(1))
+    assert supervised > plain(batch, torch.Generator().manual_seed(1)) + 0.5  # same noise: the KL term is added
+    before = _mass_on_mask(policy, batch, masks)
+    opt = torch.optim.AdamW(policy.parameters(), lr=3e-3)
+    for _ in range(40):
+        policy.train()
+        loss = policy(batch, g)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = _mass_on_mask(policy, batch, masks)
+    assert before < 0.2 and after > 0.5, (before, after)
+
+
+def test_attention_supervision_errors():
+    policy = _image_policy(1.0)
+    batch, _ = _masked_batch(2)
+    with pytest.raises(KeyError, match="target_mask"):
+        policy({k: v for k, v in batch.items() if k != "target_mask"})
+    with pytest.raises(ValueError, match=r"\[B, To=2, H, W\]"):
+        policy({**batch, "target_mask": batch["target_mask"][:, 0]})
+    with pytest.raises(ValueError, match="weight >= 0"):
+        DiffusionPolicy(None, None, None, None, 8, 2, 4, 2, attention_supervision=-1.0)
+    with pytest.raises(ValueError, match="attention_image_key"):
+        DiffusionPolicy(None, None, None, None, 8, 2, 4, 2, image_keys=("a", "b"), attention_supervision=1.0)

@@ -60,3 +60,19 @@ def test_data_errors_name_the_key(tmp_path):
     cfg.model.down_dims = (16, 32, 64)
     with pytest.raises(ValueError, match="T=6.*nearest valid horizons: 4 or 8"):
         PolicyTask(cfg, tmp_path)
+
+
+def test_attention_supervision_config(tmp_path):
+    cfg = _tiny(attention_supervision=1.0)  # reach demonstrations record no target masks
+    with pytest.raises(KeyError, match="attention_mask_key 'target_mask'"):
+        PolicyTask(cfg, tmp_path)
+    cfg = load_config("configs/policy_targets_tiny.yaml", PolicyConfig)
+    cfg.attention_supervision, cfg.model.conditioning = 1.0, "film"
+    with pytest.raises(ValueError, match="conditioning='film'"):
+        PolicyTask(cfg, tmp_path)
+    cfg.model.conditioning = "both"
+    cfg.train.max_steps, cfg.eval.val_episodes = 2, 0
+    task = PolicyTask(cfg, tmp_path / "run")
+    item = task.train_dataset()[0]
+    assert item["target_mask"].shape == (cfg.n_obs_steps, 32, 32)  # the masks of the observation frames
+    assert train(task, cfg.train, tmp_path / "run").step == 2
