@@ -1,8 +1,10 @@
-"""A token-level grounding loss on cross-attention (in the spirit of TokenCompose, Wang et al. 2024).
+"""Token-level grounding losses on cross-attention (in the spirit of TokenCompose, Wang et al. 2024).
 
-For each word that names an object, the attention its tokens receive should fall inside that
-object's mask: ``(1 - attention inside / attention total)^2``, averaged over layers and words.
-Computed from the same q/k the model used (through CrossAttention hooks), with gradients.
+Seen from the words: each word that names an object should look at that object: its attention
+should fall inside the mask (``inside``) or cover the whole mask (``coverage``). Seen from the
+image: each position inside an object should read that object's words (``reading``), its colour
+and its shape alike. Computed from the same q/k the model used (through CrossAttention hooks),
+with gradients.
 """
 
 from __future__ import annotations
@@ -66,4 +68,25 @@ class GroundingCapture(AttentionCapture):
             s = probs.shape[2]
             grid = query_grid(image_size, probs.shape[1])
             losses.append(mask_kl(probs.transpose(1, 2), targets[:, :s], grid, valid[:, :s]))  # each token's map
+        return torch.stack(losses).mean() if losses else torch.zeros(())
+
+    def reading_loss(self, targets: torch.Tensor, valid: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
+        """Mean over layers of KL(the object's words || a position's attention over the tokens), at the
+        query positions an object covers, each weighted by how much of it the object covers.
+
+        The target spreads a position's attention evenly over the valid tokens of the object(s) there
+        (colour and shape words): a region inside "a blue circle" must read "circle" as much as
+        "blue", not draw the shape the colour usually had. Args: as for :meth:`grounding_loss`.
+        """
+        losses = []
+        for q, k, mask, scale in self.calls:
+            probs = attention_probs(q, k, mask, scale=scale).mean(1)  # (B, L, S)
+            s = probs.shape[2]
+            grid = query_grid(image_size, probs.shape[1])
+            cover = F.adaptive_avg_pool2d(targets[:, :s], grid).flatten(2) * valid[:, :s, None]  # (B, S, L)
+            want = cover.transpose(1, 2)  # (B, L, S): which tokens name what covers each position
+            weight = want.amax(-1)  # (B, L)
+            want = want / want.sum(-1, keepdim=True).clamp_min(1e-12)
+            kl = (want * (want.clamp_min(1e-12).log() - probs.clamp_min(1e-8).log())).sum(-1)  # (B, L)
+            losses.append((kl * weight).sum() / weight.sum().clamp_min(1.0))
         return torch.stack(losses).mean() if losses else torch.zeros(())

@@ -42,6 +42,9 @@ class TextToImage(nn.Module):
         grounding_kind: ``"inside"`` (the attention a word receives should lie inside its object,
             :meth:`GroundingCapture.grounding_loss`) or ``"coverage"`` (it should cover the whole
             object, :meth:`GroundingCapture.coverage_loss`).
+        reading_weight: weight of the reading loss (each position inside an object should read
+            that object's colour and shape words alike, :meth:`GroundingCapture.reading_loss`);
+            like the grounding loss it needs per-word object masks. 0 disables it.
     """
 
     def __init__(
@@ -57,12 +60,15 @@ class TextToImage(nn.Module):
         describe_parts: Callable[[str], list[str]] | None = None,
         component_scale: float = 0.0,
         grounding_kind: str = "inside",
+        reading_weight: float = 0.0,
     ) -> None:
         super().__init__()
         if not 0.0 <= cond_drop_prob < 1.0:
             raise ValueError(f"cond_drop_prob must be in [0, 1); got {cond_drop_prob}")
         if grounding_kind not in GROUNDING_KINDS:
             raise ValueError(f"grounding_kind must be one of {', '.join(GROUNDING_KINDS)}; got {grounding_kind!r}")
+        if not (grounding_weight >= 0 and reading_weight >= 0):
+            raise ValueError(f"grounding_weight and reading_weight must be >= 0; got {grounding_weight}, {reading_weight}")
         self.unet = unet
         self.text_encoder = text_encoder
         self.scheduler = scheduler
@@ -71,6 +77,7 @@ class TextToImage(nn.Module):
         self.min_snr_gamma = min_snr_gamma
         self.max_tokens = max_tokens
         self.grounding_weight, self.grounding_kind = grounding_weight, grounding_kind
+        self.reading_weight = reading_weight
         self.describe_parts, self.component_scale = describe_parts, component_scale
         self._texts = CachedTextEncoder(text_encoder, max_tokens)
 
@@ -96,20 +103,25 @@ class TextToImage(nn.Module):
 
         ``unet`` overrides ``self.unet`` (the trainer passes its distributed wrapper).
         ``word_masks`` (per sample, word index -> ``[H, W]`` object mask) enable the grounding
-        loss when ``grounding_weight > 0``.
+        and reading losses when their weights are > 0.
         """
         unet = self.unet if unet is None else unet
         ctx = self.encode(captions)
         null = pad_context(self.null_context(), ctx.tokens.shape[1])
         dropped_ctx, dropped = drop_conditions(ctx, null, self.cond_drop_prob, generator, return_dropped=True)
-        if self.grounding_weight <= 0 or word_masks is None:
+        if (self.grounding_weight <= 0 and self.reading_weight <= 0) or word_masks is None:
             return diffusion_loss(unet, images, dropped_ctx, self.scheduler, self.min_snr_gamma, generator)
-        targets, valid = token_targets(ctx.words, word_masks, ctx.tokens.shape[1], tuple(images.shape[-2:]), images.device)
+        size = tuple(images.shape[-2:])
+        targets, valid = token_targets(ctx.words, word_masks, ctx.tokens.shape[1], size, images.device)
         valid = valid & ~dropped[:, None]
         with GroundingCapture(unet) as capture:
             loss = diffusion_loss(unet, images, dropped_ctx, self.scheduler, self.min_snr_gamma, generator)
-        term = capture.grounding_loss if self.grounding_kind == "inside" else capture.coverage_loss
-        return loss + self.grounding_weight * term(targets, valid, tuple(images.shape[-2:]))
+        if self.grounding_weight > 0:
+            term = capture.grounding_loss if self.grounding_kind == "inside" else capture.coverage_loss
+            loss = loss + self.grounding_weight * term(targets, valid, size)
+        if self.reading_weight > 0:
+            loss = loss + self.reading_weight * capture.reading_loss(targets, valid, size)
+        return loss
 
     # -- generation ------------------------------------------------------------------------------
     @torch.no_grad()

@@ -34,6 +34,7 @@ class DiffusionConfig:
     cond_drop_prob: float = 0.1
     grounding_weight: float = 0.0
     grounding_kind: Literal["inside", "coverage"] = "inside"  # what the grounding loss asks of a word's map
+    reading_weight: float = 0.0  # each position inside an object reads its colour and shape words alike
     sampler: str = "ddim"
     sample_steps: int = 25
     guidance_scale: float = 3.0
@@ -93,7 +94,8 @@ def build_pipeline(cfg: TextToImageConfig, unet: nn.Module | None = None):
         caption_components("a red circle", d.compose)  # checks the pair names now, not at the first validation
         parts = functools.partial(caption_components, pairs=tuple(d.compose))
     return TextToImage(unet, encoder, scheduler, tuple(cfg.image_size), d.cond_drop_prob, d.min_snr_gamma, cfg.max_tokens,
-                       d.grounding_weight, parts, d.compose_scale, d.grounding_kind)
+                       d.grounding_weight, parts, d.compose_scale, d.grounding_kind,
+                       d.reading_weight)
 
 
 def heldout_prompts(cfg: TextToImageConfig) -> list[str]:

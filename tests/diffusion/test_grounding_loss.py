@@ -66,6 +66,38 @@ def test_coverage_loss_wants_the_map_to_cover_the_object_not_only_to_lie_in_it()
     assert GroundingCapture(attn).coverage_loss(targets, valid, (4, 4)) == 0  # nothing captured
 
 
+def test_reading_loss_wants_object_positions_to_read_all_their_words():
+    """3 tokens: 0 a function word, 1 the colour and 2 the shape of an object covering a 2x2 block."""
+    obj = torch.zeros(4, 4)
+    obj[:2, :2] = 1
+    targets = torch.stack([torch.zeros(4, 4), obj, obj])[None]  # (1, S=3, 4, 4)
+    valid = torch.tensor([[False, True, True]])
+
+    def loss_for(scores: torch.Tensor) -> torch.Tensor:  # scores [16, 3]: q k^T * scale per query and token
+        capture = GroundingCapture(torch.nn.Identity())
+        capture.calls.append((scores[None, None], torch.eye(3)[None, None], None, 1.0))
+        return capture.reading_loss(targets, valid, (4, 4))
+
+    inside = obj.flatten().bool()
+    balanced = torch.full((16, 3), -20.0)
+    balanced[inside, 1:] = 20  # object positions read colour and shape alike; the rest reads token 0
+    balanced[~inside, 0] = 20
+    colour_heavy = balanced.clone()
+    colour_heavy[inside, 2] = 20 - torch.log(torch.tensor(9.0))  # reads 0.9 colour, 0.1 shape
+    torch.testing.assert_close(loss_for(balanced), torch.tensor(0.0), atol=1e-4, rtol=0)
+    want = 0.5 * torch.log(torch.tensor(0.5 / 0.9)) + 0.5 * torch.log(torch.tensor(0.5 / 0.1))
+    torch.testing.assert_close(loss_for(colour_heavy), want, atol=1e-4, rtol=0)
+    background = balanced.clone()
+    background[~inside] = 0.0  # what positions outside every object read is not its business
+    torch.testing.assert_close(loss_for(background), torch.tensor(0.0), atol=1e-4, rtol=0)
+    scores = torch.zeros(16, 3, requires_grad=True)
+    loss = loss_for(scores)
+    loss.backward()
+    torch.testing.assert_close(loss, torch.log(torch.tensor(3 / 2)))  # uniform over 3 tokens against 2 words
+    assert (scores.grad[inside, 1:] < 0).all() and (scores.grad[inside, 0] > 0).all()  # descent raises the words
+    assert GroundingCapture(torch.nn.Identity()).reading_loss(targets, valid, (4, 4)) == 0  # nothing captured
+
+
 def test_drop_conditions_reports_the_replaced_rows():
     ctx = Context(tokens=torch.randn(32, 3, 4), mask=torch.ones(32, 3, dtype=torch.bool))
     null = Context(tokens=torch.zeros(1, 3, 4), mask=torch.ones(1, 3, dtype=torch.bool))
