@@ -98,6 +98,11 @@ class PolicyConfig:
     horizon: int = 16
     n_obs_steps: int = 2
     n_action_steps: int = 8
+    # Steps a training window may reach past an episode's end (its last action repeated). None: Diffusion
+    # Policy's n_action_steps - 1. With episodes not much longer than the horizon that leaves the late
+    # observations (the agent near its goal) out of training; horizon - n_obs_steps lets a window
+    # start at every step.
+    pad_after: int | None = None
     model: PolicyModelConfig = field(default_factory=PolicyModelConfig)
     diffusion: PolicyDiffusionConfig = field(default_factory=PolicyDiffusionConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-4, weight_decay=1e-6, warmup_steps=100))
@@ -206,8 +211,12 @@ class _Sequences(torch.utils.data.Dataset):
 
         self.action_key = cfg.data.action_key
         obs = _data_keys(cfg)
+        pad_after = cfg.n_action_steps - 1 if cfg.pad_after is None else cfg.pad_after
+        if not 0 <= pad_after <= cfg.horizon - cfg.n_obs_steps:
+            raise ValueError(f"pad_after must be in [0, horizon - n_obs_steps = {cfg.horizon - cfg.n_obs_steps}] (or None: "
+                             f"n_action_steps - 1); got {cfg.pad_after}")
         self.data = TrajectoryDataset(
-            buffer, cfg.horizon, pad_before=cfg.n_obs_steps - 1, pad_after=cfg.n_action_steps - 1,
+            buffer, cfg.horizon, pad_before=cfg.n_obs_steps - 1, pad_after=pad_after,
             keys=[*obs, self.action_key], key_first_k={k: cfg.n_obs_steps for k in obs},
         )
 

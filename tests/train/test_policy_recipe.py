@@ -76,3 +76,20 @@ def test_attention_supervision_config(tmp_path):
     item = task.train_dataset()[0]
     assert item["target_mask"].shape == (cfg.n_obs_steps, 32, 32)  # the masks of the observation frames
     assert train(task, cfg.train, tmp_path / "run").step == 2
+
+
+def test_pad_after_lets_windows_start_at_every_step(tmp_path):
+    from mmx.train.policy import _Sequences
+
+    cfg = _tiny()
+    task = PolicyTask(cfg, tmp_path)
+    default = len(_Sequences(cfg, task.buffer))  # Diffusion Policy: pad_after = n_action_steps - 1
+    cfg.pad_after = cfg.horizon - cfg.n_obs_steps
+    every = _Sequences(cfg, task.buffer)
+    steps = task.buffer.n_steps
+    assert len(every) == steps and default < steps  # one window whose current observation is each step
+    last = every[len(every) - 1]  # the window whose current observation is an episode's last step
+    assert (last["action"][cfg.n_obs_steps - 1 :] == last["action"][-1]).all()  # the last action, repeated
+    cfg.pad_after = cfg.horizon
+    with pytest.raises(ValueError, match="pad_after must be in"):
+        _Sequences(cfg, task.buffer)
