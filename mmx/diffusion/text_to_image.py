@@ -98,12 +98,15 @@ class TextToImage(nn.Module):
     def loss(
         self, images: torch.Tensor, captions: Sequence[str], generator: torch.Generator | None = None,
         unet: nn.Module | None = None, word_masks: Sequence[dict[int, torch.Tensor]] | None = None,
+        reading_masks: Sequence[dict[int, torch.Tensor]] | None = None,
     ) -> torch.Tensor:
         """Denoising loss of ``images [B, C, H, W]`` in [-1, 1] given their captions.
 
         ``unet`` overrides ``self.unet`` (the trainer passes its distributed wrapper).
         ``word_masks`` (per sample, word index -> ``[H, W]`` object mask) enable the grounding
-        and reading losses when their weights are > 0.
+        and reading losses when their weights are > 0. ``reading_masks`` (same form) name the words
+        the reading loss spreads an object's positions over (default ``word_masks``; the shapes
+        recipe adds each object's place word, so the positions still read where they are).
         """
         unet = self.unet if unet is None else unet
         ctx = self.encode(captions)
@@ -120,6 +123,9 @@ class TextToImage(nn.Module):
             term = capture.grounding_loss if self.grounding_kind == "inside" else capture.coverage_loss
             loss = loss + self.grounding_weight * term(targets, valid, size)
         if self.reading_weight > 0:
+            if reading_masks is not None:
+                targets, valid = token_targets(ctx.words, reading_masks, ctx.tokens.shape[1], size, images.device)
+                valid = valid & ~dropped[:, None]
             loss = loss + self.reading_weight * capture.reading_loss(targets, valid, size)
         return loss
 

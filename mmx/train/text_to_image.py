@@ -175,7 +175,12 @@ class TextToImageTask:
         if next(self.pipeline.text_encoder.parameters()).device != device:
             self.pipeline.text_encoder.to(device)
         images = batch["image"].to(device, non_blocking=True)
-        return self.pipeline.loss(images, batch["caption"], generator, unet=model, word_masks=batch.get("word_masks"))
+        reading = None
+        if self.pipeline.reading_weight > 0 and "objects" in batch:  # each object's colour, shape and place words
+            reading = [{w: o.mask for o in objects for w in (*o.words, *o.position_words) if w >= 0}
+                       for objects in batch["objects"]]
+        return self.pipeline.loss(images, batch["caption"], generator, unet=model, word_masks=batch.get("word_masks"),
+                                  reading_masks=reading)
 
     def validate(self, model: nn.Module, step: int, out_dir: Path) -> dict[str, float]:
         from mmx.train.visual import save_grid

@@ -101,6 +101,29 @@ def test_grounding_weight_adds_the_attention_loss(tmp_path):
         _cfg("diffusion.grounding_kind=outside")
 
 
+def test_reading_weight_adds_the_reading_loss_over_colour_shape_and_place_words(tmp_path, monkeypatch):
+    cfg = _cfg("train.max_steps=1", "train.validate_every=1000", "train.checkpoint_every=1000",
+               "diffusion.cond_drop_prob=0.0")
+    task = TextToImageTask(cfg, tmp_path)
+    batch = task.collate([task.train_dataset()[i] for i in range(4)])
+    plain = task.loss(task.model, batch, torch.Generator().manual_seed(0))
+    task.pipeline.reading_weight = 1.0
+    seen = {}
+    loss_fn = type(task.pipeline).loss
+
+    def spy(self, *args, **kwargs):
+        seen.update(kwargs)
+        return loss_fn(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(task.pipeline), "loss", spy)
+    read = task.loss(task.model, batch, torch.Generator().manual_seed(0))
+    assert read > plain + 0.5, "at initialisation a position reads every token alike, not its object's words"
+    for objects, words in zip(batch["objects"], seen["reading_masks"]):
+        assert set(words) == {w for o in objects for w in (*o.words, *o.position_words) if w >= 0}
+    with pytest.raises(ValueError, match="reading_weight must be >= 0"):
+        type(task.pipeline)(task.model, task.pipeline.text_encoder, task.pipeline.scheduler, reading_weight=-1.0)
+
+
 # --------------------------------------------------------------------------- non-finite losses, exact resume (MLP)
 
 
