@@ -101,7 +101,7 @@ class FiLM(nn.Sequential):
         scale, shift = params.chunk(2, dim=1)
         if self.scale_offset:
             scale = scale + self.scale_offset
-        return x * scale + shift
+        return torch.addcmul(shift, x, scale)  # shift + x * scale in one pass
 
 
 class ResBlock2D(nn.Module):
@@ -242,7 +242,7 @@ class ResBlock1D(nn.Module):
             raise ValueError(f"ResBlock1D expects x [B, C={self.in_channels}, T]; got {tuple(x.shape)}")
         out = self.cond_encoder(self.blocks[0](x), cond)
         out = self.blocks[1](out)
-        out = out + self.residual_conv(x)
+        out += self.residual_conv(x)  # in place: Mish keeps its input for backward, not this output
         if self.cross_attn is not None:
             if context is None:
                 raise ValueError(f"this ResBlock1D cross-attends to a context of width {self.context_dim}; got context=None")
