@@ -85,12 +85,17 @@ def test_load_run_errors_name_the_missing_file(tmp_path):
         load_run(tmp_path)
 
 
-def test_grounding_weight_adds_the_attention_loss(tmp_path):
+def _task_batch_and_plain_loss(tmp_path):
+    """A tiny text-to-image task with no caption dropout, a batch of 4 and its loss without extra terms."""
     cfg = _cfg("train.max_steps=1", "train.validate_every=1000", "train.checkpoint_every=1000",
                "diffusion.cond_drop_prob=0.0")
     task = TextToImageTask(cfg, tmp_path)
     batch = task.collate([task.train_dataset()[i] for i in range(4)])
-    plain = task.loss(task.model, batch, torch.Generator().manual_seed(0))
+    return task, batch, task.loss(task.model, batch, torch.Generator().manual_seed(0))
+
+
+def test_grounding_weight_adds_the_attention_loss(tmp_path):
+    task, batch, plain = _task_batch_and_plain_loss(tmp_path)
     task.pipeline.grounding_weight = 1.0
     grounded = task.loss(task.model, batch, torch.Generator().manual_seed(0))
     assert grounded > plain, "object words attend partly outside their objects at initialisation"
@@ -102,11 +107,7 @@ def test_grounding_weight_adds_the_attention_loss(tmp_path):
 
 
 def test_reading_weight_adds_the_reading_loss_over_colour_shape_and_place_words(tmp_path, monkeypatch):
-    cfg = _cfg("train.max_steps=1", "train.validate_every=1000", "train.checkpoint_every=1000",
-               "diffusion.cond_drop_prob=0.0")
-    task = TextToImageTask(cfg, tmp_path)
-    batch = task.collate([task.train_dataset()[i] for i in range(4)])
-    plain = task.loss(task.model, batch, torch.Generator().manual_seed(0))
+    task, batch, plain = _task_batch_and_plain_loss(tmp_path)
     task.pipeline.reading_weight = 1.0
     seen = {}
     loss_fn = type(task.pipeline).loss
