@@ -457,9 +457,10 @@ def collect_demos(
     uint8, "instruction" [T] unicode) beside "action" [T, 2] float32, the expert's action for that
     observation. An env with an ``annotations()`` method adds its per-step labels too (TargetsEnv:
     "target_mask" [T, H, W] bool, the named target's pixels), which are never observations but
-    may supervise training (e.g. a policy's ``attention_supervision``). Episode ``i`` is ``reset((seed, i))``. With ``noise`` > 0 the executed action is the
-    expert's plus Gaussian noise of that standard deviation (per coordinate, from ``(seed, i, 1)``)
-    while the recorded action stays the expert's, so the data show how to recover from drift.
+    may supervise training (e.g. a policy's ``attention_supervision``). Episode ``i`` is
+    ``reset((seed, i))``. With ``noise`` > 0 the executed action is the expert's plus Gaussian
+    noise of that standard deviation (per coordinate, from ``(seed, i, 1)``) while the recorded
+    action stays the expert's, so the data show how to recover from drift.
     Failed episodes are dropped and counted in a warning.
     """
     env = make_env(env_name_or_env) if isinstance(env_name_or_env, str) else env_name_or_env

@@ -115,18 +115,19 @@ class TextToImage(nn.Module):
         if (self.grounding_weight <= 0 and self.reading_weight <= 0) or word_masks is None:
             return diffusion_loss(unet, images, dropped_ctx, self.scheduler, self.min_snr_gamma, generator)
         size = tuple(images.shape[-2:])
-        targets, valid = token_targets(ctx.words, word_masks, ctx.tokens.shape[1], size, images.device)
-        valid = valid & ~dropped[:, None]
+
+        def targets_of(masks: Sequence[dict[int, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+            targets, valid = token_targets(ctx.words, masks, ctx.tokens.shape[1], size, images.device)
+            return targets, valid & ~dropped[:, None], size  # a dropped caption names nothing
+
         with GroundingCapture(unet) as capture:
             loss = diffusion_loss(unet, images, dropped_ctx, self.scheduler, self.min_snr_gamma, generator)
         if self.grounding_weight > 0:
             term = capture.grounding_loss if self.grounding_kind == "inside" else capture.coverage_loss
-            loss = loss + self.grounding_weight * term(targets, valid, size)
+            loss = loss + self.grounding_weight * term(*targets_of(word_masks))
         if self.reading_weight > 0:
-            if reading_masks is not None:
-                targets, valid = token_targets(ctx.words, reading_masks, ctx.tokens.shape[1], size, images.device)
-                valid = valid & ~dropped[:, None]
-            loss = loss + self.reading_weight * capture.reading_loss(targets, valid, size)
+            reading = word_masks if reading_masks is None else reading_masks
+            loss = loss + self.reading_weight * capture.reading_loss(*targets_of(reading))
         return loss
 
     # -- generation ------------------------------------------------------------------------------

@@ -119,6 +119,15 @@ def _data_keys(cfg: PolicyConfig) -> list[str]:
     return [*cfg.obs, cfg.attention_mask_key] if cfg.attention_supervision > 0 else list(cfg.obs)
 
 
+def _pad_after(cfg: PolicyConfig) -> int:
+    """The training windows' ``pad_after``, checked: ``cfg.pad_after`` or Diffusion Policy's ``n_action_steps - 1``."""
+    pad_after = cfg.n_action_steps - 1 if cfg.pad_after is None else cfg.pad_after
+    if not 0 <= pad_after <= cfg.horizon - cfg.n_obs_steps:
+        raise ValueError(f"pad_after must be in [0, horizon - n_obs_steps = {cfg.horizon - cfg.n_obs_steps}] (or None: "
+                         f"n_action_steps - 1); got {cfg.pad_after}")
+    return pad_after
+
+
 def load_buffer(cfg: PolicyConfig):
     """The replay buffer of a config: the zarr store at ``data.path`` or freshly collected demonstrations."""
     from mmx.data.envs import collect_demos
@@ -171,6 +180,7 @@ def build_policy(cfg: PolicyConfig, buffer: Any | None = None):
         raise ValueError("action_dim is unknown: build the policy from data, or from a saved run's config.yaml")
     film = m.conditioning in ("film", "both")
     attend = m.conditioning in ("cross_attention", "both")
+    _pad_after(cfg)  # a bad value fails here, before any data are loaded into a dataset
     if cfg.attention_supervision > 0 and not attend:
         raise ValueError(f"attention_supervision={cfg.attention_supervision} supervises cross-attention, which "
                          f"model.conditioning={m.conditioning!r} does not have; use cross_attention or both")
@@ -211,12 +221,8 @@ class _Sequences(torch.utils.data.Dataset):
 
         self.action_key = cfg.data.action_key
         obs = _data_keys(cfg)
-        pad_after = cfg.n_action_steps - 1 if cfg.pad_after is None else cfg.pad_after
-        if not 0 <= pad_after <= cfg.horizon - cfg.n_obs_steps:
-            raise ValueError(f"pad_after must be in [0, horizon - n_obs_steps = {cfg.horizon - cfg.n_obs_steps}] (or None: "
-                             f"n_action_steps - 1); got {cfg.pad_after}")
         self.data = TrajectoryDataset(
-            buffer, cfg.horizon, pad_before=cfg.n_obs_steps - 1, pad_after=pad_after,
+            buffer, cfg.horizon, pad_before=cfg.n_obs_steps - 1, pad_after=_pad_after(cfg),
             keys=[*obs, self.action_key], key_first_k={k: cfg.n_obs_steps for k in obs},
         )
 

@@ -91,5 +91,5 @@ def test_pad_after_lets_windows_start_at_every_step(tmp_path):
     last = every[len(every) - 1]  # the window whose current observation is an episode's last step
     assert (last["action"][cfg.n_obs_steps - 1 :] == last["action"][-1]).all()  # the last action, repeated
     cfg.pad_after = cfg.horizon
-    with pytest.raises(ValueError, match="pad_after must be in"):
-        _Sequences(cfg, task.buffer)
+    with pytest.raises(ValueError, match=r"pad_after must be in \[0, horizon - n_obs_steps = 6\]"):
+        PolicyTask(cfg, tmp_path / "bad")
