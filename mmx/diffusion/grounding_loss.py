@@ -37,15 +37,30 @@ def token_targets(
 
 
 class GroundingCapture(AttentionCapture):
-    """:class:`~mmx.nn.AttentionCapture` of a UNet's cross-attention calls, with the grounding loss on their maps."""
+    """:class:`~mmx.nn.AttentionCapture` of a UNet's cross-attention calls, with grounding losses on their maps.
+
+    Each call's probabilities (mean over heads, ``[B, L, S]``) are computed once and shared by the
+    losses, so a training step that asks for several pays for the softmax once.
+    """
+
+    def _layer_maps(self, image_size: tuple[int, int]) -> list[tuple[torch.Tensor, tuple[int, int]]]:
+        """Per captured call: ``(probs [B, L, S], grid (h, w) of its L query positions)``."""
+        cached = getattr(self, "_maps", None)
+        if cached is None or cached[0] != (len(self.calls), tuple(image_size)):
+            maps = [(probs := attention_probs(q, k, mask, scale=scale).mean(1), query_grid(image_size, probs.shape[1]))
+                    for q, k, mask, scale in self.calls]
+            cached = self._maps = ((len(self.calls), tuple(image_size)), maps)
+        return cached[1]
+
+    @staticmethod
+    def _mean(losses: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack(losses).mean() if losses else torch.zeros(())
 
     def grounding_loss(self, targets: torch.Tensor, valid: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
         """Mean over layers of the mean over valid tokens of ``(1 - inside / total)^2``."""
         losses = []
-        for q, k, mask, scale in self.calls:
-            probs = attention_probs(q, k, mask, scale=scale).mean(1)  # (B, L, S), fully masked rows are zeros
-            b, l, s = probs.shape
-            grid = query_grid(image_size, l)
+        for probs, grid in self._layer_maps(image_size):  # probs (B, L, S), fully masked rows are zeros
+            b, _, s = probs.shape
             maps = probs.transpose(1, 2).reshape(b, s, *grid)  # (B, S, h, w)
             inside_mask = F.adaptive_avg_pool2d(targets[:, :s], grid)  # (B, S, h, w) share of the cell inside
             inside = (maps * inside_mask).sum((2, 3))
@@ -53,7 +68,7 @@ class GroundingCapture(AttentionCapture):
             per_token = (1 - inside / total) ** 2  # (B, S)
             v = valid[:, :s].float()
             losses.append((per_token * v).sum() / v.sum().clamp_min(1.0))
-        return torch.stack(losses).mean() if losses else torch.zeros(())
+        return self._mean(losses)
 
     def coverage_loss(self, targets: torch.Tensor, valid: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
         """Mean over layers and valid tokens of KL(object mask || the token's map), each normalised over
@@ -62,13 +77,10 @@ class GroundingCapture(AttentionCapture):
 
         Args: as for :meth:`grounding_loss` (``targets [B, S, H, W]``, ``valid [B, S]``).
         """
-        losses = []
-        for q, k, mask, scale in self.calls:
-            probs = attention_probs(q, k, mask, scale=scale).mean(1)  # (B, L, S)
-            s = probs.shape[2]
-            grid = query_grid(image_size, probs.shape[1])
-            losses.append(mask_kl(probs.transpose(1, 2), targets[:, :s], grid, valid[:, :s]))  # each token's map
-        return torch.stack(losses).mean() if losses else torch.zeros(())
+        return self._mean([  # each token's map over the query positions
+            mask_kl(probs.transpose(1, 2), targets[:, : probs.shape[2]], grid, valid[:, : probs.shape[2]])
+            for probs, grid in self._layer_maps(image_size)
+        ])
 
     def reading_loss(self, targets: torch.Tensor, valid: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
         """Mean over layers of KL(the object's words || a position's attention over the tokens), at the
@@ -79,14 +91,12 @@ class GroundingCapture(AttentionCapture):
         "blue", not draw the shape the colour usually had. Args: as for :meth:`grounding_loss`.
         """
         losses = []
-        for q, k, mask, scale in self.calls:
-            probs = attention_probs(q, k, mask, scale=scale).mean(1)  # (B, L, S)
+        for probs, grid in self._layer_maps(image_size):  # probs (B, L, S)
             s = probs.shape[2]
-            grid = query_grid(image_size, probs.shape[1])
             cover = F.adaptive_avg_pool2d(targets[:, :s], grid).flatten(2) * valid[:, :s, None]  # (B, S, L)
             want = cover.transpose(1, 2)  # (B, L, S): which tokens name what covers each position
             weight = want.amax(-1)  # (B, L)
             want = want / want.sum(-1, keepdim=True).clamp_min(1e-12)
             kl = (want * (want.clamp_min(1e-12).log() - probs.clamp_min(1e-8).log())).sum(-1)  # (B, L)
             losses.append((kl * weight).sum() / weight.sum().clamp_min(1.0))
-        return torch.stack(losses).mean() if losses else torch.zeros(())
+        return self._mean(losses)

@@ -204,10 +204,14 @@ class DiffusionPolicy(nn.Module):
         """KL(mask || the chunk's attention over each frame's regions); see ``attention_supervision``."""
         segment = next((s for s in segments if s.name == self.attention_image_key), None)
         if segment is None:
-            raise ValueError(f"attention_supervision: the encoder gives no tokens for image {self.attention_image_key!r}")
+            raise ValueError(
+                f"attention_supervision: the encoder gives no tokens for image {self.attention_image_key!r}"
+            )
         steps, h, w = segment.grid
-        if masks.ndim != 4 or masks.shape[:2] != (len(masks), steps):
-            raise ValueError(f"batch[{self.attention_mask_key!r}] must be [B, To={steps}, H, W] masks; got {tuple(masks.shape)}")
+        if masks.ndim != 4 or masks.shape[1] != steps:
+            raise ValueError(
+                f"batch[{self.attention_mask_key!r}] must be [B, To={steps}, H, W] masks; got {tuple(masks.shape)}"
+            )
         maps = torch.stack([
             attention_probs(q, k, mask, scale=scale).mean((1, 2))[:, segment.start : segment.end]  # (B, To*h*w)
             for q, k, mask, scale in capture.calls

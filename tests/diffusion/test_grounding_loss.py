@@ -106,3 +106,20 @@ def test_drop_conditions_reports_the_replaced_rows():
     assert torch.equal(out.tokens[~dropped], ctx.tokens[~dropped])
     _, none = drop_conditions(ctx, null, 0.0, return_dropped=True)
     assert not none.any()
+
+
+def test_losses_share_one_softmax_per_captured_call(monkeypatch):
+    import mmx.diffusion.grounding_loss as gl
+
+    computed = []
+    real = gl.attention_probs
+    monkeypatch.setattr(gl, "attention_probs", lambda *a, **kw: computed.append(1) or real(*a, **kw))
+    capture = GroundingCapture(torch.nn.Identity())
+    capture.calls += [(torch.randn(1, 1, 16, 4), torch.randn(1, 1, 3, 4), None, 0.5)] * 2
+    targets, valid = torch.rand(1, 3, 4, 4), torch.tensor([[False, True, True]])
+    losses = [capture.coverage_loss(targets, valid, (4, 4)), capture.reading_loss(targets, valid, (4, 4)),
+              capture.grounding_loss(targets, valid, (4, 4))]
+    assert len(computed) == 2 and all(torch.isfinite(x) for x in losses)  # one softmax per call, three losses
+    capture.calls.append(capture.calls[0])  # a new call: the maps are computed again
+    capture.coverage_loss(targets, valid, (4, 4))
+    assert len(computed) == 5
