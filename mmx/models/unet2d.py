@@ -54,6 +54,10 @@ class UNet2D(ModelMixin, ConfigMixin):
         mid_attention: put a SpatialTransformer in the middle block.
         patch_size: fold ``p x p`` pixel patches into channels before the first conv and unfold
             after the last (pixel-unshuffle / shuffle): p*p times fewer positions at every level.
+        position_frequencies: if > 0, every SpatialTransformer adds a learned embedding of each
+            position's place in the map to its tokens (Fourier features with this many frequencies
+            per axis), so cross-attention queries know where they are. 0: none (convolutions alone
+            carry position, through the borders).
 
     Gradient checkpointing (``model.enable_gradient_checkpointing()``, diffusers' ModelMixin): while
     gradients are recorded, each residual block and SpatialTransformer keeps only its inputs and is
@@ -82,6 +86,7 @@ class UNet2D(ModelMixin, ConfigMixin):
         dropout: float = 0.0,
         mid_attention: bool = True,
         patch_size: int = 1,
+        position_frequencies: int = 0,
     ) -> None:
         super().__init__()
         if patch_size < 1:
@@ -101,7 +106,8 @@ class UNet2D(ModelMixin, ConfigMixin):
 
         def attn_kwargs(level: int) -> dict:
             return dict(context_dim=context_dim, heads=heads, dim_head=dim_head, depth=transformer_depth,
-                        dropout=dropout, self_attention=bool(self_attention_levels[level]))
+                        dropout=dropout, self_attention=bool(self_attention_levels[level]),
+                        position_frequencies=position_frequencies)
 
         self.patch_size = patch_size
         self.conv_in = nn.Conv2d(in_channels * patch_size**2, channels[0], 3, padding=1)

@@ -3,7 +3,8 @@
 from mmx.nn.attention import AttentionCapture, CrossAttention, mask_kl, KVCache, MultiHeadAttention, attention_probs, prepare_mask
 from mmx.nn.conditioning import FiLM, ResBlock1D, ResBlock2D, Conv1dBlock, SinusoidalEmbedding, timestep_embedding
 from mmx.nn.transformer import (
-    BlockCache, FeedForward, GEGLU, SpatialTransformer, TemporalTransformer, TransformerBlock, group_norm,
+    BlockCache, FeedForward, GEGLU, SpatialTransformer, TemporalTransformer, TransformerBlock, grid_fourier_features,
+    group_norm,
 )
 from mmx.nn.seq2seq import (
     DecoderCache, TransformerDecoder, TransformerEncoder, positions_from_mask, sinusoidal_positions,
@@ -28,6 +29,7 @@ __all__ = [
     "TemporalTransformer",
     "FeedForward",
     "GEGLU",
+    "grid_fourier_features",
     "group_norm",
     "FiLM",
     "ResBlock2D",

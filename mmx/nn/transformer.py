@@ -22,6 +22,7 @@ from mmx.nn.attention import CrossAttention, KVCache, check_input_dtype
 
 __all__ = [
     "GEGLU", "FeedForward", "TransformerBlock", "BlockCache", "SpatialTransformer", "TemporalTransformer", "group_norm",
+    "grid_fourier_features",
 ]
 
 
@@ -153,6 +154,21 @@ class TransformerBlock(nn.Module):
         return x + self.ff(self.norm3(x))
 
 
+def grid_fourier_features(grid: list[int] | tuple[int, ...], frequencies: int, device: torch.device | None = None,
+                          dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Fourier features of each cell's position on a grid: ``[prod(grid), 2 * len(grid) * frequencies]``.
+
+    Cell centres are placed in [-1, 1] along each axis, so a cell's features depend on where it
+    lies in the map, not on the map's size; per axis ``sin`` and ``cos`` of ``pi * 2**k * coord``
+    for ``k < frequencies``. Cells are in row-major order (as ``x.flatten(2)``).
+    """
+    axes = [(torch.arange(n, device=device, dtype=torch.float32) + 0.5) / max(n, 1) * 2 - 1 for n in grid]
+    coords = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, len(grid))  # (L, dims)
+    scales = math.pi * 2.0 ** torch.arange(frequencies, device=device, dtype=torch.float32)
+    angles = (coords[:, :, None] * scales).flatten(1)  # (L, dims * F)
+    return torch.cat([angles.sin(), angles.cos()], dim=-1).to(dtype or torch.float32)
+
+
 class _ChannelsTransformer(nn.Module):
     """Shared body of Spatial/TemporalTransformer: ``[B, C, *grid]`` <-> ``[B, prod(grid), D]`` tokens."""
 
@@ -170,13 +186,24 @@ class _ChannelsTransformer(nn.Module):
         self_attention: bool = True,
         ff_mult: int = 4,
         norm_groups: int | None = None,
+        position_frequencies: int = 0,
     ) -> None:
         super().__init__()
+        if not isinstance(position_frequencies, int) or position_frequencies < 0:
+            raise ValueError(f"position_frequencies must be an int >= 0; got {position_frequencies!r}")
         inner = heads * dim_head
         self.channels = channels
         self.context_dim = context_dim
+        self.position_frequencies = position_frequencies
         self.norm = group_norm(channels, norm_groups)
         self.proj_in = nn.Linear(channels, inner)
+        # Where each token sits, as Fourier features of its grid coordinates, projected and added to
+        # the tokens (zero-initialised: a fresh block still starts as the identity).
+        self.pos_proj = None
+        if position_frequencies:
+            self.pos_proj = nn.Linear(2 * self.spatial_dims * position_frequencies, inner)
+            nn.init.zeros_(self.pos_proj.weight)
+            nn.init.zeros_(self.pos_proj.bias)
         self.transformer_blocks = nn.ModuleList(
             TransformerBlock(inner, context_dim, heads, dim_head, ff_mult, dropout, self_attention)
             for _ in range(depth)
@@ -212,6 +239,8 @@ class _ChannelsTransformer(nn.Module):
         normed = self.norm(x) if positions > 0 else x
         h = normed.flatten(2).transpose(1, 2)  # (B, L, C), L = prod(grid)
         h = self.proj_in(h)  # (B, L, D)
+        if self.pos_proj is not None:
+            h = h + self.pos_proj(grid_fourier_features(grid, self.position_frequencies, h.device, h.dtype))
         for block in self.transformer_blocks:
             h = block(h, context, mask=mask)
         h = self.proj_out(h).transpose(1, 2).reshape(b, c, *grid)  # (B, C, *grid)
@@ -230,6 +259,10 @@ class SpatialTransformer(_ChannelsTransformer):
         self_attention: include self-attention among positions in each block.
         ff_mult: feed-forward expansion.
         norm_groups: GroupNorm groups (None: largest divisor of C up to 32).
+        position_frequencies: if > 0, each position's token gets a learned projection of the
+            Fourier features of its (row, column) in the map (:func:`grid_fourier_features`), so
+            queries know where they are: words such as "left" or "top" can be read by place.
+            Zero-initialised; 0 (default) adds nothing.
     """
 
     spatial_dims = 2

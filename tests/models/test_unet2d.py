@@ -54,15 +54,20 @@ def test_timestep_and_text_change_the_output():
     assert not torch.allclose(out, model(x, torch.tensor([10, 10]), _ctx()))
 
 
-def test_save_load_round_trip_gives_identical_outputs(tmp_path):
+@pytest.mark.parametrize("extra", [{}, {"position_frequencies": 3}])
+def test_save_load_round_trip_gives_identical_outputs(tmp_path, extra):
     torch.manual_seed(0)
-    model = _perturbed(UNet2D(**TINY)).eval()
+    model = _perturbed(UNet2D(**TINY, **extra)).eval()
+    for name, p in model.named_parameters():
+        if "pos_proj" in name:
+            torch.nn.init.normal_(p)
     model.save_pretrained(tmp_path / "unet")
     assert (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     loaded = UNet2D.from_pretrained(tmp_path / "unet").eval()
     x, t, ctx = torch.randn(2, 3, 8, 8), torch.tensor([1, 2]), _ctx()
     assert torch.equal(model(x, t, ctx), loaded(x, t, ctx))
     assert loaded.config.channels == [16, 32] or tuple(loaded.config.channels) == (16, 32)
+    assert loaded.config.position_frequencies == extra.get("position_frequencies", 0)
 
 
 def test_errors_name_the_problem():

@@ -114,3 +114,40 @@ def test_gradients_reach_every_parameter():
     block = _perturb_output(SpatialTransformer(16, context_dim=8, heads=2, dim_head=8))
     block(torch.randn(2, 16, 4, 4), torch.randn(2, 3, 8)).square().mean().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in block.parameters())
+
+
+def test_grid_fourier_features_place_cells_by_fraction_of_the_map():
+    from mmx.nn import grid_fourier_features
+
+    feats = grid_fourier_features((3, 5), 2)
+    assert feats.shape == (15, 2 * 2 * 2)
+    # The centre cell of a 3x5 map sits at (0, 0) whatever the map's size: sin 0, cos 1.
+    torch.testing.assert_close(feats[1 * 5 + 2], torch.tensor([0.0, 0, 0, 0, 1, 1, 1, 1]))
+    # Cell 0 of a 2-wide row and cell 1 of a 6-wide row are both centred a quarter of the way in.
+    torch.testing.assert_close(grid_fourier_features((2,), 3)[0], grid_fourier_features((6,), 3)[1])
+    one_d = grid_fourier_features((6,), 1)
+    assert one_d.shape == (6, 2) and torch.all(one_d[:3, 0] < 0) and torch.all(one_d[3:, 0] > 0)
+
+
+@pytest.mark.parametrize("cls,shape", [(SpatialTransformer, (1, 16, 3, 5)), (TemporalTransformer, (1, 16, 7))])
+def test_position_embedding_starts_as_nothing_and_then_tells_positions_apart(cls, shape):
+    torch.manual_seed(0)
+    plain = cls(16, context_dim=8, heads=2, dim_head=8, self_attention=False)
+    placed = cls(16, context_dim=8, heads=2, dim_head=8, self_attention=False, position_frequencies=3)
+    assert placed.load_state_dict(plain.state_dict(), strict=False).missing_keys == ["pos_proj.weight", "pos_proj.bias"]
+    _perturb_output(plain), placed.proj_out.weight.data.copy_(plain.proj_out.weight)
+    # Every position sees the same input: without a place embedding every output is the same.
+    x = torch.randn(shape[:2]).reshape(*shape[:2], *[1] * (len(shape) - 2)).expand(shape).contiguous()
+    ctx = torch.randn(1, 4, 8)
+    torch.testing.assert_close(placed(x, ctx), plain(x, ctx))  # zero-initialised: no change yet
+    flat = plain(x, ctx).flatten(2)
+    assert torch.allclose(flat, flat[..., :1].expand_as(flat), atol=1e-5)
+    torch.nn.init.normal_(placed.pos_proj.weight)
+    flat = placed(x, ctx).flatten(2)
+    assert (flat - flat[..., :1]).abs().amax(1).min(-1).values.item() == 0.0  # position 0 against itself
+    assert (flat - flat[..., :1]).abs().amax(1)[0, 1:].min() > 1e-3, "every position should differ from the first"
+
+
+def test_position_frequencies_must_be_a_non_negative_int():
+    with pytest.raises(ValueError, match="position_frequencies must be an int >= 0; got -1"):
+        SpatialTransformer(16, context_dim=8, heads=2, dim_head=8, position_frequencies=-1)
