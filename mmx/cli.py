@@ -297,10 +297,11 @@ def sample(
 
 
 def _evaluate(cfg, pipeline, num: Optional[int], steps: Optional[int], out: Optional[Path], title: str,
-              attention: bool = False) -> tuple[dict, list[str], object, list | None]:
+              attention: bool = False, max_downsample: Optional[int] = None) -> tuple[dict, list[str], object, list | None]:
     """Caption accuracy on held-out prompts (and attention mIoU); writes a grid and eval.json.
 
-    Returns ``(results, prompts, images, word maps or None)``.
+    ``max_downsample``: which layers the attention figures read (None: the recipe's
+    ``eval.attention_max_downsample``; 0: every layer). Returns ``(results, prompts, images, word maps or None)``.
     """
     import json
 
@@ -320,11 +321,15 @@ def _evaluate(cfg, pipeline, num: Optional[int], steps: Optional[int], out: Opti
         from mmx.data import DATASETS
         from mmx.eval.attention import attention_miou_generated, attention_miou_real
 
+        layers = _max_downsample(cfg, max_downsample)
         miou, images, maps = attention_miou_generated(pipeline, prompts, steps or d.sample_steps, d.guidance_scale,
-                                                   d.sampler, cfg.eval.batch_size, seed=cfg.eval.seed)
+                                                   d.sampler, cfg.eval.batch_size, seed=cfg.eval.seed,
+                                                   max_downsample=layers)
+        results["attention_max_downsample"] = layers
         results["attention_miou_generated"] = miou
         heldout = DATASETS.build_from_dict(dict(cfg.eval.data))
-        results["attention_miou_real"] = attention_miou_real(pipeline, heldout, len(prompts), batch_size=cfg.eval.batch_size)
+        results["attention_miou_real"] = attention_miou_real(pipeline, heldout, len(prompts), batch_size=cfg.eval.batch_size,
+                                                             max_downsample=layers)
     else:
         from mmx.train.text_to_image import generate_and_score
 
@@ -337,6 +342,17 @@ def _evaluate(cfg, pipeline, num: Optional[int], steps: Optional[int], out: Opti
         save_grid(images[:k], prompts[:k], out / "heldout_grid.png", correct[:k], title=title)
         (out / "eval.json").write_text(json.dumps({**results, "prompts": prompts, "correct": correct}, indent=1))
     return results, prompts, images, maps
+
+
+def _max_downsample(cfg, option: Optional[int]) -> Optional[int]:
+    """The --max-downsample option (0: every layer) or, when not given, the recipe's choice."""
+    if option is None:
+        return cfg.eval.attention_max_downsample
+    return option or None
+
+
+def _layers_read(max_downsample: Optional[int]) -> str:
+    return "every cross-attention layer" if max_downsample is None else f"layers with maps at most {max_downsample}x coarser than the image"
 
 
 def _score(value: float) -> str:
@@ -461,6 +477,10 @@ def eval(
     out: Optional[Path] = typer.Option(None, help="Write the grid and eval.json here (default: RUN/eval)."),
     beam: Optional[int] = typer.Option(None, callback=_in_range(1, _COUNT_MAX),
                                        help="Seq2seq runs: beam size (1: greedy; default: the recipe's)."),
+    max_downsample: Optional[int] = typer.Option(
+        None, callback=_in_range(0, _COUNT_MAX),
+        help="Text-to-image runs: read attention only from layers whose maps are at most this many times coarser than the image "
+             "(0: every layer; default: the recipe's eval.attention_max_downsample)."),
 ) -> None:
     """Score a run: held-out caption accuracy (text-to-image), mask IoU (grounding), rollouts (policy),
     exact match (seq2seq).
@@ -482,11 +502,13 @@ def eval(
         return
     cfg, pipeline = _load(run)
     out = out or run / "eval"
-    r, *_ = _evaluate(cfg, pipeline, num, steps, out, f"{run.name}: held-out captions", attention=True)
+    r, *_ = _evaluate(cfg, pipeline, num, steps, out, f"{run.name}: held-out captions", attention=True,
+                      max_downsample=max_downsample)
     console.print(
         f"held-out caption accuracy: {r['caption_accuracy']:.1%} ({r['num_prompts']} prompts)\n"
-        f"attention mIoU (object words, threshold 0.4): generated images {_score(r['attention_miou_generated'])}, "
-        f"real renders noised {_score(r['attention_miou_real'])}\n-> {out}"
+        f"attention mIoU (object words, threshold 0.4, {_layers_read(r['attention_max_downsample'])}): "
+        f"generated images {_score(r['attention_miou_generated'])}, real renders noised {_score(r['attention_miou_real'])}"
+        f"\n-> {out}"
     )
 
 
@@ -507,6 +529,10 @@ def attend(
     seed: int = typer.Option(0, callback=_in_range(0, _SEED_MAX),
                              help="Seed of the initial noise (policy runs: of the episode)."),
     gif: bool = typer.Option(False, help="Also write a GIF per word across windows of denoising steps."),
+    max_downsample: Optional[int] = typer.Option(
+        None, callback=_in_range(0, _COUNT_MAX),
+        help="Text-to-image runs: read attention only from layers whose maps are at most this many times coarser than the image "
+             "(0: every layer; default: the recipe's eval.attention_max_downsample)."),
 ) -> None:
     """Which image region (or action step) looked at which word: overlays, a grid, and statistics.
 
@@ -541,16 +567,19 @@ def attend(
     generator = torch.Generator().manual_seed(seed)
     n_steps = steps or d.sample_steps
     window = max(1, n_steps // 8) if gif else None
+    layers = _max_downsample(cfg, max_downsample)
     try:
         if image is not None:
             images = _image_tensor(image, (height, width))[None]
-            ctx, recorder = attend_real(pipeline, images, [prompt], generator=generator)
+            ctx, recorder = attend_real(pipeline, images, [prompt], generator=generator, max_downsample=layers)
         else:
             scale = d.guidance_scale if guidance is None else guidance
-            images, ctx, recorder = attend_generate(pipeline, [prompt], n_steps, scale, d.sampler, generator, window=window)
-    except (ValueError, KeyError, OSError) as err:
+            images, ctx, recorder = attend_generate(pipeline, [prompt], n_steps, scale, d.sampler, generator, window=window,
+                                                    max_downsample=layers)
+        total = recorder.maps()
+    except (ValueError, KeyError, OSError, RuntimeError) as err:
         _fail(str(err))
-    maps = word_maps(recorder.maps(), ctx.words, image_size=(height, width))[0]
+    maps = word_maps(total, ctx.words, image_size=(height, width))[0]
     try:
         scores = word_ious(maps, detection_masks(prompt, detect_objects(images[0])))
     except ValueError:  # a caption outside the shapes grammar: no detector scores

@@ -65,6 +65,11 @@ def test_train_sample_eval_on_the_tiny_recipe(tmp_path):
     result = runner.invoke(app, ["eval", str(run), "--num", "4", "--steps", "2"])
     assert result.exit_code == 0, result.output
     assert "held-out caption accuracy" in result.output and (run / "eval" / "eval.json").is_file()
+    assert "every cross-attention layer" in result.output
+    result = runner.invoke(app, ["eval", str(run), "--num", "4", "--steps", "2", "--max-downsample", "2"])
+    assert result.exit_code == 0, result.output
+    assert "at most 2x coarser" in result.output
+    assert json.loads((run / "eval" / "eval.json").read_text())["attention_max_downsample"] == 2
 
 
 def test_train_config_typo_lists_valid_keys(tmp_path):
@@ -105,6 +110,9 @@ def test_attend_writes_overlays_grid_and_word_statistics(tmp_path):
                                  str(tmp_path / "real.png"), "--out", str(tmp_path / "att2")])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "att2" / "word_01_red.png").is_file()
+    result = runner.invoke(app, ["attend", str(run), "-p", "a red circle", "--steps", "2", "--max-downsample", "1",
+                                 "--out", str(tmp_path / "att3")])
+    assert result.exit_code == 2 and "max_downsample=1 allows" in " ".join(result.output.split())
 
 
 def test_shipped_demo_model_is_the_committed_recipe_and_runs(tmp_path):

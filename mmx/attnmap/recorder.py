@@ -53,6 +53,11 @@ class AttentionRecorder:
         layers: substrings of module names to keep, or a predicate on the name (None: every
             cross-attention layer).
         steps: which sampling steps to record, as a predicate on the step index (None: all).
+        max_downsample: record only layers whose maps are at most this many times coarser than
+            the image (``H / h``; for sequences ``T / L``), e.g. 4 keeps the 8x8 maps of a 32x32
+            image and skips the 4x4 ones. Coarse maps blur small objects when they are resampled
+            and summed with fine ones (Prompt-to-Prompt reads Stable Diffusion's 16x16 maps only
+            for that reason). None: every resolution.
         per_layer: also keep one running sum per layer.
         window: also keep running sums per window of this many steps (e.g. for a GIF over steps).
         guidance_order: used only when the caller declared no conditional rows (e.g. a diffusers
@@ -71,6 +76,7 @@ class AttentionRecorder:
         grid: tuple[int, int] | None = None,
         layers: Sequence[str] | LayerFilter | None = None,
         steps: Callable[[int], bool] | None = None,
+        max_downsample: float | None = None,
         per_layer: bool = False,
         window: int | None = None,
         guidance_order: str = "uncond_first",
@@ -80,12 +86,16 @@ class AttentionRecorder:
             raise ValueError(f"guidance_order must be 'uncond_first' or 'cond_first'; got {guidance_order!r}")
         if window is not None and window < 1:
             raise ValueError(f"window must be a positive number of steps; got {window}")
+        if max_downsample is not None and not max_downsample >= 1:
+            raise ValueError(f"max_downsample must be >= 1 (1: only maps at the image's own resolution); got {max_downsample}")
         self.model = model
         self.sequence = isinstance(image_size, int)
         self.image_size = (1, int(image_size)) if self.sequence else (int(image_size[0]), int(image_size[1]))
         self.grid = (1, self.image_size[1]) if self.sequence and grid is None else grid
         self.keep_layer = _layer_filter(layers)
         self.keep_step = steps or (lambda step: True)
+        self.max_downsample = max_downsample
+        self.skipped_layers: dict[str, tuple[int, int]] = {}  # too coarse for max_downsample: name -> (h, w)
         self.per_layer = per_layer
         self.window = window
         self.guidance_order = guidance_order
@@ -128,6 +138,7 @@ class AttentionRecorder:
     def reset(self) -> None:
         """Forget everything recorded (hooks stay attached)."""
         self.step, self.calls, self.total = 0, 0, None
+        self.skipped_layers.clear()
         self.layer_totals.clear()
         self.window_totals.clear()
 
@@ -152,13 +163,16 @@ class AttentionRecorder:
         """Add the head-summed probabilities of one call, ``q [B, H, L, D]``, ``k [B, H, S, D]``."""
         if not self.keep_step(self.step):
             return
+        h, w = (1, q.shape[2]) if self.sequence else query_grid(self.image_size, q.shape[2])
+        if self.max_downsample is not None and max(self.image_size[0] / h, self.image_size[1] / w) > self.max_downsample:
+            self.skipped_layers[name] = (h, w)
+            return
         rows = self._rows(q.shape[0])
         q, k = q[rows], k[rows]
         if mask is not None and mask.shape[0] != 1:
             mask = mask[rows]
         probs = attention_probs(q, k, mask, scale=scale).sum(dim=1)  # (B, L, S): summed over heads
         b, l, s = probs.shape
-        h, w = (1, l) if self.sequence else query_grid(self.image_size, l)
         maps = probs.transpose(1, 2).reshape(b, s, h, w)  # (B, S, h, w)
         if self.grid is None:
             self.grid = (h, w)
@@ -176,6 +190,12 @@ class AttentionRecorder:
     def maps(self) -> torch.Tensor:
         """The running sum ``[B, S, h, w]`` (float32) over heads, layers and recorded steps."""
         if self.total is None:
+            if self.skipped_layers:
+                grids = sorted({f"{h}x{w}" for h, w in self.skipped_layers.values()})
+                raise RuntimeError(
+                    f"nothing was recorded: every layer's maps ({', '.join(grids)}) are coarser than max_downsample="
+                    f"{self.max_downsample} allows for an image of {self.image_size[0]}x{self.image_size[1]}"
+                )
             raise RuntimeError("nothing was recorded: run the model inside `with recorder:`")
         return self.total
 

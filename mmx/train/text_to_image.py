@@ -51,6 +51,9 @@ class EvalConfig:
     batch_size: int = 64
     seed: int = 1234
     grid_prompts: int = 16
+    # Attention figures read only layers whose maps are at most this many times coarser than the
+    # image (AttentionRecorder's max_downsample); None: every cross-attention layer.
+    attention_max_downsample: int | None = None
 
 
 @dataclass

@@ -104,6 +104,34 @@ def test_layer_filter_and_no_match_error():
         AttentionRecorder(model, image_size=(8, 8), layers=["nothing"]).__enter__()
 
 
+def test_max_downsample_keeps_only_the_finer_maps():
+    """TINY has cross-attention at full resolution (level 0) and at half (level 1, the middle)."""
+    model, ctx = _model(), _prompts()
+    x, t = torch.randn(3, 3, 8, 12), torch.tensor([10, 20, 30])
+    with AttentionRecorder(model, image_size=(8, 12), per_layer=True) as every:
+        model(x, t, ctx)
+    fine = [name for name in every.layer_totals if name.startswith(("down.0", "up.1"))]
+    assert 0 < len(fine) < every.layers_attached
+    with AttentionRecorder(model, image_size=(8, 12), max_downsample=1) as rec:
+        model(x, t, ctx)
+    assert rec.calls == len(fine) and set(rec.skipped_layers) == set(every.layer_totals) - set(fine)
+    assert set(rec.skipped_layers.values()) == {(4, 6)}
+    torch.testing.assert_close(rec.maps(), sum(every.layer_totals[name] for name in fine))
+    with AttentionRecorder(model, image_size=(8, 12), max_downsample=2) as rec:
+        model(x, t, ctx)
+    assert rec.calls == every.layers_attached and not rec.skipped_layers
+
+
+def test_max_downsample_errors_name_the_value_and_the_grids():
+    with pytest.raises(ValueError, match="max_downsample must be >= 1.*got 0.5"):
+        AttentionRecorder(_model(), image_size=(8, 8), max_downsample=0.5)
+    model = UNet2D(**{**TINY, "attention_levels": (False, True)}).eval()
+    with AttentionRecorder(model, image_size=(8, 8), max_downsample=1) as rec:
+        model(torch.randn(3, 3, 8, 8), torch.tensor([1, 2, 3]), _prompts())
+    with pytest.raises(RuntimeError, match=r"every layer's maps \(4x4\) are coarser than max_downsample=1 .* 8x8"):
+        rec.maps()
+
+
 def test_diffusers_unet_path_records_and_keeps_outputs_identical():
     torch.manual_seed(0)
     model = DiffusersUNet2D(channels=(16, 32), layers_per_block=1, attention_levels=(True, True), heads=2,
