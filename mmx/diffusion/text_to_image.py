@@ -45,6 +45,8 @@ class TextToImage(nn.Module):
         reading_weight: weight of the reading loss (each position inside an object should read
             that object's colour and shape words alike, :meth:`GroundingCapture.reading_loss`);
             like the grounding loss it needs per-word object masks. 0 disables it.
+        guidance_interval: default for :meth:`generate`: guidance only at steps whose timestep lies
+            in ``(low, high)`` (see :func:`~mmx.diffusion.sample`); None: at every step.
     """
 
     def __init__(
@@ -61,6 +63,7 @@ class TextToImage(nn.Module):
         component_scale: float = 0.0,
         grounding_kind: str = "inside",
         reading_weight: float = 0.0,
+        guidance_interval: tuple[float, float] | None = None,
     ) -> None:
         super().__init__()
         if not 0.0 <= cond_drop_prob < 1.0:
@@ -80,6 +83,11 @@ class TextToImage(nn.Module):
         self.reading_weight = reading_weight
         self.describe_parts, self.component_scale = describe_parts, component_scale
         self._texts = CachedTextEncoder(text_encoder, max_tokens)
+        if guidance_interval is not None:
+            if len(guidance_interval) != 2 or not float(guidance_interval[0]) <= float(guidance_interval[1]):
+                raise ValueError(f"guidance_interval must be (low, high) timesteps with low <= high; got {guidance_interval!r}")
+            guidance_interval = (float(guidance_interval[0]), float(guidance_interval[1]))
+        self.guidance_interval = guidance_interval
 
     # -- text ------------------------------------------------------------------------------------
     def encode(self, captions: Sequence[str]) -> Context:
@@ -143,13 +151,15 @@ class TextToImage(nn.Module):
         unet: nn.Module | None = None,
         components: Sequence[Sequence[str]] | None = None,
         component_scale: float | None = None,
+        guidance_interval: tuple[float, float] | None = None,
     ) -> torch.Tensor:
         """Images ``[B, C, H, W]`` in [-1, 1] for ``prompts`` (of any lengths), with guidance in one batched call.
 
         ``unet`` overrides ``self.unet`` (e.g. the trainer's EMA-weighted copy). ``components``
         (per prompt, a list of partial descriptions, e.g. "a red shape on the left", "a triangle on
         the left") add composable guidance, each with weight ``component_scale``; by default they
-        come from ``describe_parts`` when ``self.component_scale > 0``.
+        come from ``describe_parts`` when ``self.component_scale > 0``. ``guidance_interval``
+        (timesteps ``(low, high)``; default ``self.guidance_interval``) limits guidance to those steps.
         """
         ctx = self.encode(prompts)
         if component_scale is None:
@@ -166,6 +176,8 @@ class TextToImage(nn.Module):
             parts = self.encode(texts)
         null = self.null_context() if guidance_scale != 1.0 or parts is not None else None
         scheduler = sampler_from(self.scheduler, sampler)
+        if guidance_interval is None:
+            guidance_interval = self.guidance_interval
         x = sample(self.unet if unet is None else unet, scheduler, ctx, self.image_size, num_steps, guidance_scale, null, generator, callback,
-                   components=parts, component_weights=weights)
+                   components=parts, component_weights=weights, guidance_interval=guidance_interval)
         return x.clamp(-1, 1)

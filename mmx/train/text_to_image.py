@@ -39,6 +39,7 @@ class DiffusionConfig:
     sample_steps: int = 25
     guidance_scale: float = 3.0
     compose_scale: float = 0.0  # > 0: composable guidance from partial descriptions of each object
+    guidance_interval: tuple[float, float] | None = None  # guide only at timesteps low..high (None: every step)
     compose: tuple[str, ...] = ("colour+position", "shape+position", "colour+shape")
 
 
@@ -98,7 +99,7 @@ def build_pipeline(cfg: TextToImageConfig, unet: nn.Module | None = None):
         parts = functools.partial(caption_components, pairs=tuple(d.compose))
     return TextToImage(unet, encoder, scheduler, tuple(cfg.image_size), d.cond_drop_prob, d.min_snr_gamma, cfg.max_tokens,
                        d.grounding_weight, parts, d.compose_scale, d.grounding_kind,
-                       d.reading_weight)
+                       d.reading_weight, d.guidance_interval)
 
 
 def heldout_prompts(cfg: TextToImageConfig) -> list[str]:

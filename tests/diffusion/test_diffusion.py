@@ -84,6 +84,25 @@ def test_guidance_scale_one_equals_the_conditional_prediction():
     torch.testing.assert_close(with_null, plain)
 
 
+def test_guidance_interval_guides_only_the_steps_inside_it():
+    scheduler = sampler_from(make_scheduler("ddpm", num_train_timesteps=100), "ddim")
+    ctx, null = _ctx(), _ctx(b=1, s=2, seed=5)
+    run = lambda model, **kw: sample(model, scheduler, ctx, (1, 4, 4), num_steps=4, guidance_scale=3.0,
+                                     null_context=null, generator=torch.Generator().manual_seed(0), **kw)
+    everywhere, nowhere = run(Recorder()), run(Recorder(), guidance_interval=(200, 300))
+    torch.testing.assert_close(run(Recorder(), guidance_interval=(0, 99)), everywhere)
+    plain = sample(Recorder(), scheduler, ctx, (1, 4, 4), num_steps=4, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(nowhere, plain)
+    model = Recorder()
+    partly = run(model, guidance_interval=(0, 50))
+    steps = [(int(t[0]), x.shape[0]) for x, t, _ in model.calls]
+    assert [t for t, _ in steps] == [75, 50, 25, 0]
+    assert [rows for _, rows in steps] == [2, 4, 4, 4], "outside the interval only the conditional rows run"
+    assert not torch.allclose(partly, everywhere) and not torch.allclose(partly, plain)
+    with pytest.raises(ValueError, match=r"guidance_interval must be \(low, high\).*got \(300, 200\)"):
+        run(Recorder(), guidance_interval=(300, 200))
+
+
 @pytest.mark.parametrize("name", ["ddpm", "ddim", "dpm++", "euler"])
 def test_every_sampler_runs_with_callback_and_seed(name):
     train = make_scheduler("ddpm", num_train_timesteps=100, prediction_type="v_prediction")
