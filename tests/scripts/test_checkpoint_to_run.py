@@ -1,0 +1,38 @@
+"""scripts/checkpoint_to_run.py: a checkpoint's EMA weights become a run folder that loads and equals the run's."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).parents[2]
+SCRIPT = str(ROOT / "scripts" / "checkpoint_to_run.py")
+
+
+def _run(*args):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    return subprocess.run([sys.executable, SCRIPT, *map(str, args)], capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_last_checkpoint_gives_the_finished_model(tmp_path):
+    from typer.testing import CliRunner
+
+    from mmx.cli import app
+    from mmx.train.text_to_image import load_run
+
+    run = tmp_path / "run"
+    result = CliRunner().invoke(app, ["train", str(ROOT / "configs" / "shapes_t2i_tiny.yaml"), "train.max_steps=2",
+                                      "train.checkpoint_every=2", "--out", str(run)])
+    assert result.exit_code == 0, result.output
+    proc = _run(run / "checkpoints" / "step_0000002", "--out", tmp_path / "at2")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    _, finished = load_run(run)
+    _, converted = load_run(tmp_path / "at2")
+    for (name, a), (_, b) in zip(finished.unet.state_dict().items(), converted.unet.state_dict().items()):
+        assert torch.equal(a, b), name
+    again = _run(run / "checkpoints" / "step_0000002", "--out", tmp_path / "at2")
+    assert again.returncode != 0 and "exists" in again.stderr
+    missing = _run(tmp_path / "nothing", "--out", tmp_path / "x")
+    assert missing.returncode != 0 and "mmx_ema.safetensors not found" in missing.stderr
