@@ -96,6 +96,7 @@ class AttentionRecorder:
         self.keep_step = steps or (lambda step: True)
         self.max_downsample = max_downsample
         self.skipped_layers: dict[str, tuple[int, int]] = {}  # too coarse for max_downsample: name -> (h, w)
+        self.layer_grids: dict[str, tuple[int, int]] = {}  # recorded layers: name -> their own (h, w)
         self.per_layer = per_layer
         self.window = window
         self.guidance_order = guidance_order
@@ -139,6 +140,7 @@ class AttentionRecorder:
         """Forget everything recorded (hooks stay attached)."""
         self.step, self.calls, self.total = 0, 0, None
         self.skipped_layers.clear()
+        self.layer_grids.clear()
         self.layer_totals.clear()
         self.window_totals.clear()
 
@@ -174,6 +176,7 @@ class AttentionRecorder:
         probs = attention_probs(q, k, mask, scale=scale).sum(dim=1)  # (B, L, S): summed over heads
         b, l, s = probs.shape
         maps = probs.transpose(1, 2).reshape(b, s, h, w)  # (B, S, h, w)
+        self.layer_grids[name] = (h, w)
         if self.grid is None:
             self.grid = (h, w)
         if (h, w) != tuple(self.grid):

@@ -115,7 +115,8 @@ def test_max_downsample_keeps_only_the_finer_maps():
     with AttentionRecorder(model, image_size=(8, 12), max_downsample=1) as rec:
         model(x, t, ctx)
     assert rec.calls == len(fine) and set(rec.skipped_layers) == set(every.layer_totals) - set(fine)
-    assert set(rec.skipped_layers.values()) == {(4, 6)}
+    assert set(rec.skipped_layers.values()) == {(4, 6)} and set(every.layer_grids.values()) == {(8, 12), (4, 6)}
+    assert set(rec.layer_grids) == set(fine)
     torch.testing.assert_close(rec.maps(), sum(every.layer_totals[name] for name in fine))
     with AttentionRecorder(model, image_size=(8, 12), max_downsample=2) as rec:
         model(x, t, ctx)
