@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -63,6 +63,15 @@ def _batch(context: Context, null: Context, components: Context | None = None) -
     )
 
 
+def check_guidance_interval(interval: Sequence[float] | None) -> tuple[float, float] | None:
+    """``(low, high)`` timesteps as floats, or None; anything else is a ValueError naming it."""
+    if interval is None:
+        return None
+    if len(interval) != 2 or not all(isinstance(v, numbers.Real) for v in interval) or not interval[0] <= interval[1]:
+        raise ValueError(f"guidance_interval must be (low, high) timesteps with low <= high; got {interval!r}")
+    return float(interval[0]), float(interval[1])
+
+
 @torch.no_grad()
 def sample(
     model: Callable[[torch.Tensor, torch.Tensor, Context], torch.Tensor],
@@ -104,10 +113,7 @@ def sample(
     check_steps(num_steps, scheduler)
     if not isinstance(guidance_scale, numbers.Real) or not math.isfinite(guidance_scale):
         raise ValueError(f"guidance_scale must be a finite number (1.0: no guidance); got {guidance_scale!r}")
-    if guidance_interval is not None:
-        if len(guidance_interval) != 2 or not all(isinstance(v, numbers.Real) for v in guidance_interval) \
-                or not guidance_interval[0] <= guidance_interval[1]:
-            raise ValueError(f"guidance_interval must be (low, high) timesteps with low <= high; got {guidance_interval!r}")
+    guidance_interval = check_guidance_interval(guidance_interval)
     b = context.batch_size
     device = context.device
     guided = guidance_scale != 1.0 or components is not None

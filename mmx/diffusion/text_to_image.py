@@ -14,7 +14,7 @@ from mmx.context import Context
 from mmx.encoders.cache import CachedTextEncoder
 from mmx.diffusion.grounding_loss import GroundingCapture, token_targets
 from mmx.diffusion.loss import diffusion_loss, drop_conditions
-from mmx.diffusion.sampling import StepCallback, pad_context, sample
+from mmx.diffusion.sampling import StepCallback, check_guidance_interval, pad_context, sample
 from mmx.diffusion.schedulers import sampler_from
 
 __all__ = ["TextToImage", "GROUNDING_KINDS"]
@@ -83,11 +83,7 @@ class TextToImage(nn.Module):
         self.reading_weight = reading_weight
         self.describe_parts, self.component_scale = describe_parts, component_scale
         self._texts = CachedTextEncoder(text_encoder, max_tokens)
-        if guidance_interval is not None:
-            if len(guidance_interval) != 2 or not float(guidance_interval[0]) <= float(guidance_interval[1]):
-                raise ValueError(f"guidance_interval must be (low, high) timesteps with low <= high; got {guidance_interval!r}")
-            guidance_interval = (float(guidance_interval[0]), float(guidance_interval[1]))
-        self.guidance_interval = guidance_interval
+        self.guidance_interval = check_guidance_interval(guidance_interval)
 
     # -- text ------------------------------------------------------------------------------------
     def encode(self, captions: Sequence[str]) -> Context:
