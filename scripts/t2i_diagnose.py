@@ -71,7 +71,7 @@ def score_setting(pipeline, cfg, prompts, guidance, max_downsample, seed, data) 
 
 
 def pair_probe(pipeline, cfg, guidance, per_pair, seed) -> dict:
-    """Every (colour, shape) alone on the left: the detector's reading of what was drawn there."""
+    """Every (colour, shape) of the run's data alone on the left: the detector's reading of what was drawn there."""
     import torch
 
     from mmx.data.shapes import COLOURS, SHAPES
@@ -79,7 +79,7 @@ def pair_probe(pipeline, cfg, guidance, per_pair, seed) -> dict:
 
     d = cfg.diffusion
     table = {}
-    for colour in COLOURS:
+    for colour in cfg.data.get("colours", COLOURS):
         for shape in SHAPES:
             images = pipeline.generate([f"a {colour} {shape} on the left"] * per_pair, d.sample_steps, guidance,
                                        d.sampler, torch.Generator().manual_seed(seed))

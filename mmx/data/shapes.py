@@ -1,6 +1,7 @@
 """Synthetic shapes with captions, object masks and caption-word alignments.
 
-Each image (default 32x32) shows 1-2 flat, saturated shapes on a black background, each at one
+Each image (default 32x32) shows 1-2 flat, saturated shapes on a black background (by default in
+red, green, blue or yellow; ``colours=`` picks any of the six of :data:`PALETTE`), each at one
 of five anchors (left, right, top, bottom, centre), with a caption such as
 "a blue square at the top and on the right there is a green triangle". Objects are a quarter of
 the image wide and the anchors sit 5/16 apart, so two objects never touch (at 32x32 there are at
@@ -28,6 +29,7 @@ __all__ = [
     "HELDOUT_COLOUR_SHAPE",
     "HELDOUT_SHAPE_POSITION",
     "OBJECT_SCALE",
+    "PALETTE",
     "POSITIONS",
     "POSITION_PHRASES",
     "POSITION_WORDS",
@@ -47,13 +49,18 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# Saturated RGB colours, pairwise at least 255 apart (2.0 in [-1, 1] units), and from the background.
-COLOURS: dict[str, tuple[int, int, int]] = {
+# Every colour an object can have: the six saturated RGB corners, 60 degrees of hue apart, pairwise
+# at least 255 apart (2.0 in [-1, 1] units) and from the background. The detector reads all six.
+PALETTE: dict[str, tuple[int, int, int]] = {
     "red": (255, 0, 0),
     "green": (0, 255, 0),
     "blue": (0, 0, 255),
     "yellow": (255, 255, 0),
+    "cyan": (0, 255, 255),
+    "magenta": (255, 0, 255),
 }
+# The default colours of ShapesDataset (and the colour words of the seq2seq and policy data sets).
+COLOURS: dict[str, tuple[int, int, int]] = {name: PALETTE[name] for name in ("red", "green", "blue", "yellow")}
 BACKGROUND: tuple[int, int, int] = (0, 0, 0)
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 # Anchor (x, y) of each position as fractions of the image width/height; pixel-aligned at 16, 32, 64.
@@ -106,7 +113,7 @@ class ShapeSpec:
 
     def __post_init__(self) -> None:
         for value, valid, what in (
-            (self.colour, COLOURS, "colour"),
+            (self.colour, PALETTE, "colour"),
             (self.shape, SHAPES, "shape"),
             (self.position, POSITIONS, "position"),
         ):
@@ -169,7 +176,7 @@ def _draw(
     for obj in objects:
         cover = _coverage(obj, size, samples, scale)  # [H, W]
         alpha = cover[..., None]  # [H, W, 1]
-        image = image * (1 - alpha) + np.asarray(COLOURS[obj.colour], dtype=np.float64) * alpha
+        image = image * (1 - alpha) + np.asarray(PALETTE[obj.colour], dtype=np.float64) * alpha
         masks.append(cover >= 0.5)
     return np.clip(np.rint(image), 0, 255).astype(np.uint8), masks
 
@@ -292,6 +299,7 @@ class ShapesDataset(Dataset):
         heldout_shape_position: Sequence[Sequence[str]] = HELDOUT_SHAPE_POSITION,
         antialias: bool = False,
         drop_attribute: float = 0.0,
+        colours: Sequence[str] = tuple(COLOURS),
     ) -> None:
         if split not in self.SPLITS:
             raise ValueError(f"unknown split {split!r}; valid: {', '.join(self.SPLITS)}")
@@ -313,13 +321,20 @@ class ShapesDataset(Dataset):
         if not 0.0 <= drop_attribute <= 1.0:
             raise ValueError(f"drop_attribute must be a probability in [0, 1]; got {drop_attribute}")
         self.max_objects, self.antialias, self.drop_attribute = max_objects, antialias, drop_attribute
-        self.heldout_colour_shape = _check_pairs(heldout_colour_shape, list(COLOURS), SHAPES, "(colour, shape)")
+        if isinstance(colours, str) or not isinstance(colours, Sequence) or not colours:
+            raise TypeError(f"ShapesDataset colours must be a non-empty list of colour names; got {colours!r}")
+        unknown = [c for c in colours if c not in PALETTE]
+        if unknown or len(set(colours)) != len(colours):
+            problem = f"unknown {unknown!r}" if unknown else "a repeated name"
+            raise ValueError(f"ShapesDataset colours {list(colours)!r} has {problem}; choose from {', '.join(PALETTE)}")
+        self.colours = tuple(colours)
+        self.heldout_colour_shape = _check_pairs(heldout_colour_shape, self.colours, SHAPES, "(colour, shape)")
         self.heldout_shape_position = _check_pairs(heldout_shape_position, SHAPES, list(POSITIONS), "(shape, position)")
 
-        everything = [(c, s, p) for c in COLOURS for s in SHAPES for p in POSITIONS]
+        everything = [(c, s, p) for c in self.colours for s in SHAPES for p in POSITIONS]
         self._train_pool = [o for o in everything if not self.is_heldout(*o)]
         self._heldout_pool = [o for o in everything if self.is_heldout(*o)]
-        for index, vocabulary, what in ((0, COLOURS, "colour"), (1, SHAPES, "shape"), (2, POSITIONS, "position")):
+        for index, vocabulary, what in ((0, self.colours, "colour"), (1, SHAPES, "shape"), (2, POSITIONS, "position")):
             missing = sorted(set(vocabulary) - {o[index] for o in self._train_pool})
             if missing:
                 raise ValueError(f"the held-out pairs leave no training object with {what} {', '.join(missing)}")
@@ -392,8 +407,8 @@ class ShapesDataset(Dataset):
     def __repr__(self) -> str:
         return (
             f"ShapesDataset(split={self.split!r}, size={self.size}, length={self.length}, seed={self.seed}, "
-            f"max_objects={self.max_objects}, heldout_colour_shape={self.heldout_colour_shape}, "
-            f"heldout_shape_position={self.heldout_shape_position})"
+            f"max_objects={self.max_objects}, colours={self.colours}, "
+            f"heldout_colour_shape={self.heldout_colour_shape}, heldout_shape_position={self.heldout_shape_position})"
         )
 
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mmx.data.shapes import COLOURS, POSITION_PHRASES, POSITION_WORDS, POSITIONS, SHAPES, TEMPLATES
+from mmx.data.shapes import PALETTE, POSITION_PHRASES, POSITION_WORDS, POSITIONS, SHAPES, TEMPLATES
 
 __all__ = [
     "CaptionCheck",
@@ -38,7 +38,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_COLOUR_NAMES = list(COLOURS)
+_COLOUR_NAMES = list(PALETTE)
 _ANCHORS = np.array(list(POSITIONS.values()), dtype=np.float64)  # [P, 2] (x, y) fractions
 _POSITION_NAMES = list(POSITIONS)
 _NEIGHBOURS = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]
@@ -104,19 +104,19 @@ def _hue(rgb: np.ndarray) -> np.ndarray:
     return np.degrees(np.arctan2(np.sqrt(3.0) * (g - b), 2 * r - g - b)) % 360.0
 
 
-_PALETTE_RGB = np.array(list(COLOURS.values()), dtype=np.float64) / 255.0  # [K, 3] in [0, 1]
-_PALETTE_HUES = _hue(_PALETTE_RGB)  # [K] red 0, green 120, blue 240, yellow 60
+_PALETTE_RGB = np.array(list(PALETTE.values()), dtype=np.float64) / 255.0  # [K, 3] in [0, 1]
+_PALETTE_HUES = _hue(_PALETTE_RGB)  # [K] red 0, green 120, blue 240, yellow 60, cyan 180, magenta 300
 
 
 def classify_pixels(
     image: torch.Tensor | np.ndarray | Image.Image, min_chroma: float = 0.5, max_hue_distance: float = 30.0
 ) -> np.ndarray:
-    """Palette index per pixel: [H, W] int, k for the k-th colour of COLOURS (1-based), 0 for none.
+    """Palette index per pixel: [H, W] int, k for the k-th colour of PALETTE (1-based), 0 for none.
 
     A pixel is coloured when its chroma (max - min channel, in [0, 1]) is at least ``min_chroma``:
     a palette colour blended half-and-half with any grey background has chroma 0.5, so this is
     the 50% coverage level, whatever the brightness of the background. Its colour is the palette
-    colour of nearest hue, if within ``max_hue_distance`` degrees (cyan and magenta match none).
+    colour of nearest hue, if within ``max_hue_distance`` degrees (the six palette hues are 60 apart).
     """
     rgb = (_as_array(image) + 1.0) / 2.0  # [H, W, 3] in [0, 1]
     chroma = rgb.max(axis=-1) - rgb.min(axis=-1)  # [H, W]
@@ -246,7 +246,7 @@ def parse_caption(caption: str) -> list[Claim]:
     for clause in clauses:
         found: dict[str, list[str]] = {"colour": [], "shape": [], "position": []}
         for word in clause:
-            if word in COLOURS:
+            if word in PALETTE:
                 found["colour"].append(word)
             elif word in SHAPES:
                 found["shape"].append(word)

@@ -10,7 +10,7 @@ from typing import Sequence
 
 import torch
 
-from mmx.data.shapes import COLOURS, SHAPES
+from mmx.data.shapes import PALETTE, SHAPES
 from mmx.eval.detector import Claim, Detection, parse_caption
 
 __all__ = ["binarize", "iou", "object_words", "word_ious", "word_pointing", "detection_masks"]
@@ -65,7 +65,7 @@ def word_ious(word_maps: Sequence, masks: dict[int, torch.Tensor], threshold: fl
     scores = {}
     for word_map in word_maps:
         mask = masks.get(word_map.index)
-        if mask is None or word_map.word not in COLOURS and word_map.word not in SHAPES:
+        if mask is None or word_map.word not in PALETTE and word_map.word not in SHAPES:
             continue
         scores[word_map.index] = iou(binarize(word_map.map, threshold), mask.to(word_map.map.device))
     return scores
@@ -80,7 +80,7 @@ def word_pointing(word_maps: Sequence, masks: dict[int, torch.Tensor]) -> dict[i
     hits = {}
     for word_map in word_maps:
         mask = masks.get(word_map.index)
-        if mask is None or word_map.word not in COLOURS and word_map.word not in SHAPES:
+        if mask is None or word_map.word not in PALETTE and word_map.word not in SHAPES:
             continue
         peak = int(word_map.map.argmax())
         hits[word_map.index] = bool(mask.flatten()[peak])

@@ -12,6 +12,7 @@ from mmx.data import (
     DATASETS,
     HELDOUT_COLOUR_SHAPE,
     HELDOUT_SHAPE_POSITION,
+    PALETTE,
     POSITIONS,
     SHAPES,
     ShapesDataset,
@@ -98,6 +99,33 @@ def test_custom_heldout_pairs_and_invalid_ones():
         ShapesDataset("heldout", heldout_colour_shape=[], heldout_shape_position=[])
     with pytest.raises(ValueError, match="unknown split"):
         ShapesDataset("test")
+
+
+def test_colours_option_draws_every_chosen_colour_and_keeps_the_default_data():
+    six = ("red", "green", "blue", "yellow", "cyan", "magenta")
+    ds = ShapesDataset("train", length=400, seed=3, colours=six)
+    seen = [o for i in range(len(ds)) for o in ds.specs(i)]
+    assert {o.colour for o in seen} == set(six)
+    assert all(ds.is_heldout(o.colour, o.shape, o.position) is False for o in seen)
+    item = ds[next(i for i in range(400) if any(o.colour == "magenta" for o in ds.specs(i)))]
+    magenta = next(o for o in item["objects"] if o.colour == "magenta")
+    pixels = ((item["image"].permute(1, 2, 0) + 1) * 127.5).round()[magenta.mask]  # [N, 3]
+    assert (pixels == torch.tensor(PALETTE["magenta"], dtype=pixels.dtype)).all()
+    assert "magenta" in item["caption"].split()
+    default = ShapesDataset("train", length=50, seed=3)
+    listed = ShapesDataset("train", length=50, seed=3, colours=list(COLOURS))
+    assert [default[i]["caption"] for i in range(50)] == [listed[i]["caption"] for i in range(50)]
+    two = ShapesDataset("heldout", length=200, seed=3, colours=["blue", "cyan"],
+                        heldout_colour_shape=[("cyan", "circle")])
+    assert {o.colour for i in range(200) for o in two.specs(i)} == {"blue", "cyan"}
+    with pytest.raises(ValueError, match=r"unknown \['purple'\].*choose from red, green, blue, yellow, cyan, magenta"):
+        ShapesDataset(colours=["red", "purple"])
+    with pytest.raises(ValueError, match="repeated"):
+        ShapesDataset(colours=["red", "red"])
+    with pytest.raises(TypeError, match="non-empty list"):
+        ShapesDataset(colours="red")
+    with pytest.raises(ValueError, match="held-out.*'red', 'triangle'"):  # a held-out pair names a colour not chosen
+        ShapesDataset(colours=["green", "blue", "yellow"])
 
 
 def test_captions_are_lower_case_words_with_paraphrases():

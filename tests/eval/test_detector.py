@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from mmx.data import COLOURS, POSITION_PHRASES, POSITIONS, SHAPES, TEMPLATES, ShapesDataset, ShapeSpec, render
+from mmx.data import PALETTE, POSITION_PHRASES, POSITIONS, SHAPES, TEMPLATES, ShapesDataset, ShapeSpec, render
 from mmx.eval import caption_accuracy, caption_correct, detect_objects, parse_caption
 from mmx.eval.detector import Claim, check_caption, classify_pixels
 
@@ -51,6 +51,16 @@ def test_antialiased_and_larger_renders(renders):
         ds = ShapesDataset("heldout", length=60, seed=5, **kwargs)
         accuracy = caption_accuracy([ds[i]["image"] for i in range(60)], [ds[i]["caption"] for i in range(60)])
         assert accuracy >= 0.99, (kwargs, accuracy)
+
+
+def test_six_colour_data_is_read_correctly_and_mismatches_fail():
+    six = ShapesDataset("heldout", length=300, seed=7, colours=list(PALETTE))
+    images = torch.stack([six[i]["image"] for i in range(len(six))])
+    captions = [six[i]["caption"] for i in range(len(six))]
+    assert {w for c in captions for w in c.split()} >= {"cyan", "magenta"}
+    assert caption_accuracy(images, captions) >= 0.99
+    shuffled = np.random.default_rng(0).permutation(len(captions))
+    assert caption_accuracy(images, [captions[j] for j in shuffled]) < 0.15
 
 
 def test_mismatched_captions_score_near_chance(renders):
@@ -105,7 +115,7 @@ def test_specks_are_ignored_and_two_same_colour_objects_stay_apart():
 
 def test_every_object_kind_is_detected_at_every_size():
     for size in (32, 64):
-        for colour, shape, position in itertools.product(COLOURS, SHAPES, POSITIONS):
+        for colour, shape, position in itertools.product(PALETTE, SHAPES, POSITIONS):
             (found,) = detect_objects(render([ShapeSpec(colour, shape, position)], size))
             assert (found.colour, found.shape, found.position) == (colour, shape, position)
 
@@ -121,17 +131,19 @@ def test_image_forms_agree():
         detect_objects(pixels.astype(np.float32))
 
 
-def test_pixel_colours_tolerate_shading_but_not_other_hues():
+def test_pixel_colours_tolerate_shading_but_not_greys():
     colours = {
         "red": (200, 40, 30),
         "yellow": (170, 160, 20),
         "green": (40, 180, 60),
         "blue": (30, 40, 220),
+        "cyan": (20, 190, 200),
+        "magenta": (210, 30, 190),
         None: (128, 128, 128),
     }
-    others = [(0, 255, 255), (255, 0, 255), (255, 255, 255), (20, 20, 20)]  # cyan, magenta, white, near black
-    names = list(COLOURS)
-    pixels = np.array([list(colours.values()) + others], dtype=np.uint8)  # [1, 9, 3]
+    others = [(255, 255, 255), (20, 20, 20), (150, 120, 130)]  # white, near black, a dull pink (chroma 0.12)
+    names = list(PALETTE)
+    pixels = np.array([list(colours.values()) + others], dtype=np.uint8)  # [1, 10, 3]
     labels = classify_pixels(pixels)[0].tolist()
     assert [names[k - 1] if k else None for k in labels] == list(colours) + [None] * len(others)
 
