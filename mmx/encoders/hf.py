@@ -64,7 +64,8 @@ class HFTextEncoder(TextEncoder):
             or ``"cls"``, the first token's state.
         hidden_layer: take the token states of this hidden layer instead of the last (0 = the
             embedding layer, word + position; negative counts from the end). Earlier layers mix
-            less context into each word's state.
+            less context into each word's state. On a BERT-style model (``model.encoder.layer``)
+            the layers after it are dropped at load time, so they cost nothing.
     """
 
     def __init__(
@@ -82,6 +83,9 @@ class HFTextEncoder(TextEncoder):
         self.pooling = pooling
         self.hidden_layer = hidden_layer
         self._tokenizer, self.model = _load(resolve_model_path(self.name_or_path))
+        self._state_index = hidden_layer  # which of the model's hidden states encode() returns
+        self._embeddings_only = False  # hidden_layer 0 of a BERT-style model: run the embedding layer alone
+        self._drop_unused_layers()
         limit = _model_limit(self.model.config, self._tokenizer)
         if max_length is not None and limit is not None and max_length > limit:
             raise ValueError(f"max_length={max_length} exceeds the {limit}-token limit of {self.name_or_path!r}")
@@ -89,6 +93,25 @@ class HFTextEncoder(TextEncoder):
         if not getattr(self._tokenizer, "is_fast", False):
             logger.info("%s has no fast tokenizer; word spans come from prefix token counts", self.name_or_path)
         self._finish_init()
+
+    def _drop_unused_layers(self) -> None:
+        """Keep only the layers up to ``hidden_layer`` of a BERT-style encoder: its states come out the same."""
+        layers = getattr(getattr(self.model, "encoder", None), "layer", None)
+        if self.hidden_layer is None or not isinstance(layers, torch.nn.ModuleList):
+            return
+        self._check_hidden_layer(len(layers) + 1)
+        keep = self.hidden_layer % (len(layers) + 1)  # layers that run; their last output is the state wanted
+        if keep == 0 and not isinstance(getattr(self.model, "embeddings", None), torch.nn.Module):
+            return  # the embedding states come only out of the full forward
+        self.model.encoder.layer = layers[:keep]
+        self._state_index, self._embeddings_only = keep, keep == 0
+        logger.debug("%s: hidden_layer=%d, so %d of %d layers run", self.name_or_path, self.hidden_layer, keep,
+                     len(layers))
+
+    def _check_hidden_layer(self, states: int) -> None:
+        if not -states <= self.hidden_layer < states:
+            raise ValueError(f"hidden_layer={self.hidden_layer} is out of range; {self.name_or_path!r} has {states} "
+                             "hidden states (0 = embeddings)")
 
     @property
     def dim(self) -> int:
@@ -113,11 +136,17 @@ class HFTextEncoder(TextEncoder):
         if self.hidden_layer is None:
             tokens = self.model(input_ids=ids, attention_mask=mask.long()).last_hidden_state  # [B, S, D]
         else:
+            if self._embeddings_only:
+                tokens = self.model.embeddings(input_ids=ids)  # [B, S, D]
+                return self._pool(tokens, mask)
             states = self.model(input_ids=ids, attention_mask=mask.long(), output_hidden_states=True).hidden_states
-            if not -len(states) <= self.hidden_layer < len(states):
-                raise ValueError(f"hidden_layer={self.hidden_layer} is out of range; the model has {len(states)} "
-                                 "hidden states (0 = embeddings)")
-            tokens = states[self.hidden_layer]  # [B, S, D]
+            if self._state_index == self.hidden_layer:  # the model kept all its layers
+                self._check_hidden_layer(len(states))
+            tokens = states[self._state_index]  # [B, S, D]
+        return self._pool(tokens, mask)
+
+    def _pool(self, tokens: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens ``[B, S, D]`` -> (tokens, pooled ``[B, D]``)."""
         if self.pooling == "cls":
             return tokens, tokens[:, 0]
         weights = mask.unsqueeze(-1).to(tokens.dtype)  # [B, S, 1]

@@ -140,3 +140,14 @@ def test_hidden_layer_selects_earlier_states(minilm: HFTextEncoder, minilm_path:
     assert not torch.allclose(minilm([RED, BLUE]).tokens[0, 3], minilm([RED, BLUE]).tokens[1, 3])
     with pytest.raises(ValueError, match="hidden_layer=9"):
         HFTextEncoder(minilm_path, hidden_layer=9)(RED)
+
+
+@pytest.mark.parametrize("layer", [0, 2, -2])
+def test_hidden_layer_runs_only_the_layers_it_needs(minilm: HFTextEncoder, minilm_path: str, layer: int) -> None:
+    """Dropping the layers after ``hidden_layer`` changes nothing but the cost."""
+    early = HFTextEncoder(minilm_path, hidden_layer=layer)
+    assert len(early.model.encoder.layer) == layer % 7 < len(minilm.model.encoder.layer) == 6
+    ids, mask, *_ = minilm._tokenize([RED, BLUE])
+    with torch.no_grad():
+        full = minilm.model(input_ids=ids, attention_mask=mask.long(), output_hidden_states=True).hidden_states
+    assert torch.equal(early.encode(ids, mask)[0], full[layer])
