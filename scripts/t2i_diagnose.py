@@ -74,12 +74,13 @@ def pair_probe(pipeline, cfg, guidance, per_pair, seed) -> dict:
     """Every (colour, shape) of the run's data alone on the left: the detector's reading of what was drawn there."""
     import torch
 
-    from mmx.data.shapes import COLOURS, SHAPES
+    from mmx.data import DATASETS
+    from mmx.data.shapes import SHAPES
     from mmx.eval import detect_objects
 
     d = cfg.diffusion
     table = {}
-    for colour in cfg.data.get("colours", COLOURS):
+    for colour in DATASETS.build_from_dict(dict(cfg.data)).colours:  # the colours the run trained on
         for shape in SHAPES:
             images = pipeline.generate([f"a {colour} {shape} on the left"] * per_pair, d.sample_steps, guidance,
                                        d.sampler, torch.Generator().manual_seed(seed))

@@ -135,18 +135,13 @@ class HFTextEncoder(TextEncoder):
         """ids ``[B, S]``, mask ``[B, S]`` -> (last hidden states ``[B, S, D]``, pooled ``[B, D]``)."""
         if self.hidden_layer is None:
             tokens = self.model(input_ids=ids, attention_mask=mask.long()).last_hidden_state  # [B, S, D]
+        elif self._embeddings_only:
+            tokens = self.model.embeddings(input_ids=ids)  # [B, S, D]
         else:
-            if self._embeddings_only:
-                tokens = self.model.embeddings(input_ids=ids)  # [B, S, D]
-                return self._pool(tokens, mask)
             states = self.model(input_ids=ids, attention_mask=mask.long(), output_hidden_states=True).hidden_states
-            if self._state_index == self.hidden_layer:  # the model kept all its layers
+            if self._state_index == self.hidden_layer:  # not truncated (or at k >= 0, checked at load already)
                 self._check_hidden_layer(len(states))
             tokens = states[self._state_index]  # [B, S, D]
-        return self._pool(tokens, mask)
-
-    def _pool(self, tokens: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """tokens ``[B, S, D]`` -> (tokens, pooled ``[B, D]``)."""
         if self.pooling == "cls":
             return tokens, tokens[:, 0]
         weights = mask.unsqueeze(-1).to(tokens.dtype)  # [B, S, 1]
