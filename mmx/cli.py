@@ -336,12 +336,29 @@ def _evaluate(cfg, pipeline, num: Optional[int], steps: Optional[int], out: Opti
         images, _ = generate_and_score(pipeline, cfg, prompts, cfg.eval.seed, num_steps=steps)
     correct = [caption_correct(image, prompt) for image, prompt in zip(images, prompts)]
     results["caption_accuracy"] = sum(correct) / len(correct)
+    results["accuracy_by_pair"] = _accuracy_by_pair(cfg, prompts, correct)
     if out is not None:
         _make_dir(out)
         k = cfg.eval.grid_prompts
         save_grid(images[:k], prompts[:k], out / "heldout_grid.png", correct[:k], title=title)
         (out / "eval.json").write_text(json.dumps({**results, "prompts": prompts, "correct": correct}, indent=1))
     return results, prompts, images, maps
+
+
+def _accuracy_by_pair(cfg, prompts: list[str], correct: list[bool]) -> dict[str, tuple[int, int]]:
+    """Right / total captions per held-out pair of the evaluation data ({} for data without pairs)."""
+    from mmx.data import DATASETS
+    from mmx.eval import accuracy_by_pair
+
+    data = DATASETS.build_from_dict(dict(cfg.eval.data))
+    if not hasattr(data, "heldout_colour_shape"):
+        return {}
+    return accuracy_by_pair(prompts, correct, data.heldout_colour_shape, data.heldout_shape_position)
+
+
+def _by_pair(results: dict) -> str:
+    pairs = results.get("accuracy_by_pair") or {}
+    return ", ".join(f"{name} {right}/{total}" for name, (right, total) in pairs.items() if total) or "n/a"
 
 
 def _max_downsample(cfg, option: Optional[int]) -> Optional[int]:
@@ -506,6 +523,7 @@ def eval(
                       max_downsample=max_downsample)
     console.print(
         f"held-out caption accuracy: {r['caption_accuracy']:.1%} ({r['num_prompts']} prompts)\n"
+        f"captions right, by the held-out pair they name: {_by_pair(r)}\n"
         f"attention mIoU (object words, threshold 0.4, {_layers_read(r['attention_max_downsample'])}): "
         f"generated images {_score(r['attention_miou_generated'])}, real renders noised {_score(r['attention_miou_real'])}"
         f"\n-> {out}"
@@ -929,6 +947,7 @@ def demo(
         f"[bold]held-out caption accuracy: {r['caption_accuracy']:.1%}[/bold] on {num} captions with colour-shape "
         f"and shape-position pairs never seen in training; attention mIoU of object words "
         f"{_score(r['attention_miou_generated'])} ({time.perf_counter() - start:.0f} s)\n"
+        f"captions right, by the held-out pair they name: {_by_pair(r)}\n"
         f"samples: {out / 'heldout_grid.png'}   word maps: {out / 'attention_0.png'} ...   details: {out / 'eval.json'}"
     )
 

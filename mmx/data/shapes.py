@@ -74,6 +74,9 @@ POSITIONS: dict[str, tuple[float, float]] = {
 # Side of a shape's bounding box as a fraction of the image (8 pixels at 32x32).
 OBJECT_SCALE = 0.25
 
+# With the four default colours no training image draws a circle in the B channel (only blue lights
+# it), so a generator asked for a "blue circle" must also draw in a channel it never drew a circle in;
+# red triangles are covered by yellow ones in R. ShapesDataset.channel_gaps() names such pairs.
 HELDOUT_COLOUR_SHAPE: tuple[tuple[str, str], ...] = (("red", "triangle"), ("blue", "circle"))
 HELDOUT_SHAPE_POSITION: tuple[tuple[str, str], ...] = (("square", "bottom"), ("circle", "top"))
 
@@ -355,6 +358,21 @@ class ShapesDataset(Dataset):
     def is_heldout(self, colour: str, shape: str, position: str) -> bool:
         """Whether an object with this colour, shape and position has a held-out pair."""
         return (colour, shape) in self.heldout_colour_shape or (shape, position) in self.heldout_shape_position
+
+    def channel_gaps(self) -> dict[tuple[str, str], str]:
+        """Held-out (colour, shape) pairs whose colour lights an RGB channel that no training object
+        of that shape lights, mapped to those channels (e.g. ``{("blue", "circle"): "B"}``).
+
+        A pixel-space generator has then never drawn the shape in that channel, so the pair tests
+        extrapolation in the output as well as the composition of words. ``{}``: every pair is covered.
+        """
+        gaps = {}
+        for colour, shape in self.heldout_colour_shape:
+            lit = {k for c, s, _ in self._train_pool if s == shape for k in range(3) if PALETTE[c][k]}
+            missing = "".join("RGB"[k] for k in range(3) if PALETTE[colour][k] and k not in lit)
+            if missing:
+                gaps[(colour, shape)] = missing
+        return gaps
 
     def __len__(self) -> int:
         return self.length

@@ -28,6 +28,7 @@ __all__ = [
     "CaptionCheck",
     "Claim",
     "Detection",
+    "accuracy_by_pair",
     "caption_accuracy",
     "caption_correct",
     "check_caption",
@@ -309,3 +310,29 @@ def caption_accuracy(images: torch.Tensor | Sequence[torch.Tensor | np.ndarray],
         if not check.correct:
             logger.debug("caption %r: missing %s, extra %s", caption, check.missing, check.extra)
     return correct / len(captions)
+
+
+def accuracy_by_pair(
+    captions: Sequence[str],
+    correct: Sequence[bool],
+    heldout_colour_shape: Sequence[Sequence[str]],
+    heldout_shape_position: Sequence[Sequence[str]],
+) -> dict[str, tuple[int, int]]:
+    """Caption accuracy split by the held-out pair a caption names: ``{"red triangle": (right, captions),
+    "circle at the top": ...}``, in the order the pairs are given.
+
+    A caption naming two held-out pairs counts for both; one naming none is not counted. Shows which
+    unseen composition a model fails, where one number averages them all.
+    """
+    if len(captions) != len(correct):
+        raise ValueError(f"accuracy_by_pair got {len(captions)} captions but {len(correct)} verdicts")
+    names = {("cs", c, s): f"{c} {s}" for c, s in heldout_colour_shape}
+    names |= {("sp", s, p): f"{s} {POSITION_PHRASES[p][0]}" for s, p in heldout_shape_position}
+    tally = {name: [0, 0] for name in names.values()}
+    for caption, ok in zip(captions, correct):
+        claims = parse_caption(caption)
+        named = {("cs", c.colour, c.shape) for c in claims} | {("sp", c.shape, c.position) for c in claims}
+        for key in named & names.keys():
+            tally[names[key]][0] += bool(ok)
+            tally[names[key]][1] += 1
+    return {name: (right, total) for name, (right, total) in tally.items()}

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from mmx.data import PALETTE, POSITION_PHRASES, POSITIONS, SHAPES, TEMPLATES, ShapesDataset, ShapeSpec, render
-from mmx.eval import caption_accuracy, caption_correct, detect_objects, parse_caption
+from mmx.eval import accuracy_by_pair, caption_accuracy, caption_correct, detect_objects, parse_caption
 from mmx.eval.detector import Claim, check_caption, classify_pixels
 
 logger = logging.getLogger(__name__)
@@ -167,3 +167,19 @@ def test_parse_caption_covers_every_template():
 def test_caption_accuracy_checks_lengths():
     with pytest.raises(ValueError, match="2 images but 1 captions"):
         caption_accuracy(torch.zeros(2, 3, 32, 32), ["a red circle on the left"])
+
+
+def test_accuracy_by_pair_counts_each_caption_under_every_held_out_pair_it_names():
+    captions = [
+        "a red triangle on the left",  # red triangle
+        "a blue circle at the top and a green square on the right",  # blue circle, circle at the top
+        "there is a blue circle in the centre",  # blue circle
+        "a green square on the left",  # no held-out pair
+    ]
+    by_pair = accuracy_by_pair(captions, [True, False, True, True], [("red", "triangle"), ("blue", "circle")],
+                               [("circle", "top"), ("square", "bottom")])
+    assert by_pair == {"red triangle": (1, 1), "blue circle": (1, 2), "circle at the top": (0, 1),
+                       "square at the bottom": (0, 0)}
+    assert list(by_pair) == ["red triangle", "blue circle", "circle at the top", "square at the bottom"]
+    with pytest.raises(ValueError, match="2 captions but 1 verdicts"):
+        accuracy_by_pair(captions[:2], [True], [], [])
