@@ -1,6 +1,7 @@
 """Synthetic shapes: determinism, the compositional split, masks and word alignment, batching."""
 
 import string
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -99,6 +100,29 @@ def test_custom_heldout_pairs_and_invalid_ones():
         ShapesDataset("heldout", heldout_colour_shape=[], heldout_shape_position=[])
     with pytest.raises(ValueError, match="unknown split"):
         ShapesDataset("test")
+
+
+def test_channel_gaps_name_the_channels_a_heldout_shape_was_never_drawn_in():
+    # Four colours: only blue lights B, so a held-out blue circle has no circle in B to learn from;
+    # red triangles are covered by yellow ones (R), green circles by yellow ones (G).
+    assert ShapesDataset().channel_gaps() == {("blue", "circle"): "B"}
+    assert ShapesDataset(heldout_colour_shape=[("red", "triangle"), ("green", "circle")]).channel_gaps() == {}
+    six = ("red", "green", "blue", "yellow", "cyan", "magenta")
+    assert ShapesDataset(colours=six).channel_gaps() == {}  # cyan and magenta circles light B
+    # With both held out, only green and blue squares are left: no square in R.
+    assert ShapesDataset(heldout_colour_shape=[("yellow", "square"), ("red", "square")]).channel_gaps() == {
+        ("yellow", "square"): "R", ("red", "square"): "R"}
+
+
+def test_the_t2i_recipe_holds_out_only_channel_covered_pairs():
+    from mmx.config import load_config
+    from mmx.train.text_to_image import TextToImageConfig
+
+    cfg = load_config(Path(__file__).parents[2] / "configs" / "shapes_t2i.yaml", TextToImageConfig)
+    spec = {k: v for k, v in cfg.data.items() if k != "name"}
+    assert ShapesDataset(**spec).channel_gaps() == {}
+    held = {k: v for k, v in cfg.eval.data.items() if k != "name"}
+    assert ShapesDataset(**held).heldout_colour_shape == ShapesDataset(**spec).heldout_colour_shape
 
 
 def test_colours_option_draws_every_chosen_colour_and_keeps_the_default_data():
