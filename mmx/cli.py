@@ -305,7 +305,8 @@ def _evaluate(cfg, pipeline, num: Optional[int], steps: Optional[int], out: Opti
     """
     import json
 
-    from mmx.eval import caption_correct
+    from mmx.data import DATASETS
+    from mmx.eval import accuracy_by_pair, caption_correct
     from mmx.train.text_to_image import heldout_prompts
     from mmx.train.visual import save_grid
 
@@ -314,11 +315,11 @@ def _evaluate(cfg, pipeline, num: Optional[int], steps: Optional[int], out: Opti
         cfg.eval.num_prompts = num
         cfg.eval.data["length"] = max(num, cfg.eval.data.get("length", num))
     prompts = heldout_prompts(cfg)
+    heldout = DATASETS.build_from_dict(dict(cfg.eval.data))
     d = cfg.diffusion
     results: dict = {"num_prompts": len(prompts)}
     maps = None
     if attention:  # one sampling pass gives the images for both figures
-        from mmx.data import DATASETS
         from mmx.eval.attention import attention_miou_generated, attention_miou_real
 
         layers = _max_downsample(cfg, max_downsample)
@@ -327,7 +328,6 @@ def _evaluate(cfg, pipeline, num: Optional[int], steps: Optional[int], out: Opti
                                                    max_downsample=layers)
         results["attention_max_downsample"] = layers
         results["attention_miou_generated"] = miou
-        heldout = DATASETS.build_from_dict(dict(cfg.eval.data))
         results["attention_miou_real"] = attention_miou_real(pipeline, heldout, len(prompts), batch_size=cfg.eval.batch_size,
                                                              max_downsample=layers)
     else:
@@ -336,24 +336,15 @@ def _evaluate(cfg, pipeline, num: Optional[int], steps: Optional[int], out: Opti
         images, _ = generate_and_score(pipeline, cfg, prompts, cfg.eval.seed, num_steps=steps)
     correct = [caption_correct(image, prompt) for image, prompt in zip(images, prompts)]
     results["caption_accuracy"] = sum(correct) / len(correct)
-    results["accuracy_by_pair"] = _accuracy_by_pair(cfg, prompts, correct)
+    results["accuracy_by_pair"] = (  # per held-out pair of a shapes split; {} for data without pairs
+        accuracy_by_pair(prompts, correct, heldout.heldout_colour_shape, heldout.heldout_shape_position)
+        if hasattr(heldout, "heldout_colour_shape") else {})
     if out is not None:
         _make_dir(out)
         k = cfg.eval.grid_prompts
         save_grid(images[:k], prompts[:k], out / "heldout_grid.png", correct[:k], title=title)
         (out / "eval.json").write_text(json.dumps({**results, "prompts": prompts, "correct": correct}, indent=1))
     return results, prompts, images, maps
-
-
-def _accuracy_by_pair(cfg, prompts: list[str], correct: list[bool]) -> dict[str, tuple[int, int]]:
-    """Right / total captions per held-out pair of the evaluation data ({} for data without pairs)."""
-    from mmx.data import DATASETS
-    from mmx.eval import accuracy_by_pair
-
-    data = DATASETS.build_from_dict(dict(cfg.eval.data))
-    if not hasattr(data, "heldout_colour_shape"):
-        return {}
-    return accuracy_by_pair(prompts, correct, data.heldout_colour_shape, data.heldout_shape_position)
 
 
 def _by_pair(results: dict) -> str:
