@@ -216,20 +216,23 @@ def _clause_template(template: str, drop: str | None) -> str:
 
 
 def caption_with_words(
-    objects: Sequence[ShapeSpec], rng: np.random.Generator, drop_attribute: float = 0.0
+    objects: Sequence[ShapeSpec], rng: np.random.Generator, drop_attribute: float = 0.0,
+    droppable: Sequence[str] = ATTRIBUTES,
 ) -> tuple[str, list[ObjectWords]]:
     """A templated caption naming every object in order, and each object's word indices.
 
-    With ``drop_attribute > 0`` each clause leaves out one of its colour / shape / place (chosen
-    uniformly) with that probability: "a triangle on the left", "a red shape on the left", "a red
-    triangle". The left-out word's index in :class:`ObjectWords` is -1 (or an empty position).
+    With ``drop_attribute > 0`` each clause leaves out one of its ``droppable`` attributes (colour /
+    shape / position, chosen uniformly) with that probability: "a triangle on the left", "a red
+    shape on the left", "a red triangle". The left-out word's index in :class:`ObjectWords` is -1
+    (or an empty position).
     """
-    caption, refs, _ = caption_clauses(objects, rng, drop_attribute)
+    caption, refs, _ = caption_clauses(objects, rng, drop_attribute, droppable)
     return caption, refs
 
 
 def caption_clauses(
-    objects: Sequence[ShapeSpec], rng: np.random.Generator, drop_attribute: float = 0.0
+    objects: Sequence[ShapeSpec], rng: np.random.Generator, drop_attribute: float = 0.0,
+    droppable: Sequence[str] = ATTRIBUTES,
 ) -> tuple[str, list[ObjectWords], list[int]]:
     """:func:`caption_with_words` plus the index into :data:`TEMPLATES` of each object's clause.
 
@@ -246,7 +249,7 @@ def caption_clauses(
         chosen.append(int(rng.integers(len(TEMPLATES))))
         template = TEMPLATES[chosen[-1]]
         if drop_attribute > 0 and rng.random() < drop_attribute:  # no draw at all when disabled
-            template = _clause_template(template, ATTRIBUTES[int(rng.integers(len(ATTRIBUTES)))])
+            template = _clause_template(template, droppable[int(rng.integers(len(droppable)))])
         phrases = POSITION_PHRASES[obj.position]
         phrase = phrases[int(rng.integers(len(phrases)))].split()
         colour = shape = -1
@@ -303,6 +306,7 @@ class ShapesDataset(Dataset):
         antialias: bool = False,
         drop_attribute: float = 0.0,
         colours: Sequence[str] = tuple(COLOURS),
+        droppable: Sequence[str] = ATTRIBUTES,
     ) -> None:
         if split not in self.SPLITS:
             raise ValueError(f"unknown split {split!r}; valid: {', '.join(self.SPLITS)}")
@@ -323,7 +327,12 @@ class ShapesDataset(Dataset):
         self.split, self.size, self.length, self.seed = split, size, length, seed
         if not 0.0 <= drop_attribute <= 1.0:
             raise ValueError(f"drop_attribute must be a probability in [0, 1]; got {drop_attribute}")
+        if isinstance(droppable, str) or not isinstance(droppable, Sequence) or not droppable or \
+                any(a not in ATTRIBUTES for a in droppable) or len(set(droppable)) != len(droppable):
+            raise ValueError(f"ShapesDataset droppable must be a non-empty list of distinct attributes from "
+                             f"{', '.join(ATTRIBUTES)}; got {droppable!r}")
         self.max_objects, self.antialias, self.drop_attribute = max_objects, antialias, drop_attribute
+        self.droppable = tuple(droppable)
         if isinstance(colours, str) or not isinstance(colours, Sequence) or not colours:
             raise TypeError(f"ShapesDataset colours must be a non-empty list of colour names; got {colours!r}")
         unknown = [c for c in colours if c not in PALETTE]
@@ -402,7 +411,7 @@ class ShapesDataset(Dataset):
             chosen.append(options[int(rng.integers(len(options)))])
         order = rng.permutation(count)
         specs = [ShapeSpec(*chosen[k]) for k in order]
-        caption, refs, templates = caption_clauses(specs, rng, self.drop_attribute)
+        caption, refs, templates = caption_clauses(specs, rng, self.drop_attribute, self.droppable)
         return specs, caption, refs, templates
 
     def __getitem__(self, index: int) -> dict[str, Any]:

@@ -1,5 +1,6 @@
 """Synthetic shapes: determinism, the compositional split, masks and word alignment, batching."""
 
+import re
 import string
 from pathlib import Path
 
@@ -253,3 +254,22 @@ def test_drop_attribute_leaves_one_attribute_out_and_keeps_the_default_data_unch
     assert len(kinds) == 3
     with pytest.raises(ValueError, match="drop_attribute"):
         ShapesDataset(drop_attribute=1.5)
+
+
+def test_droppable_limits_which_attribute_is_left_out_and_defaults_to_all_three():
+    from mmx.data.shapes import ATTRIBUTES, COLOURS, POSITION_WORDS, SHAPES
+
+    every = ShapesDataset(length=30, seed=3, drop_attribute=0.5)
+    named = ShapesDataset(length=30, seed=3, drop_attribute=0.5, droppable=list(ATTRIBUTES))
+    assert [every[i]["caption"] for i in range(30)] == [named[i]["caption"] for i in range(30)]
+    no_colour = ShapesDataset(length=40, seed=3, drop_attribute=1.0, droppable=["colour"])
+    for i in range(40):
+        item = no_colour[i]
+        for clause in item["caption"].split(" and "):
+            words = clause.split()
+            assert not any(w in COLOURS for w in words), clause
+            assert any(w in SHAPES for w in words) and any(w in POSITION_WORDS for w in words), clause
+        assert all(o.words[0] == -1 and o.words[1] >= 0 for o in item["objects"])  # (colour, shape) indices
+    for bad in ("colour", [], ["size"], ["shape", "shape"]):
+        with pytest.raises(ValueError, match=f"droppable must be .*; got {re.escape(repr(bad))}"):
+            ShapesDataset(droppable=bad)
