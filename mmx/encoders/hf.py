@@ -66,6 +66,11 @@ class HFTextEncoder(TextEncoder):
             embedding layer, word + position; negative counts from the end). Earlier layers mix
             less context into each word's state. On a BERT-style model (``model.encoder.layer``)
             the layers after it are dropped at load time, so they cost nothing.
+        value_layer: also return the states of this hidden layer, for cross-attention values:
+            each token is then ``[states of hidden_layer ; states of value_layer]`` (width 2D, see
+            :attr:`split_context`), and a model built with ``split_context=True`` reads its keys
+            from the first half and its values from the second. Contextual keys say where a word
+            is read; less contextual values say what it draws, the same in every caption.
     """
 
     def __init__(
@@ -75,16 +80,23 @@ class HFTextEncoder(TextEncoder):
         freeze: bool = True,
         pooling: str = "mean",
         hidden_layer: int | None = None,
+        value_layer: int | None = None,
     ) -> None:
         super().__init__(os.fspath(name_or_path), freeze)
         if pooling not in _POOLINGS:
             raise ValueError(f"unknown pooling {pooling!r}; valid: {', '.join(_POOLINGS)}")
+        for name, layer in (("hidden_layer", hidden_layer), ("value_layer", value_layer)):
+            if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int)):
+                raise TypeError(f"{name} must be an int or None; got {type(layer).__name__} {layer!r}")
         self.name_or_path = os.fspath(name_or_path)
         self.pooling = pooling
-        self.hidden_layer = hidden_layer
+        self.hidden_layer, self.value_layer = hidden_layer, value_layer
         self._tokenizer, self.model = _load(resolve_model_path(self.name_or_path))
-        self._state_index = hidden_layer  # which of the model's hidden states encode() returns
-        self._embeddings_only = False  # hidden_layer 0 of a BERT-style model: run the embedding layer alone
+        # Which of the model's hidden states encode() returns (keys; values with value_layer).
+        self._state_index = -1 if hidden_layer is None else hidden_layer
+        self._value_index = value_layer
+        self._embeddings_only = False  # every state wanted is layer 0 of a BERT-style model: run the embeddings alone
+        self._layers_checked = False  # the layer numbers were checked against the model's depth
         self._drop_unused_layers()
         limit = _model_limit(self.model.config, self._tokenizer)
         if max_length is not None and limit is not None and max_length > limit:
@@ -95,34 +107,46 @@ class HFTextEncoder(TextEncoder):
         self._finish_init()
 
     def _drop_unused_layers(self) -> None:
-        """Keep only the layers up to ``hidden_layer`` of a BERT-style encoder: its states come out the same."""
+        """Keep only the layers up to the deepest state wanted of a BERT-style encoder: its states come out the same."""
         layers = getattr(getattr(self.model, "encoder", None), "layer", None)
-        if self.hidden_layer is None or not isinstance(layers, torch.nn.ModuleList):
+        if not isinstance(layers, torch.nn.ModuleList):
             return
-        self._check_hidden_layer(len(layers) + 1)
-        keep = self.hidden_layer % (len(layers) + 1)  # layers that run; their last output is the state wanted
+        states = len(layers) + 1
+        self._check_layers(states)
+        self._layers_checked = True
+        if self.hidden_layer is None:
+            return  # the keys are the last states: every layer runs
+        key = self.hidden_layer % states
+        value = None if self.value_layer is None else self.value_layer % states
+        keep = max(key, value or 0)  # layers that run; their outputs hold every state wanted
         if keep == 0 and not isinstance(getattr(self.model, "embeddings", None), torch.nn.Module):
             return  # the embedding states come only out of the full forward
         self.model.encoder.layer = layers[:keep]
-        self._state_index, self._embeddings_only = keep, keep == 0
-        logger.debug("%s: hidden_layer=%d, so %d of %d layers run", self.name_or_path, self.hidden_layer, keep,
-                     len(layers))
+        self._state_index, self._value_index, self._embeddings_only = key, value, keep == 0
+        logger.debug("%s: hidden_layer=%d, value_layer=%s, so %d of %d layers run", self.name_or_path,
+                     self.hidden_layer, self.value_layer, keep, len(layers))
 
-    def _check_hidden_layer(self, states: int) -> None:
-        if not -states <= self.hidden_layer < states:
-            raise ValueError(f"hidden_layer={self.hidden_layer} is out of range; {self.name_or_path!r} has {states} "
-                             "hidden states (0 = embeddings)")
+    def _check_layers(self, states: int) -> None:
+        for name, layer in (("hidden_layer", self.hidden_layer), ("value_layer", self.value_layer)):
+            if layer is not None and not -states <= layer < states:
+                raise ValueError(f"{name}={layer} is out of range; {self.name_or_path!r} has {states} "
+                                 "hidden states (0 = embeddings)")
+
+    @property
+    def split_context(self) -> bool:
+        """Whether each token is ``[key states ; value states]`` (``value_layer`` is set)."""
+        return self.value_layer is not None
 
     @property
     def dim(self) -> int:
-        """D, the hidden size of the model."""
-        hidden = getattr(self.model.config, "hidden_size", None)
-        return int(hidden or self.model.get_input_embeddings().embedding_dim)
+        """D, the hidden size of the model (twice that with ``value_layer``: keys and values side by side)."""
+        hidden = int(getattr(self.model.config, "hidden_size", None) or self.model.get_input_embeddings().embedding_dim)
+        return 2 * hidden if self.split_context else hidden
 
     @property
     def pooled_dim(self) -> int:
-        """Dp, equal to D (pooling does not project)."""
-        return self.dim
+        """Dp, the hidden size of the model (pooling does not project; it pools the key states)."""
+        return self.dim // 2 if self.split_context else self.dim
 
     def extra_repr(self) -> str:
         return f"name_or_path={self.name_or_path!r}, pooling={self.pooling!r}, frozen={self.frozen}"
@@ -132,20 +156,25 @@ class HFTextEncoder(TextEncoder):
         return hf_tokenize(self._tokenizer, texts, self.max_length, pad_to_max=False, who=self._label)
 
     def encode(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """ids ``[B, S]``, mask ``[B, S]`` -> (last hidden states ``[B, S, D]``, pooled ``[B, D]``)."""
-        if self.hidden_layer is None:
+        """ids ``[B, S]``, mask ``[B, S]`` -> (hidden states ``[B, S, D]`` (``[B, S, 2D]`` with ``value_layer``), pooled ``[B, D]``)."""
+        values = None
+        if self.hidden_layer is None and self.value_layer is None:
             tokens = self.model(input_ids=ids, attention_mask=mask.long()).last_hidden_state  # [B, S, D]
         elif self._embeddings_only:
-            tokens = self.model.embeddings(input_ids=ids)  # [B, S, D]
+            tokens = values = self.model.embeddings(input_ids=ids)  # [B, S, D]
         else:
             states = self.model(input_ids=ids, attention_mask=mask.long(), output_hidden_states=True).hidden_states
-            if self._state_index == self.hidden_layer:  # not truncated (or at k >= 0, checked at load already)
-                self._check_hidden_layer(len(states))
+            if not self._layers_checked:  # a model whose layer count was not known at load time
+                self._check_layers(len(states))
             tokens = states[self._state_index]  # [B, S, D]
+            values = None if self._value_index is None else states[self._value_index]
         if self.pooling == "cls":
-            return tokens, tokens[:, 0]
-        weights = mask.unsqueeze(-1).to(tokens.dtype)  # [B, S, 1]
-        pooled = (tokens * weights).sum(1) / weights.sum(1).clamp(min=1e-9)  # [B, D]
+            pooled = tokens[:, 0]
+        else:
+            weights = mask.unsqueeze(-1).to(tokens.dtype)  # [B, S, 1]
+            pooled = (tokens * weights).sum(1) / weights.sum(1).clamp(min=1e-9)  # [B, D]
+        if self.split_context:
+            tokens = torch.cat([tokens, values], dim=-1)  # [B, S, 2D]: keys, then values
         return tokens, pooled
 
 

@@ -58,6 +58,9 @@ class UNet2D(ModelMixin, ConfigMixin):
             position's place in the map to its tokens (Fourier features with this many frequencies
             per axis), so cross-attention queries know where they are. 0: none (convolutions alone
             carry position, through the borders).
+        split_context: each context token is ``[key states ; value states]`` (``context_dim`` is
+            their sum; ``HFTextEncoder(value_layer=...)`` gives such tokens): every cross-attention
+            takes its keys from the first half and its values from the second.
 
     Gradient checkpointing (``model.enable_gradient_checkpointing()``, diffusers' ModelMixin): while
     gradients are recorded, each residual block and SpatialTransformer keeps only its inputs and is
@@ -87,6 +90,7 @@ class UNet2D(ModelMixin, ConfigMixin):
         mid_attention: bool = True,
         patch_size: int = 1,
         position_frequencies: int = 0,
+        split_context: bool = False,
     ) -> None:
         super().__init__()
         if patch_size < 1:
@@ -107,7 +111,7 @@ class UNet2D(ModelMixin, ConfigMixin):
         def attn_kwargs(level: int) -> dict:
             return dict(context_dim=context_dim, heads=heads, dim_head=dim_head, depth=transformer_depth,
                         dropout=dropout, self_attention=bool(self_attention_levels[level]),
-                        position_frequencies=position_frequencies)
+                        position_frequencies=position_frequencies, split_context=split_context)
 
         self.patch_size = patch_size
         self.conv_in = nn.Conv2d(in_channels * patch_size**2, channels[0], 3, padding=1)

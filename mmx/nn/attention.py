@@ -312,6 +312,9 @@ class CrossAttention(nn.Module):
         out_dim: output width; None means ``query_dim``.
         dropout: dropout on the output projection.
         qkv_bias: bias in the q/k/v projections.
+        split_context: each context token is ``[key states ; value states]`` (two halves of
+            ``context_dim``, as ``HFTextEncoder(value_layer=...)`` gives): keys are projected from
+            the first half, values from the second. Cross-attention only.
     """
 
     def __init__(
@@ -324,6 +327,7 @@ class CrossAttention(nn.Module):
         out_dim: int | None = None,
         dropout: float = 0.0,
         qkv_bias: bool = False,
+        split_context: bool = False,
     ) -> None:
         super().__init__()
         if dim_head is None:
@@ -338,9 +342,14 @@ class CrossAttention(nn.Module):
                 raise ValueError(f"{name} must be a positive int; got {value!r}")
         if context_dim is not None and (not isinstance(context_dim, int) or context_dim <= 0):
             raise ValueError(f"context_dim must be a positive int or None; got {context_dim!r}")
+        if split_context and (context_dim is None or context_dim % 2):
+            raise ValueError(f"split_context=True needs cross-attention to an even context_dim (keys and values "
+                             f"side by side); got context_dim={context_dim!r}")
         self.query_dim = query_dim
         self.context_dim = context_dim if context_dim is not None else query_dim
         self.is_cross = context_dim is not None
+        self.split_context = bool(split_context)
+        source_dim = self.context_dim // 2 if split_context else self.context_dim  # what to_k and to_v each read
         self.heads = heads
         self.dim_head = dim_head
         self.value_dim_head = value_dim_head or dim_head
@@ -348,8 +357,8 @@ class CrossAttention(nn.Module):
         self.scale = 1.0 / math.sqrt(dim_head)
 
         self.to_q = nn.Linear(query_dim, heads * dim_head, bias=qkv_bias)
-        self.to_k = nn.Linear(self.context_dim, heads * dim_head, bias=qkv_bias)
-        self.to_v = nn.Linear(self.context_dim, heads * self.value_dim_head, bias=qkv_bias)
+        self.to_k = nn.Linear(source_dim, heads * dim_head, bias=qkv_bias)
+        self.to_v = nn.Linear(source_dim, heads * self.value_dim_head, bias=qkv_bias)
         self.to_out = nn.Sequential(nn.Linear(heads * self.value_dim_head, self.out_dim), nn.Dropout(dropout))
         # Callables run on every forward with (module, q, k, mask); the attention recorder uses them.
         self.hooks: dict[int, AttentionHook] = {}
@@ -358,6 +367,7 @@ class CrossAttention(nn.Module):
         return (
             f"query_dim={self.query_dim}, context_dim={self.context_dim if self.is_cross else None}, "
             f"heads={self.heads}, dim_head={self.dim_head}, value_dim_head={self.value_dim_head}"
+            + (", split_context=True" if self.split_context else "")
         )
 
     def add_hook(self, hook: AttentionHook) -> Callable[[], None]:
@@ -392,8 +402,11 @@ class CrossAttention(nn.Module):
         b, l, _ = x.shape
         s = source.shape[1]
         q = self.to_q(x).view(b, l, self.heads, self.dim_head).transpose(1, 2)  # (B, H, L, Dh)
-        k = self.to_k(source).view(b, s, self.heads, self.dim_head).transpose(1, 2)  # (B, H, S, Dh)
-        v = self.to_v(source).view(b, s, self.heads, self.value_dim_head).transpose(1, 2)  # (B, H, S, Dv)
+        keys = values = source
+        if self.split_context:
+            keys, values = source.chunk(2, dim=-1)  # [key states ; value states]
+        k = self.to_k(keys).view(b, s, self.heads, self.dim_head).transpose(1, 2)  # (B, H, S, Dh)
+        v = self.to_v(values).view(b, s, self.heads, self.value_dim_head).transpose(1, 2)  # (B, H, S, Dv)
         return q, k, v
 
     # -- forward --------------------------------------------------------------------------------

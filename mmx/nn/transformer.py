@@ -92,6 +92,8 @@ class TransformerBlock(nn.Module):
         dropout: dropout in the attention outputs and the feed-forward.
         self_attention: build the self-attention sub-layer.
         gated_ff: GEGLU (True) or GELU (False) feed-forward.
+        split_context: the cross-attention reads keys and values from the two halves of each
+            context token (see :class:`~mmx.nn.CrossAttention`).
     """
 
     def __init__(
@@ -104,6 +106,7 @@ class TransformerBlock(nn.Module):
         dropout: float = 0.0,
         self_attention: bool = True,
         gated_ff: bool = True,
+        split_context: bool = False,
     ) -> None:
         super().__init__()
         if not self_attention and context_dim is None:
@@ -113,7 +116,8 @@ class TransformerBlock(nn.Module):
         self.norm1 = nn.LayerNorm(dim) if self_attention else None
         self.attn1 = CrossAttention(dim, None, heads, dim_head, dropout=dropout) if self_attention else None
         self.norm2 = nn.LayerNorm(dim) if context_dim is not None else None
-        self.attn2 = CrossAttention(dim, context_dim, heads, dim_head, dropout=dropout) if context_dim else None
+        self.attn2 = CrossAttention(dim, context_dim, heads, dim_head, dropout=dropout,
+                                    split_context=split_context) if context_dim else None
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim, ff_mult, dropout, gated=gated_ff)
 
@@ -187,6 +191,7 @@ class _ChannelsTransformer(nn.Module):
         ff_mult: int = 4,
         norm_groups: int | None = None,
         position_frequencies: int = 0,
+        split_context: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(position_frequencies, int) or position_frequencies < 0:
@@ -205,7 +210,8 @@ class _ChannelsTransformer(nn.Module):
             nn.init.zeros_(self.pos_proj.weight)
             nn.init.zeros_(self.pos_proj.bias)
         self.transformer_blocks = nn.ModuleList(
-            TransformerBlock(inner, context_dim, heads, dim_head, ff_mult, dropout, self_attention)
+            TransformerBlock(inner, context_dim, heads, dim_head, ff_mult, dropout, self_attention,
+                             split_context=split_context)
             for _ in range(depth)
         )
         self.proj_out = nn.Linear(inner, channels)
@@ -263,6 +269,8 @@ class SpatialTransformer(_ChannelsTransformer):
             Fourier features of its (row, column) in the map (:func:`grid_fourier_features`), so
             queries know where they are: words such as "left" or "top" can be read by place.
             Zero-initialised; 0 (default) adds nothing.
+        split_context: keys from the first half of each context token, values from the second
+            (see :class:`~mmx.nn.CrossAttention`).
     """
 
     spatial_dims = 2

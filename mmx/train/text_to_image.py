@@ -7,6 +7,7 @@ safetensors + config.json), ``checkpoints/``, ``logs/`` (tensorboard) and ``samp
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,6 +89,7 @@ def build_pipeline(cfg: TextToImageConfig, unet: nn.Module | None = None):
             )
         spec.setdefault("in_channels", cfg.image_size[0])
         spec.setdefault("out_channels", cfg.image_size[0])
+        _match_split_context(spec, encoder, MODELS.get(spec.get("name", "unet2d")))
         unet = MODELS.build_from_dict(spec)
     d = cfg.diffusion
     scheduler = make_scheduler(
@@ -100,6 +102,20 @@ def build_pipeline(cfg: TextToImageConfig, unet: nn.Module | None = None):
     return TextToImage(unet, encoder, scheduler, tuple(cfg.image_size), d.cond_drop_prob, d.min_snr_gamma, cfg.max_tokens,
                        d.grounding_weight, parts, d.compose_scale, d.grounding_kind,
                        d.reading_weight, d.guidance_interval)
+
+
+def _match_split_context(spec: dict, encoder: nn.Module, model_cls: type) -> None:
+    """A text encoder whose tokens are ``[keys ; values]`` (``value_layer``) needs a model that splits them, and back."""
+    split = bool(getattr(encoder, "split_context", False))
+    if "split_context" not in inspect.signature(model_cls).parameters:
+        if split:
+            raise ValueError(f"text_encoder.value_layer gives tokens of keys and values side by side, which model "
+                             f"{spec.get('name')!r} cannot read; use model.name: unet2d")
+        return
+    spec.setdefault("split_context", split)
+    if bool(spec["split_context"]) != split:
+        raise ValueError(f"model.split_context={spec['split_context']!r} does not match the text encoder, whose tokens "
+                         f"{'are' if split else 'are not'} keys and values side by side (text_encoder.value_layer)")
 
 
 def heldout_prompts(cfg: TextToImageConfig) -> list[str]:

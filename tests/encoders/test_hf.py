@@ -142,6 +142,25 @@ def test_hidden_layer_selects_earlier_states(minilm: HFTextEncoder, minilm_path:
         HFTextEncoder(minilm_path, hidden_layer=9)(RED)
 
 
+def test_value_layer_puts_keys_and_values_side_by_side(minilm: HFTextEncoder, minilm_path: str) -> None:
+    keys, values = HFTextEncoder(minilm_path, hidden_layer=1), HFTextEncoder(minilm_path, hidden_layer=0)
+    both = HFTextEncoder(minilm_path, hidden_layer=1, value_layer=0)
+    assert both.split_context and not keys.split_context
+    assert (both.dim, both.pooled_dim) == (768, 384) and len(both.model.encoder.layer) == 1
+    ctx = both([RED, BLUE])
+    assert ctx.tokens.shape == (2, 8, 768)
+    assert torch.equal(ctx.tokens[..., :384], keys([RED, BLUE]).tokens)
+    assert torch.equal(ctx.tokens[..., 384:], values([RED, BLUE]).tokens)
+    assert torch.equal(ctx.pooled, keys([RED, BLUE]).pooled)  # pooled from the key states
+    last_keys = HFTextEncoder(minilm_path, value_layer=2)  # keys: the last states; all six layers run
+    assert len(last_keys.model.encoder.layer) == 6
+    torch.testing.assert_close(last_keys(RED).tokens[..., :384], minilm(RED).tokens)
+    with pytest.raises(ValueError, match="value_layer=7 is out of range"):
+        HFTextEncoder(minilm_path, hidden_layer=1, value_layer=7)
+    with pytest.raises(TypeError, match="value_layer must be an int or None; got str '0'"):
+        HFTextEncoder(minilm_path, value_layer="0")
+
+
 @pytest.mark.parametrize("layer", [0, 2, -2])
 def test_hidden_layer_runs_only_the_layers_it_needs(minilm: HFTextEncoder, minilm_path: str, layer: int) -> None:
     """Dropping the layers after ``hidden_layer`` changes nothing but the cost."""

@@ -54,7 +54,7 @@ def test_timestep_and_text_change_the_output():
     assert not torch.allclose(out, model(x, torch.tensor([10, 10]), _ctx()))
 
 
-@pytest.mark.parametrize("extra", [{}, {"position_frequencies": 3}])
+@pytest.mark.parametrize("extra", [{}, {"position_frequencies": 3}, {"split_context": True}])
 def test_save_load_round_trip_gives_identical_outputs(tmp_path, extra):
     torch.manual_seed(0)
     model = _perturbed(UNet2D(**TINY, **extra)).eval()
@@ -68,6 +68,7 @@ def test_save_load_round_trip_gives_identical_outputs(tmp_path, extra):
     assert torch.equal(model(x, t, ctx), loaded(x, t, ctx))
     assert loaded.config.channels == [16, 32] or tuple(loaded.config.channels) == (16, 32)
     assert loaded.config.position_frequencies == extra.get("position_frequencies", 0)
+    assert loaded.config.split_context == extra.get("split_context", False)
 
 
 def test_errors_name_the_problem():

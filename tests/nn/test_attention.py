@@ -286,6 +286,27 @@ def test_hooks_see_queries_keys_and_mask_and_can_be_removed(cross):
     assert len(seen) == 1
 
 
+def test_split_context_reads_keys_from_the_first_half_and_values_from_the_second():
+    torch.manual_seed(0)
+    split = CrossAttention(16, context_dim=12, heads=H, dim_head=DH, split_context=True)
+    assert split.to_k.in_features == split.to_v.in_features == 6
+    plain = CrossAttention(16, context_dim=6, heads=H, dim_head=DH)
+    plain.load_state_dict(split.state_dict())
+    x, c = _tensors()
+    keys, values = c[..., :6], c[..., 6:]
+    _, probs = reference(plain, x, keys)
+    expected = probs @ (values @ plain.to_v.weight.T).reshape(B, S, H, DH).permute(0, 2, 1, 3)
+    expected = expected.permute(0, 2, 1, 3).reshape(B, L, -1) @ plain.to_out[0].weight.T + plain.to_out[0].bias
+    torch.testing.assert_close(split(x, c), expected, atol=1e-5, rtol=1e-5)
+    # where each query looks depends on the key half alone
+    other_values = torch.cat([keys, torch.randn_like(values)], dim=-1)
+    torch.testing.assert_close(split(x, other_values, return_attention=True)[1], probs, atol=1e-5, rtol=1e-5)
+    assert "split_context=True" in repr(split)
+    for context_dim in (None, 7):
+        with pytest.raises(ValueError, match=f"split_context=True needs .*context_dim={context_dim}"):
+            CrossAttention(16, context_dim=context_dim, split_context=True)
+
+
 # -- errors name what was expected and what came ---------------------------------------------------
 def test_wrong_query_width_names_shapes(cross):
     with pytest.raises(ValueError, match=r"query_dim=16.*\(2, 6, 15\)"):

@@ -37,3 +37,19 @@ def test_guidance_interval_reaches_generate_from_the_config():
     cfg.diffusion.guidance_interval = (500, 0)
     with pytest.raises(ValueError, match=r"guidance_interval must be \(low, high\) timesteps with low <= high"):
         build_pipeline(cfg)
+
+
+def test_value_layer_builds_a_unet_that_splits_keys_and_values_and_a_mismatch_is_named():
+    from mmx.nn import CrossAttention
+
+    cfg = load_config("configs/shapes_t2i_tiny.yaml", TextToImageConfig, ["text_encoder.value_layer=0"])
+    pipeline = build_pipeline(cfg)
+    assert pipeline.unet.config.split_context and pipeline.unet.config.context_dim == 2 * 384
+    cross = [m for m in pipeline.unet.modules() if isinstance(m, CrossAttention) and m.is_cross]
+    assert cross and all(m.split_context and m.to_v.in_features == 384 for m in cross)
+    with pytest.raises(ValueError, match=r"model.split_context=False does not match the text encoder, whose tokens are"):
+        build_pipeline(load_config("configs/shapes_t2i_tiny.yaml", TextToImageConfig,
+                                   ["text_encoder.value_layer=0", "model.split_context=false"]))
+    with pytest.raises(ValueError, match=r"model 'diffusers_unet2d' cannot read"):
+        build_pipeline(load_config("configs/shapes_t2i_tiny.yaml", TextToImageConfig,
+                                   ["text_encoder.value_layer=0", "model.name=diffusers_unet2d"]))
