@@ -49,6 +49,8 @@ class UNet2D(ModelMixin, ConfigMixin):
         context_dim: width D of the text tokens.
         pooled_dim: width of a pooled text vector added to the time embedding (None: not used).
         transformer_depth: TransformerBlocks per SpatialTransformer.
+        ff_mult: hidden width of each TransformerBlock's GEGLU feed-forward, as a multiple of
+            ``heads * dim_head``.
         norm_groups: GroupNorm groups (None: largest divisor of the channels up to 32).
         dropout: dropout in residual blocks and attention.
         mid_attention: put a SpatialTransformer in the middle block.
@@ -91,6 +93,7 @@ class UNet2D(ModelMixin, ConfigMixin):
         patch_size: int = 1,
         position_frequencies: int = 0,
         split_context: bool = False,
+        ff_mult: int = 4,
     ) -> None:
         super().__init__()
         if patch_size < 1:
@@ -111,7 +114,7 @@ class UNet2D(ModelMixin, ConfigMixin):
         def attn_kwargs(level: int) -> dict:
             return dict(context_dim=context_dim, heads=heads, dim_head=dim_head, depth=transformer_depth,
                         dropout=dropout, self_attention=bool(self_attention_levels[level]),
-                        position_frequencies=position_frequencies, split_context=split_context)
+                        position_frequencies=position_frequencies, split_context=split_context, ff_mult=ff_mult)
 
         self.patch_size = patch_size
         self.conv_in = nn.Conv2d(in_channels * patch_size**2, channels[0], 3, padding=1)

@@ -54,7 +54,7 @@ def test_timestep_and_text_change_the_output():
     assert not torch.allclose(out, model(x, torch.tensor([10, 10]), _ctx()))
 
 
-@pytest.mark.parametrize("extra", [{}, {"position_frequencies": 3}, {"split_context": True}])
+@pytest.mark.parametrize("extra", [{}, {"position_frequencies": 3}, {"split_context": True}, {"ff_mult": 2}])
 def test_save_load_round_trip_gives_identical_outputs(tmp_path, extra):
     torch.manual_seed(0)
     model = _perturbed(UNet2D(**TINY, **extra)).eval()
@@ -69,6 +69,8 @@ def test_save_load_round_trip_gives_identical_outputs(tmp_path, extra):
     assert loaded.config.channels == [16, 32] or tuple(loaded.config.channels) == (16, 32)
     assert loaded.config.position_frequencies == extra.get("position_frequencies", 0)
     assert loaded.config.split_context == extra.get("split_context", False)
+    widths = {m.net[-1].in_features for m in loaded.modules() if type(m).__name__ == "FeedForward"}
+    assert widths == {extra.get("ff_mult", 4) * 16}  # heads * dim_head = 16
 
 
 def test_errors_name_the_problem():
