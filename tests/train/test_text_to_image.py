@@ -1,4 +1,4 @@
-"""The text-to-image recipe's composable guidance: partial descriptions of each object of a caption."""
+"""The text-to-image recipe's pipeline: composable guidance, the guidance interval, split key/value text states."""
 
 import pytest
 
