@@ -314,8 +314,8 @@ def _evaluate(cfg, pipeline, num: Optional[int], steps: Optional[int], out: Opti
     if num is not None:
         cfg.eval.num_prompts = num
         cfg.eval.data["length"] = max(num, cfg.eval.data.get("length", num))
-    prompts = heldout_prompts(cfg)
     heldout = DATASETS.build_from_dict(dict(cfg.eval.data))
+    prompts = heldout_prompts(cfg, heldout)
     d = cfg.diffusion
     results: dict = {"num_prompts": len(prompts)}
     maps = None

@@ -118,12 +118,19 @@ def _match_split_context(spec: dict, encoder: nn.Module, model_cls: type) -> Non
                          f"{'are' if split else 'are not'} keys and values side by side (text_encoder.value_layer)")
 
 
-def heldout_prompts(cfg: TextToImageConfig) -> list[str]:
-    """The evaluation prompts: captions of the held-out data set, in order."""
-    from mmx.data import DATASETS
+def heldout_prompts(cfg: TextToImageConfig, data: torch.utils.data.Dataset | None = None) -> list[str]:
+    """The evaluation prompts: the first ``eval.num_prompts`` captions of the held-out data set, in order.
 
-    data = DATASETS.build_from_dict(dict(cfg.eval.data))
+    ``data``: that data set when the caller already built it (default: built from ``eval.data``).
+    A data set that can describe a sample without drawing it (``ShapesDataset.describe``) is not drawn.
+    """
+    if data is None:
+        from mmx.data import DATASETS
+
+        data = DATASETS.build_from_dict(dict(cfg.eval.data))
     n = min(cfg.eval.num_prompts, len(data))
+    if hasattr(data, "describe"):
+        return [data.describe(i)[1] for i in range(n)]
     return [data[i]["caption"] for i in range(n)]
 
 

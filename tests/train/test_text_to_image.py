@@ -3,7 +3,7 @@
 import pytest
 
 from mmx.config import load_config
-from mmx.train.text_to_image import TextToImageConfig, build_pipeline, caption_components
+from mmx.train.text_to_image import TextToImageConfig, build_pipeline, caption_components, heldout_prompts
 
 
 def test_caption_components_describe_each_object_by_attribute_pairs():
@@ -53,3 +53,18 @@ def test_value_layer_builds_a_unet_that_splits_keys_and_values_and_a_mismatch_is
     with pytest.raises(ValueError, match=r"model 'diffusers_unet2d' cannot read"):
         build_pipeline(load_config("configs/shapes_t2i_tiny.yaml", TextToImageConfig,
                                    ["text_encoder.value_layer=0", "model.name=diffusers_unet2d"]))
+
+
+def test_heldout_prompts_read_captions_in_order_from_the_given_or_the_configured_data():
+    from mmx.data import DATASETS
+
+    cfg = load_config("configs/shapes_t2i_tiny.yaml", TextToImageConfig, ["eval.num_prompts=5"])
+    data = DATASETS.build_from_dict(dict(cfg.eval.data))
+    drawn = [data[i]["caption"] for i in range(5)]
+    assert heldout_prompts(cfg) == drawn  # built from eval.data, described without drawing
+    assert heldout_prompts(cfg, data) == drawn
+
+    class Drawn(list):  # a data set that can only be drawn
+        pass
+
+    assert heldout_prompts(cfg, Drawn({"caption": c} for c in ["x", "y"])) == ["x", "y"]  # fewer than num_prompts
