@@ -1,4 +1,4 @@
-"""scripts/checkpoint_to_run.py: a checkpoint's EMA weights become a run folder that loads and equals the run's."""
+"""scripts/checkpoint_to_run.py: a checkpoint's EMA (or raw) weights become a run folder that loads and equals the run's."""
 
 import os
 import subprocess
@@ -36,3 +36,12 @@ def test_last_checkpoint_gives_the_finished_model(tmp_path):
     assert again.returncode != 0 and "exists" in again.stderr
     missing = _run(tmp_path / "nothing", "--out", tmp_path / "x")
     assert missing.returncode != 0 and "mmx_ema.safetensors not found" in missing.stderr
+    raw = _run(run / "checkpoints" / "step_0000002", "--out", tmp_path / "raw", "--weights", "raw")
+    assert raw.returncode == 0, raw.stderr[-2000:]
+    from safetensors.torch import load_file
+
+    optimised = load_file(str(run / "checkpoints" / "step_0000002" / "model.safetensors"))
+    _, converted = load_run(tmp_path / "raw")
+    state = converted.unet.state_dict()
+    assert all(torch.equal(state[name], value) for name, value in optimised.items())
+    assert any(not torch.equal(state[name], value) for name, value in finished.unet.state_dict().items())  # not the EMA
