@@ -1,5 +1,6 @@
 """Token-level grounding loss: zero when attention sits inside the object, positive otherwise, differentiable."""
 
+import pytest
 import torch
 
 from mmx import Context, WordSpan
@@ -96,6 +97,29 @@ def test_reading_loss_wants_object_positions_to_read_all_their_words():
     torch.testing.assert_close(loss, torch.log(torch.tensor(3 / 2)))  # uniform over 3 tokens against 2 words
     assert (scores.grad[inside, 1:] < 0).all() and (scores.grad[inside, 0] > 0).all()  # descent raises the words
     assert GroundingCapture(torch.nn.Identity()).reading_loss(targets, valid, (4, 4)) == 0  # nothing captured
+
+
+def test_reading_loss_min_cover_leaves_out_the_cells_on_an_objects_edge():
+    """Image 8x8 read on a 4x4 grid: an object of 3x3 pixels covers one cell fully and three a quarter
+    or a half; the edge cells read only token 0 (the background's), the full cell its two words."""
+    obj = torch.zeros(8, 8)
+    obj[:3, :3] = 1
+    targets = torch.stack([torch.zeros(8, 8), obj, obj])[None]
+    valid = torch.tensor([[False, True, True]])
+    scores = torch.full((16, 3), -20.0)
+    scores[:, 0] = 20  # every cell reads token 0 ...
+    scores[0] = torch.tensor([-20.0, 20.0, 20.0])  # ... but the covered one, which reads both words
+
+    def loss_for(min_cover: float) -> torch.Tensor:
+        capture = GroundingCapture(torch.nn.Identity())
+        capture.calls.append((scores[None, None], torch.eye(3)[None, None], None, 1.0))
+        return capture.reading_loss(targets, valid, (8, 8), min_cover=min_cover)
+
+    assert loss_for(0.0) > 5  # the edge cells (cover 1/4 and 1/2) are asked to read the object's words
+    assert loss_for(0.5) > 5  # the half-covered cells still are
+    torch.testing.assert_close(loss_for(0.51), torch.tensor(0.0), atol=1e-4, rtol=0)  # only the full cell is left
+    with pytest.raises(ValueError, match=r"min_cover must be in \[0, 1\]; got 1.5"):
+        loss_for(1.5)
 
 
 def test_drop_conditions_reports_the_replaced_rows():

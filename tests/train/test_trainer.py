@@ -125,6 +125,26 @@ def test_reading_weight_adds_the_reading_loss_over_colour_shape_and_place_words(
         type(task.pipeline)(task.model, task.pipeline.text_encoder, task.pipeline.scheduler, reading_weight=-1.0)
 
 
+def test_reading_min_cover_comes_from_the_config_and_reaches_the_reading_loss(tmp_path, monkeypatch):
+    from mmx.diffusion.grounding_loss import GroundingCapture
+
+    task = TextToImageTask(_cfg("diffusion.reading_weight=0.1", "diffusion.reading_min_cover=0.5"), tmp_path)
+    assert task.pipeline.reading_min_cover == 0.5
+    seen = []
+    reading_loss = GroundingCapture.reading_loss
+
+    def spy(self, targets, valid, image_size, min_cover=0.0):
+        seen.append(min_cover)
+        return reading_loss(self, targets, valid, image_size, min_cover)
+
+    monkeypatch.setattr(GroundingCapture, "reading_loss", spy)
+    batch = task.collate([task.train_dataset()[i] for i in range(2)])
+    assert torch.isfinite(task.loss(task.model, batch, torch.Generator().manual_seed(0)))
+    assert seen == [0.5]
+    with pytest.raises(ValueError, match=r"reading_min_cover must be in \[0, 1\]; got -0.1"):
+        type(task.pipeline)(task.model, task.pipeline.text_encoder, task.pipeline.scheduler, reading_min_cover=-0.1)
+
+
 # --------------------------------------------------------------------------- non-finite losses, exact resume (MLP)
 
 
