@@ -909,7 +909,7 @@ def demo(
     num: int = typer.Option(32, callback=_in_range(1, _COUNT_MAX), help="Held-out captions to generate and check."),
     steps: Optional[int] = typer.Option(None, callback=_in_range(1, _COUNT_MAX),
                                         help="Sampling steps (default: the recipe's 25)."),
-    retrain: bool = typer.Option(False, "--train", help="Retrain the shipped model from scratch first (about 30 min on 2 CPU cores)."),
+    retrain: bool = typer.Option(False, "--train", help="Retrain the shipped model from scratch first (about 25 min on 2 CPU cores)."),
     config: Optional[Path] = typer.Option(None, hidden=True, help="Recipe for --train (default: the shipped one)."),
 ) -> None:
     """Generate images for captions the model never saw and print how many follow their caption.
