@@ -83,7 +83,8 @@ class GroundingCapture(AttentionCapture):
         ])
 
     def reading_loss(
-        self, targets: torch.Tensor, valid: torch.Tensor, image_size: tuple[int, int], min_cover: float = 0.0,
+        self, targets: torch.Tensor, valid: torch.Tensor, image_size: tuple[int, int],
+        min_cover: float | torch.Tensor = 0.0,
     ) -> torch.Tensor:
         """Mean over layers of KL(the object's words || a position's attention over the tokens), at the
         query positions an object covers, each weighted by how much of it the object covers.
@@ -91,20 +92,20 @@ class GroundingCapture(AttentionCapture):
         The target spreads a position's attention evenly over the valid tokens of the object(s) there
         (colour and shape words): a region inside "a blue circle" must read "circle" as much as
         "blue", not draw the shape the colour usually had. Args: as for :meth:`grounding_loss`, and
-        ``min_cover``: positions (map cells) an object covers less of are left out. A cell on an
-        object's edge asked to read only the object's words pulls those words' maps past the
-        object; 0.5 keeps the cells that lie mostly inside (on the shapes recipe it narrowed the maps
-        and lost where held-out shapes go: BENCHMARKS.md, session 12).
+        ``min_cover``: a token is left out of the target of the positions (map cells) its object
+        covers less of; a float for every token or ``[B, S]`` per token. A cell on an object's edge
+        asked to read only the object's words pulls those words' maps past the object; 0.5 keeps
+        the cells that lie mostly inside (BENCHMARKS.md, session 12, for what that did on shapes).
         """
-        if not 0.0 <= min_cover <= 1.0:
+        if not torch.is_tensor(min_cover) and not 0.0 <= min_cover <= 1.0:
             raise ValueError(f"min_cover must be in [0, 1]; got {min_cover}")
         losses = []
         for probs, grid in self._layer_maps(image_size):  # probs (B, L, S)
             s = probs.shape[2]
             cover = F.adaptive_avg_pool2d(targets[:, :s], grid).flatten(2) * valid[:, :s, None]  # (B, S, L)
+            cover = cover * (cover >= (min_cover[:, :s, None] if torch.is_tensor(min_cover) else min_cover))
             want = cover.transpose(1, 2)  # (B, L, S): which tokens name what covers each position
             weight = want.amax(-1)  # (B, L)
-            weight = weight * (weight >= min_cover)
             want = want / want.sum(-1, keepdim=True).clamp_min(1e-12)
             kl = (want * (want.clamp_min(1e-12).log() - probs.clamp_min(1e-8).log())).sum(-1)  # (B, L)
             losses.append((kl * weight).sum() / weight.sum().clamp_min(1.0))

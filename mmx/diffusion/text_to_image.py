@@ -47,6 +47,8 @@ class TextToImage(nn.Module):
             like the grounding loss it needs per-word object masks. 0 disables it.
         reading_min_cover: the reading loss leaves out map cells an object covers less of (0: every
             cell it touches; see :meth:`GroundingCapture.reading_loss`).
+        reading_extra_min_cover: the same for the words ``reading_masks`` adds to ``word_masks``
+            in :meth:`loss` (the shapes task: place words); None: ``reading_min_cover``.
         guidance_interval: default for :meth:`generate`: guidance only at steps whose timestep lies
             in ``(low, high)`` (see :func:`~mmx.diffusion.sample`); None: at every step.
     """
@@ -67,6 +69,7 @@ class TextToImage(nn.Module):
         reading_weight: float = 0.0,
         guidance_interval: tuple[float, float] | None = None,
         reading_min_cover: float = 0.0,
+        reading_extra_min_cover: float | None = None,
     ) -> None:
         super().__init__()
         if not 0.0 <= cond_drop_prob < 1.0:
@@ -75,8 +78,9 @@ class TextToImage(nn.Module):
             raise ValueError(f"grounding_kind must be one of {', '.join(GROUNDING_KINDS)}; got {grounding_kind!r}")
         if not (grounding_weight >= 0 and reading_weight >= 0):
             raise ValueError(f"grounding_weight and reading_weight must be >= 0; got {grounding_weight}, {reading_weight}")
-        if not 0.0 <= reading_min_cover <= 1.0:
-            raise ValueError(f"reading_min_cover must be in [0, 1]; got {reading_min_cover}")
+        for name, value in (("reading_min_cover", reading_min_cover), ("reading_extra_min_cover", reading_extra_min_cover)):
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1]; got {value}")
         self.unet = unet
         self.text_encoder = text_encoder
         self.scheduler = scheduler
@@ -86,6 +90,7 @@ class TextToImage(nn.Module):
         self.max_tokens = max_tokens
         self.grounding_weight, self.grounding_kind = grounding_weight, grounding_kind
         self.reading_weight, self.reading_min_cover = reading_weight, reading_min_cover
+        self.reading_extra_min_cover = reading_min_cover if reading_extra_min_cover is None else reading_extra_min_cover
         self.describe_parts, self.component_scale = describe_parts, component_scale
         self._texts = CachedTextEncoder(text_encoder, max_tokens)
         self.guidance_interval = check_guidance_interval(guidance_interval)
@@ -136,7 +141,11 @@ class TextToImage(nn.Module):
             loss = loss + self.grounding_weight * term(*targets_of(word_masks))
         if self.reading_weight > 0:
             reading = word_masks if reading_masks is None else reading_masks
-            loss = loss + self.reading_weight * capture.reading_loss(*targets_of(reading), self.reading_min_cover)
+            min_cover: float | torch.Tensor = self.reading_min_cover
+            if reading_masks is not None and self.reading_extra_min_cover != self.reading_min_cover:
+                named = token_targets(ctx.words, word_masks, ctx.tokens.shape[1], size, images.device)[1]
+                min_cover = torch.where(named, self.reading_min_cover, self.reading_extra_min_cover)  # [B, S]
+            loss = loss + self.reading_weight * capture.reading_loss(*targets_of(reading), min_cover)
         return loss
 
     # -- generation ------------------------------------------------------------------------------

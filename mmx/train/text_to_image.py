@@ -37,6 +37,7 @@ class DiffusionConfig:
     grounding_kind: Literal["inside", "coverage"] = "inside"  # what the grounding loss asks of a word's map
     reading_weight: float = 0.0  # each position inside an object reads its colour and shape words alike
     reading_min_cover: float = 0.0  # ... at map cells the object covers at least this much of
+    reading_extra_min_cover: float | None = None  # the same for the place words (None: reading_min_cover)
     sampler: str = "ddim"
     sample_steps: int = 25
     guidance_scale: float = 3.0
@@ -102,7 +103,8 @@ def build_pipeline(cfg: TextToImageConfig, unet: nn.Module | None = None):
         parts = functools.partial(caption_components, pairs=tuple(d.compose))
     return TextToImage(unet, encoder, scheduler, tuple(cfg.image_size), d.cond_drop_prob, d.min_snr_gamma, cfg.max_tokens,
                        d.grounding_weight, parts, d.compose_scale, d.grounding_kind,
-                       d.reading_weight, d.guidance_interval, d.reading_min_cover)
+                       d.reading_weight, d.guidance_interval, d.reading_min_cover,
+                       d.reading_extra_min_cover)
 
 
 def _match_split_context(spec: dict, encoder: nn.Module, model_cls: type) -> None:

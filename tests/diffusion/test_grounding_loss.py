@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mmx import Context, WordSpan
 from mmx.diffusion.grounding_loss import GroundingCapture, token_targets
@@ -120,6 +121,11 @@ def test_reading_loss_min_cover_leaves_out_the_cells_on_an_objects_edge():
     torch.testing.assert_close(loss_for(0.51), torch.tensor(0.0), atol=1e-4, rtol=0)  # only the full cell is left
     with pytest.raises(ValueError, match=r"min_cover must be in \[0, 1\]; got 1.5"):
         loss_for(1.5)
+    per_token = torch.tensor([[0.0, 0.51, 0.0]])  # token 1 only where the object lies mostly; token 2 wherever it is
+    edge = (F.adaptive_avg_pool2d(obj[None], (4, 4))[0].flatten() > 0) & (torch.arange(16) != 0)
+    scores[edge] = torch.tensor([-20.0, -20.0, 20.0])  # the edge cells read token 2 alone
+    torch.testing.assert_close(loss_for(per_token), torch.tensor(0.0), atol=1e-4, rtol=0)
+    assert loss_for(0.0) > 1  # with one threshold for both, the edge cells miss token 1
 
 
 def test_drop_conditions_reports_the_replaced_rows():

@@ -141,8 +141,17 @@ def test_reading_min_cover_comes_from_the_config_and_reaches_the_reading_loss(tm
     batch = task.collate([task.train_dataset()[i] for i in range(2)])
     assert torch.isfinite(task.loss(task.model, batch, torch.Generator().manual_seed(0)))
     assert seen == [0.5]
-    with pytest.raises(ValueError, match=r"reading_min_cover must be in \[0, 1\]; got -0.1"):
-        type(task.pipeline)(task.model, task.pipeline.text_encoder, task.pipeline.scheduler, reading_min_cover=-0.1)
+    task.pipeline.reading_extra_min_cover = 0.0  # the place words: at every cell their object touches
+    task.loss(task.model, batch, torch.Generator().manual_seed(0))
+    named = {(i, t) for i, (spans, objects) in enumerate(zip(task.pipeline.encode(batch["caption"]).words, batch["objects"]))
+             for o in objects for w in o.words if w >= 0 for t in range(spans[w].start, spans[w].end)}
+    per_token = seen[-1]
+    assert per_token.shape[0] == 2 and named
+    assert {(i, t) for i, t in torch.nonzero(per_token).tolist()} == named  # colour and shape tokens: 0.5
+    assert set(per_token.unique().tolist()) == {0.0, 0.5}
+    for name in ("reading_min_cover", "reading_extra_min_cover"):
+        with pytest.raises(ValueError, match=rf"{name} must be in \[0, 1\]; got -0.1"):
+            type(task.pipeline)(task.model, task.pipeline.text_encoder, task.pipeline.scheduler, **{name: -0.1})
 
 
 # --------------------------------------------------------------------------- non-finite losses, exact resume (MLP)
