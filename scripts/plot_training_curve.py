@@ -19,11 +19,12 @@ def main() -> None:
     parser.add_argument("--target", type=float, default=0.9)
     args = parser.parse_args()
     curves = {}
+    names = [run.name for run in args.runs]
     for run in args.runs:
         path = run / "metrics.jsonl"
         if not path.is_file():
             raise SystemExit(f"error: {path} not found (validation writes it during `mmx train`)")
-        rows = curves[run.name] = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rows = curves[run.name if names.count(run.name) == 1 else str(run)] = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         print(f"{run}:\n| step | training time (min) | held-out caption accuracy |\n|---:|---:|---:|")
         for r in rows:
             print(f"| {r['step']} | {r['train_seconds'] / 60:.1f} | {r['caption_accuracy']:.1%} |")
