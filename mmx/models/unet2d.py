@@ -21,6 +21,8 @@ from mmx.nn import ResBlock2D, SpatialTransformer, group_norm, timestep_embeddin
 
 __all__ = ["UNet2D", "DiffusersUNet2D"]
 
+PADDING_MODES = ("zeros", "circular")
+
 
 class _Level(nn.Module):
     """``n`` ResBlocks, each optionally followed by a SpatialTransformer."""
@@ -63,6 +65,15 @@ class UNet2D(ModelMixin, ConfigMixin):
         split_context: each context token is ``[key states ; value states]`` (``context_dim`` is
             their sum; ``HFTextEncoder(value_layer=...)`` gives such tokens): every cross-attention
             takes its keys from the first half and its values from the second.
+        position_into: ``"tokens"`` (default) or ``"queries"``: where the position embedding goes
+            (see :class:`~mmx.nn.SpatialTransformer`); ``"queries"`` keeps it out of the feature map.
+        padding_mode: padding of every 3x3 convolution: ``"zeros"`` (default) or ``"circular"``.
+            Zero padding lets the convolutions tell where they are from the borders; circular
+            padding makes them blind to place (a shift of the input by the network's total stride,
+            ``patch_size * 2**(levels-1)`` pixels, shifts the output alike), so what is drawn
+            where depends on the words read and not on where training happened to draw it. With
+            ``position_frequencies > 0`` and ``position_into="queries"``, the cross-attention's
+            queries are the only place the network knows positions ("top", "left") from.
 
     Gradient checkpointing (``model.enable_gradient_checkpointing()``, diffusers' ModelMixin): while
     gradients are recorded, each residual block and SpatialTransformer keeps only its inputs and is
@@ -94,10 +105,14 @@ class UNet2D(ModelMixin, ConfigMixin):
         position_frequencies: int = 0,
         split_context: bool = False,
         ff_mult: int = 4,
+        position_into: str = "tokens",
+        padding_mode: str = "zeros",
     ) -> None:
         super().__init__()
         if patch_size < 1:
             raise ValueError(f"patch_size must be >= 1; got {patch_size}")
+        if padding_mode not in PADDING_MODES:
+            raise ValueError(f"padding_mode must be one of {', '.join(PADDING_MODES)}; got {padding_mode!r}")
         levels = len(channels)
         self_attention_levels = self_attention_levels or (False,) * levels
         if len(attention_levels) != levels or len(self_attention_levels) != levels:
@@ -114,7 +129,8 @@ class UNet2D(ModelMixin, ConfigMixin):
         def attn_kwargs(level: int) -> dict:
             return dict(context_dim=context_dim, heads=heads, dim_head=dim_head, depth=transformer_depth,
                         dropout=dropout, self_attention=bool(self_attention_levels[level]),
-                        position_frequencies=position_frequencies, split_context=split_context, ff_mult=ff_mult)
+                        position_frequencies=position_frequencies, split_context=split_context, ff_mult=ff_mult,
+                        position_into=position_into)
 
         self.patch_size = patch_size
         self.conv_in = nn.Conv2d(in_channels * patch_size**2, channels[0], 3, padding=1)
@@ -147,6 +163,10 @@ class UNet2D(ModelMixin, ConfigMixin):
         self.conv_out = nn.Conv2d(c, out_channels * patch_size**2, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
+        if padding_mode != "zeros":
+            for conv in self.modules():
+                if isinstance(conv, nn.Conv2d) and any(conv.padding):
+                    conv.padding_mode = padding_mode
 
     def _check(self, x: torch.Tensor) -> None:
         cfg = self.config

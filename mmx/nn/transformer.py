@@ -25,6 +25,8 @@ __all__ = [
     "grid_fourier_features",
 ]
 
+POSITION_INTO = ("tokens", "queries")  # where a _ChannelsTransformer adds its position embedding
+
 
 def group_norm(channels: int, groups: int | None = None, eps: float = 1e-6) -> nn.GroupNorm:
     """GroupNorm over ``channels``; ``groups=None`` picks the largest divisor of channels up to 32."""
@@ -129,6 +131,7 @@ class TransformerBlock(nn.Module):
         self_mask: torch.Tensor | None = None,
         causal: bool = False,
         cache: BlockCache | None = None,
+        query_position: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``x [B, L, dim]`` reads ``context [B, S, context_dim]``; returns ``[B, L, dim]``.
 
@@ -136,6 +139,8 @@ class TransformerBlock(nn.Module):
         apply to the self-attention. ``cache`` (a :class:`BlockCache`) makes step-by-step decoding
         incremental: ``x`` holds only the new positions, ``self_mask`` (if any) covers every cached
         position, and once the cross-attention cache is filled ``context`` may be None.
+        ``query_position`` (``[L, dim]`` or ``[B, L, dim]``) is added to the cross-attention's
+        queries only: it decides which tokens each position reads, never what is written back.
         """
         if not isinstance(x, torch.Tensor) or x.ndim != 3 or x.shape[-1] != self.dim:
             got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
@@ -152,7 +157,8 @@ class TransformerBlock(nn.Module):
             cross_cache = None if cache is None else cache.cross_attn
             if context is None and (cross_cache is None or cross_cache.is_empty):
                 raise ValueError(f"this block cross-attends to a context of width {self.context_dim}; got context=None")
-            x = x + self.attn2(self.norm2(x), context, mask=mask, cache=cross_cache)
+            queries = self.norm2(x) if query_position is None else self.norm2(x) + query_position
+            x = x + self.attn2(queries, context, mask=mask, cache=cross_cache)
         elif context is not None:
             raise ValueError("this block was built without cross-attention (context_dim=None) but got a context")
         return x + self.ff(self.norm3(x))
@@ -192,14 +198,17 @@ class _ChannelsTransformer(nn.Module):
         norm_groups: int | None = None,
         position_frequencies: int = 0,
         split_context: bool = False,
+        position_into: str = "tokens",
     ) -> None:
         super().__init__()
         if not isinstance(position_frequencies, int) or position_frequencies < 0:
             raise ValueError(f"position_frequencies must be an int >= 0; got {position_frequencies!r}")
+        if position_into not in POSITION_INTO:
+            raise ValueError(f"position_into must be one of {', '.join(POSITION_INTO)}; got {position_into!r}")
         inner = heads * dim_head
         self.channels = channels
         self.context_dim = context_dim
-        self.position_frequencies = position_frequencies
+        self.position_frequencies, self.position_into = position_frequencies, position_into
         self.norm = group_norm(channels, norm_groups)
         self.proj_in = nn.Linear(channels, inner)
         # Where each token sits, as Fourier features of its grid coordinates, projected and added to
@@ -245,10 +254,13 @@ class _ChannelsTransformer(nn.Module):
         normed = self.norm(x) if positions > 0 else x
         h = normed.flatten(2).transpose(1, 2)  # (B, L, C), L = prod(grid)
         h = self.proj_in(h)  # (B, L, D)
+        position = None
         if self.pos_proj is not None:
-            h = h + self.pos_proj(grid_fourier_features(grid, self.position_frequencies, h.device, h.dtype))
+            position = self.pos_proj(grid_fourier_features(grid, self.position_frequencies, h.device, h.dtype))
+            if self.position_into == "tokens":
+                h, position = h + position, None
         for block in self.transformer_blocks:
-            h = block(h, context, mask=mask)
+            h = block(h, context, mask=mask, query_position=position)
         h = self.proj_out(h).transpose(1, 2).reshape(b, c, *grid)  # (B, C, *grid)
         return x + h
 
@@ -271,6 +283,11 @@ class SpatialTransformer(_ChannelsTransformer):
             Zero-initialised; 0 (default) adds nothing.
         split_context: keys from the first half of each context token, values from the second
             (see :class:`~mmx.nn.CrossAttention`).
+        position_into: where that embedding goes: ``"tokens"`` (default: added to the tokens, so it
+            also reaches the feature map) or ``"queries"`` (added only to the cross-attention's
+            queries: place decides which words a position reads, and what it writes back is the
+            words' values alone; with circular padding the network then has no other sense of
+            absolute place, see :class:`~mmx.models.UNet2D`).
     """
 
     spatial_dims = 2

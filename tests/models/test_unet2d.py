@@ -54,7 +54,8 @@ def test_timestep_and_text_change_the_output():
     assert not torch.allclose(out, model(x, torch.tensor([10, 10]), _ctx()))
 
 
-@pytest.mark.parametrize("extra", [{}, {"position_frequencies": 3}, {"split_context": True}, {"ff_mult": 2}])
+@pytest.mark.parametrize("extra", [{}, {"position_frequencies": 3}, {"split_context": True}, {"ff_mult": 2},
+                                   {"padding_mode": "circular", "position_frequencies": 2, "position_into": "queries"}])
 def test_save_load_round_trip_gives_identical_outputs(tmp_path, extra):
     torch.manual_seed(0)
     model = _perturbed(UNet2D(**TINY, **extra)).eval()
@@ -69,8 +70,26 @@ def test_save_load_round_trip_gives_identical_outputs(tmp_path, extra):
     assert loaded.config.channels == [16, 32] or tuple(loaded.config.channels) == (16, 32)
     assert loaded.config.position_frequencies == extra.get("position_frequencies", 0)
     assert loaded.config.split_context == extra.get("split_context", False)
+    assert loaded.config.padding_mode == extra.get("padding_mode", "zeros")
+    assert loaded.config.position_into == extra.get("position_into", "tokens")
     widths = {m.net[-1].in_features for m in loaded.modules() if type(m).__name__ == "FeedForward"}
     assert widths == {extra.get("ff_mult", 4) * 16}  # heads * dim_head = 16
+
+
+@pytest.mark.parametrize("patch_size", [1, 2])
+def test_circular_padding_makes_the_network_blind_to_place(patch_size):
+    # Shifting the input by the network's total stride shifts the output alike with circular padding;
+    # with zero padding the borders tell the convolutions where they are.
+    torch.manual_seed(0)
+    x, t, ctx = torch.randn(2, 3, 16, 16), torch.tensor([10, 500]), _ctx()
+    stride = patch_size * 2  # TINY has two levels
+    for mode, equivariant in (("circular", True), ("zeros", False)):
+        model = _perturbed(UNet2D(**TINY, patch_size=patch_size, padding_mode=mode)).eval()
+        shifted = model(torch.roll(x, (stride, -stride), dims=(2, 3)), t, ctx)
+        same = torch.allclose(shifted, torch.roll(model(x, t, ctx), (stride, -stride), dims=(2, 3)), atol=1e-5)
+        assert same == equivariant, mode
+    with pytest.raises(ValueError, match="padding_mode must be one of zeros, circular; got 'reflect'"):
+        UNet2D(**TINY, padding_mode="reflect")
 
 
 def test_errors_name_the_problem():

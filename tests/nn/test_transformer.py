@@ -151,3 +151,28 @@ def test_position_embedding_starts_as_nothing_and_then_tells_positions_apart(cls
 def test_position_frequencies_must_be_a_non_negative_int():
     with pytest.raises(ValueError, match="position_frequencies must be an int >= 0; got -1"):
         SpatialTransformer(16, context_dim=8, heads=2, dim_head=8, position_frequencies=-1)
+    with pytest.raises(ValueError, match="position_into must be one of tokens, queries; got 'keys'"):
+        SpatialTransformer(16, context_dim=8, heads=2, dim_head=8, position_frequencies=2, position_into="keys")
+
+
+def test_position_into_queries_steers_what_is_read_but_never_writes_place():
+    torch.manual_seed(0)
+    kwargs = dict(context_dim=8, heads=2, dim_head=8, self_attention=False, position_frequencies=3)
+    tokens = SpatialTransformer(16, **kwargs)
+    queries = SpatialTransformer(16, **kwargs, position_into="queries")
+    queries.load_state_dict(tokens.state_dict())
+    _perturb_output(tokens), queries.proj_out.weight.data.copy_(tokens.proj_out.weight)
+    torch.nn.init.normal_(tokens.pos_proj.weight), queries.pos_proj.weight.data.copy_(tokens.pos_proj.weight)
+    x = torch.randn(1, 16, 1, 1).expand(1, 16, 3, 5).contiguous()  # every position sees the same input
+
+    def spread(out):  # how much the output differs between positions
+        flat = out.flatten(2)
+        return (flat - flat[..., :1]).abs().max().item()
+
+    one_word = torch.randn(1, 1, 8)
+    # One word to read: every position reads all of it, so with the place only in the queries every
+    # output is the same; added to the tokens, the place reaches the output.
+    assert spread(queries(x, one_word)) < 1e-5
+    assert spread(tokens(x, one_word)) > 1e-3
+    # Several words: the place decides how much of each a position reads.
+    assert spread(queries(x, torch.randn(1, 4, 8))) > 1e-3
