@@ -18,6 +18,7 @@ from torch import nn
 
 from mmx.context import Context, unpack_context
 from mmx.nn import ResBlock2D, SpatialTransformer, group_norm, timestep_embedding
+from mmx.nn.transformer import POSITION_INTO
 
 __all__ = ["UNet2D", "DiffusersUNet2D"]
 
@@ -113,6 +114,8 @@ class UNet2D(ModelMixin, ConfigMixin):
             raise ValueError(f"patch_size must be >= 1; got {patch_size}")
         if padding_mode not in PADDING_MODES:
             raise ValueError(f"padding_mode must be one of {', '.join(PADDING_MODES)}; got {padding_mode!r}")
+        if position_into not in POSITION_INTO:
+            raise ValueError(f"position_into must be one of {', '.join(POSITION_INTO)}; got {position_into!r}")
         levels = len(channels)
         self_attention_levels = self_attention_levels or (False,) * levels
         if len(attention_levels) != levels or len(self_attention_levels) != levels:
