@@ -91,7 +91,7 @@ def test_circular_padding_makes_the_network_blind_to_place(patch_size):
     with pytest.raises(ValueError, match="padding_mode must be one of zeros, circular; got 'reflect'"):
         UNet2D(**TINY, padding_mode="reflect")
     with pytest.raises(ValueError, match="position_into must be one of tokens, queries; got 'values'"):
-        UNet2D(**TINY, attention_levels=(False, False), mid_attention=False, position_into="values")
+        UNet2D(**{**TINY, "attention_levels": (False, False)}, mid_attention=False, position_into="values")
 
 
 def test_errors_name_the_problem():
