@@ -5,8 +5,11 @@ red, green, blue or yellow; ``colours=`` picks any of the six of :data:`PALETTE`
 of five anchors (left, right, top, bottom, centre), with a caption such as
 "a blue square at the top and on the right there is a green triangle". Objects are a quarter of
 the image wide and the anchors sit 5/16 apart, so two objects never touch (at 32x32 there are at
-least two background pixels between them). Everything is drawn analytically with numpy from the
-sample's seed, so sample ``i`` of a dataset with seed ``s`` is always the same picture and text.
+least two background pixels between them). ``jitter=`` moves each object off its anchor by whole
+pixels (at most 1/16 of the image per axis, one background pixel kept between objects), so a shape
+is seen at many pixel offsets while its caption still names one of the five places. Everything is
+drawn analytically with numpy from the sample's seed, so sample ``i`` of a dataset with seed ``s``
+is always the same picture and text.
 
 A compositional split holds out (colour, shape) and (shape, position) pairs: ``split="train"``
 never shows or names an object with a held-out pair; every ``split="heldout"`` sample has one.
@@ -28,6 +31,7 @@ __all__ = [
     "COLOURS",
     "HELDOUT_COLOUR_SHAPE",
     "HELDOUT_SHAPE_POSITION",
+    "MAX_JITTER",
     "OBJECT_SCALE",
     "PALETTE",
     "POSITIONS",
@@ -73,6 +77,9 @@ POSITIONS: dict[str, tuple[float, float]] = {
 }
 # Side of a shape's bounding box as a fraction of the image (8 pixels at 32x32).
 OBJECT_SCALE = 0.25
+# The most ShapesDataset(jitter=...) may move an object off its anchor, per axis, as a fraction of the
+# image: the edge anchors sit 3/16 from the border and half a box is 1/8, so 1/16 keeps every object whole.
+MAX_JITTER = 1 / 16
 
 # With the four default colours no training image draws a circle in the B channel (only blue lights
 # it), so a generator asked for a "blue circle" must also draw in a channel it never drew a circle in;
@@ -113,6 +120,7 @@ class ShapeSpec:
     colour: str
     shape: str
     position: str
+    offset: tuple[float, float] = (0.0, 0.0)  # (dx, dy) from the position's anchor, fractions of the image
 
     def __post_init__(self) -> None:
         for value, valid, what in (
@@ -125,8 +133,9 @@ class ShapeSpec:
 
     @property
     def centre(self) -> tuple[float, float]:
-        """(x, y) of the bounding-box centre as fractions of the image."""
-        return POSITIONS[self.position]
+        """(x, y) of the bounding-box centre as fractions of the image: the anchor plus ``offset``."""
+        x, y = POSITIONS[self.position]
+        return x + self.offset[0], y + self.offset[1]
 
 
 class ObjectWords(NamedTuple):
@@ -278,6 +287,12 @@ def caption_for(objects: Sequence[ShapeSpec], rng: np.random.Generator) -> str:
 # --------------------------------------------------------------------------------------- dataset
 
 
+def _apart(a: ShapeSpec, b: ShapeSpec, gap: float) -> bool:
+    """Whether the bounding boxes of ``a`` and ``b`` are at least ``gap`` apart in x or in y."""
+    (ax, ay), (bx, by) = a.centre, b.centre
+    return max(abs(ax - bx), abs(ay - by)) - OBJECT_SCALE >= gap - 1e-9
+
+
 def _check_pairs(pairs: Sequence[Sequence[str]], first: Sequence[str], second: Sequence[str], what: str) -> tuple:
     out = []
     for pair in pairs:
@@ -307,6 +322,7 @@ class ShapesDataset(Dataset):
         drop_attribute: float = 0.0,
         colours: Sequence[str] = tuple(COLOURS),
         droppable: Sequence[str] = ATTRIBUTES,
+        jitter: float = 0.0,
     ) -> None:
         if split not in self.SPLITS:
             raise ValueError(f"unknown split {split!r}; valid: {', '.join(self.SPLITS)}")
@@ -314,10 +330,9 @@ class ShapesDataset(Dataset):
         for name, value in (("size", size), ("length", length), ("seed", seed), ("max_objects", max_objects)):
             if isinstance(value, bool) or not isinstance(value, numbers.Integral):
                 raise TypeError(f"ShapesDataset {name} must be an integer; got {type(value).__name__} {value!r}")
-        if isinstance(drop_attribute, bool) or not isinstance(drop_attribute, numbers.Real):
-            raise TypeError(
-                f"ShapesDataset drop_attribute must be a number; got {type(drop_attribute).__name__} {drop_attribute!r}"
-            )
+        for name, value in (("drop_attribute", drop_attribute), ("jitter", jitter)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise TypeError(f"ShapesDataset {name} must be a number; got {type(value).__name__} {value!r}")
         if size < 8:
             raise ValueError(f"size must be at least 8 pixels; got {size}")
         if length < 0:
@@ -331,7 +346,13 @@ class ShapesDataset(Dataset):
                 any(a not in ATTRIBUTES for a in droppable) or len(set(droppable)) != len(droppable):
             raise ValueError(f"ShapesDataset droppable must be a non-empty list of distinct attributes from "
                              f"{', '.join(ATTRIBUTES)}; got {droppable!r}")
+        if not 0.0 <= jitter <= MAX_JITTER:
+            raise ValueError(
+                f"ShapesDataset jitter must be in [0, {MAX_JITTER}] (a fraction of the image; more would push "
+                f"objects at the edge anchors out of the picture); got {jitter}"
+            )
         self.max_objects, self.antialias, self.drop_attribute = max_objects, antialias, drop_attribute
+        self.jitter = float(jitter)
         self.droppable = tuple(droppable)
         if isinstance(colours, str) or not isinstance(colours, Sequence) or not colours:
             raise TypeError(f"ShapesDataset colours must be a non-empty list of colour names; got {colours!r}")
@@ -412,7 +433,25 @@ class ShapesDataset(Dataset):
         order = rng.permutation(count)
         specs = [ShapeSpec(*chosen[k]) for k in order]
         caption, refs, templates = caption_clauses(specs, rng, self.drop_attribute, self.droppable)
+        if self.jitter > 0:  # drawn after the caption: the captions are those of the data set without jitter
+            specs = self._jittered(specs, rng)
         return specs, caption, refs, templates
+
+    def _jittered(self, specs: list[ShapeSpec], rng: np.random.Generator) -> list[ShapeSpec]:
+        """``specs`` moved off their anchors by whole pixels, at most ``jitter`` of the image in x and in y.
+
+        Whole pixels make each moved object an exact translation of its anchored drawing. Offsets are
+        drawn again until every two objects keep at least one background pixel between their boxes.
+        """
+        reach = int(np.floor(self.jitter * self.size + 1e-9))  # pixels
+        while True:
+            steps = rng.integers(-reach, reach + 1, size=(len(specs), 2))  # [N, 2] pixels
+            moved = [
+                ShapeSpec(s.colour, s.shape, s.position, (float(dx) / self.size, float(dy) / self.size))
+                for s, (dx, dy) in zip(specs, steps)
+            ]
+            if all(_apart(a, b, 1.0 / self.size) for i, a in enumerate(moved) for b in moved[i + 1:]):
+                return moved
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         """``image`` [3, H, W] in [-1, 1], ``caption``, ``objects``, ``word_masks`` {word index: [H, W] bool}."""
@@ -434,7 +473,7 @@ class ShapesDataset(Dataset):
     def __repr__(self) -> str:
         return (
             f"ShapesDataset(split={self.split!r}, size={self.size}, length={self.length}, seed={self.seed}, "
-            f"max_objects={self.max_objects}, colours={self.colours}, "
+            f"max_objects={self.max_objects}, colours={self.colours}, jitter={self.jitter}, "
             f"heldout_colour_shape={self.heldout_colour_shape}, heldout_shape_position={self.heldout_shape_position})"
         )
 

@@ -273,3 +273,41 @@ def test_droppable_limits_which_attribute_is_left_out_and_defaults_to_all_three(
     for bad in ("colour", [], ["size"], ["shape", "shape"]):
         with pytest.raises(ValueError, match=f"droppable must be .*; got {re.escape(repr(bad))}"):
             ShapesDataset(droppable=bad)
+
+
+def test_jitter_moves_objects_by_whole_pixels_and_keeps_captions_split_and_gaps():
+    from mmx.data.shapes import MAX_JITTER
+    from mmx.eval.detector import caption_correct
+
+    plain, still = ShapesDataset(length=40, seed=3), ShapesDataset(length=40, seed=3, jitter=0.0)
+    assert all(torch.equal(plain[i]["image"], still[i]["image"]) for i in range(40))  # no draw without jitter
+    moved = ShapesDataset(length=300, seed=3, jitter=MAX_JITTER)
+    base = ShapesDataset(length=300, seed=3)
+    offsets = set()
+    for i in range(300):
+        item, anchored = moved[i], base[i]
+        assert item["caption"] == anchored["caption"]  # the captions are those of the anchored data
+        specs = moved.specs(i)
+        assert [(s.colour, s.shape, s.position) for s in specs] == [
+            (s.colour, s.shape, s.position) for s in base.specs(i)]
+        for spec, obj, plain_obj in zip(specs, item["objects"], anchored["objects"]):
+            dx, dy = (round(o * 32) for o in spec.offset)
+            assert (dx * 1.0, dy * 1.0) == (spec.offset[0] * 32, spec.offset[1] * 32)  # whole pixels
+            offsets.add((dx, dy))
+            # an exact translation of the anchored drawing (nothing wrapped round: the object stays whole)
+            assert torch.equal(torch.roll(plain_obj.mask, (dy, dx), dims=(0, 1)), obj.mask)
+        if len(item["objects"]) == 2:  # one background pixel between the objects (8-neighbourhood)
+            a, b = (o.mask[None, None].float() for o in item["objects"])
+            assert not (torch.nn.functional.max_pool2d(a, 3, 1, 1).bool() & b.bool()).any(), i
+        assert caption_correct(item["image"], item["caption"])  # the detector still reads every place
+    assert offsets == {(dx, dy) for dx in range(-2, 3) for dy in range(-2, 3)}
+    heldout = ShapesDataset("heldout", length=100, seed=1, jitter=MAX_JITTER)
+    assert all(any(heldout.is_heldout(s.colour, s.shape, s.position) for s in heldout.specs(i)) for i in range(100))
+    train = ShapesDataset("train", length=300, seed=0, jitter=MAX_JITTER)
+    assert not any(train.is_heldout(s.colour, s.shape, s.position) for i in range(300) for s in train.specs(i))
+    assert "jitter=0.0625" in repr(moved)
+    for bad in (-0.01, 0.07):
+        with pytest.raises(ValueError, match=f"jitter must be in \\[0, 0.0625\\].*got {bad}"):
+            ShapesDataset(jitter=bad)
+    with pytest.raises(TypeError, match="jitter must be a number; got str '1'"):
+        ShapesDataset(jitter="1")
