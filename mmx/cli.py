@@ -306,7 +306,7 @@ def _evaluate(cfg, pipeline, num: Optional[int], steps: Optional[int], out: Opti
     import json
 
     from mmx.data import DATASETS
-    from mmx.eval import accuracy_by_pair, caption_correct
+    from mmx.eval import accuracy_by_pair, check_caption
     from mmx.train.text_to_image import heldout_prompts
     from mmx.train.visual import save_grid
 
@@ -334,7 +334,8 @@ def _evaluate(cfg, pipeline, num: Optional[int], steps: Optional[int], out: Opti
         from mmx.train.text_to_image import generate_and_score
 
         images, _ = generate_and_score(pipeline, cfg, prompts, cfg.eval.seed, num_steps=steps)
-    correct = [caption_correct(image, prompt) for image, prompt in zip(images, prompts)]
+    checks = [check_caption(image, prompt) for image, prompt in zip(images, prompts)]
+    correct = [check.correct for check in checks]
     results["caption_accuracy"] = sum(correct) / len(correct)
     results["accuracy_by_pair"] = (  # per held-out pair of a shapes split; {} for data without pairs
         accuracy_by_pair(prompts, correct, heldout.heldout_colour_shape, heldout.heldout_shape_position)
@@ -343,7 +344,9 @@ def _evaluate(cfg, pipeline, num: Optional[int], steps: Optional[int], out: Opti
         _make_dir(out)
         k = cfg.eval.grid_prompts
         save_grid(images[:k], prompts[:k], out / "heldout_grid.png", correct[:k], title=title)
-        (out / "eval.json").write_text(json.dumps({**results, "prompts": prompts, "correct": correct}, indent=1))
+        drawn = [[d.describe() for d in check.detections] for check in checks]  # what each image shows
+        (out / "eval.json").write_text(json.dumps({**results, "prompts": prompts, "correct": correct, "drawn": drawn},
+                                                  indent=1))
     return results, prompts, images, maps
 
 

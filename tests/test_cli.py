@@ -68,6 +68,7 @@ def test_train_sample_eval_on_the_tiny_recipe(tmp_path):
     assert "every cross-attention layer" in result.output and "by the held-out pair they name" in result.output
     report = json.loads((run / "eval" / "eval.json").read_text())
     assert sum(total for _, total in report["accuracy_by_pair"].values()) >= report["num_prompts"] == 4
+    assert len(report["drawn"]) == 4 and all(isinstance(text, str) for seen in report["drawn"] for text in seen)
     result = runner.invoke(app, ["eval", str(run), "--num", "4", "--steps", "2", "--max-downsample", "2"])
     assert result.exit_code == 0, result.output
     assert "at most 2x coarser" in result.output

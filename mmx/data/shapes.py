@@ -6,8 +6,9 @@ of five anchors (left, right, top, bottom, centre), with a caption such as
 "a blue square at the top and on the right there is a green triangle". Objects are a quarter of
 the image wide and the anchors sit 5/16 apart, so two objects never touch (at 32x32 there are at
 least two background pixels between them). ``jitter=`` moves each object off its anchor by whole
-pixels (at most 1/16 of the image per axis, one background pixel kept between objects), so a shape
-is seen at many pixel offsets while its caption still names one of the five places. Everything is
+pixels (at most 1/16 of the image per axis, one background pixel kept between objects; each object
+with probability ``jitter_share``), so a shape is seen at many pixel offsets while its caption still
+names one of the five places. Everything is
 drawn analytically with numpy from the sample's seed, so sample ``i`` of a dataset with seed ``s``
 is always the same picture and text.
 
@@ -323,6 +324,7 @@ class ShapesDataset(Dataset):
         colours: Sequence[str] = tuple(COLOURS),
         droppable: Sequence[str] = ATTRIBUTES,
         jitter: float = 0.0,
+        jitter_share: float = 1.0,
     ) -> None:
         if split not in self.SPLITS:
             raise ValueError(f"unknown split {split!r}; valid: {', '.join(self.SPLITS)}")
@@ -330,7 +332,7 @@ class ShapesDataset(Dataset):
         for name, value in (("size", size), ("length", length), ("seed", seed), ("max_objects", max_objects)):
             if isinstance(value, bool) or not isinstance(value, numbers.Integral):
                 raise TypeError(f"ShapesDataset {name} must be an integer; got {type(value).__name__} {value!r}")
-        for name, value in (("drop_attribute", drop_attribute), ("jitter", jitter)):
+        for name, value in (("drop_attribute", drop_attribute), ("jitter", jitter), ("jitter_share", jitter_share)):
             if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise TypeError(f"ShapesDataset {name} must be a number; got {type(value).__name__} {value!r}")
         if size < 8:
@@ -352,7 +354,9 @@ class ShapesDataset(Dataset):
                 f"objects at the edge anchors out of the picture); got {jitter}"
             )
         self.max_objects, self.antialias, self.drop_attribute = max_objects, antialias, drop_attribute
-        self.jitter = float(jitter)
+        if not 0.0 <= jitter_share <= 1.0:
+            raise ValueError(f"ShapesDataset jitter_share must be a probability in [0, 1]; got {jitter_share}")
+        self.jitter, self.jitter_share = float(jitter), float(jitter_share)
         self.droppable = tuple(droppable)
         if isinstance(colours, str) or not isinstance(colours, Sequence) or not colours:
             raise TypeError(f"ShapesDataset colours must be a non-empty list of colour names; got {colours!r}")
@@ -433,19 +437,21 @@ class ShapesDataset(Dataset):
         order = rng.permutation(count)
         specs = [ShapeSpec(*chosen[k]) for k in order]
         caption, refs, templates = caption_clauses(specs, rng, self.drop_attribute, self.droppable)
-        if self.jitter > 0:  # drawn after the caption: the captions are those of the data set without jitter
+        if self.jitter > 0 and self.jitter_share > 0:  # drawn after the caption: the captions stay those without jitter
             specs = self._jittered(specs, rng)
         return specs, caption, refs, templates
 
     def _jittered(self, specs: list[ShapeSpec], rng: np.random.Generator) -> list[ShapeSpec]:
-        """``specs`` moved off their anchors by whole pixels, at most ``jitter`` of the image in x and in y.
+        """``specs`` moved off their anchors by whole pixels, at most ``jitter`` of the image in x and in y;
+        each object moves with probability ``jitter_share`` and otherwise stays on its anchor.
 
         Whole pixels make each moved object an exact translation of its anchored drawing. Offsets are
         drawn again until every two objects keep at least one background pixel between their boxes.
         """
         reach = int(np.floor(self.jitter * self.size + 1e-9))  # pixels
+        moves = rng.random(len(specs)) < self.jitter_share  # [N]
         while True:
-            steps = rng.integers(-reach, reach + 1, size=(len(specs), 2))  # [N, 2] pixels
+            steps = rng.integers(-reach, reach + 1, size=(len(specs), 2)) * moves[:, None]  # [N, 2] pixels
             moved = [
                 ShapeSpec(s.colour, s.shape, s.position, (float(dx) / self.size, float(dy) / self.size))
                 for s, (dx, dy) in zip(specs, steps)
@@ -474,6 +480,7 @@ class ShapesDataset(Dataset):
         return (
             f"ShapesDataset(split={self.split!r}, size={self.size}, length={self.length}, seed={self.seed}, "
             f"max_objects={self.max_objects}, colours={self.colours}, jitter={self.jitter}, "
+            f"jitter_share={self.jitter_share}, "
             f"heldout_colour_shape={self.heldout_colour_shape}, heldout_shape_position={self.heldout_shape_position})"
         )
 

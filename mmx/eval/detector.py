@@ -71,6 +71,10 @@ class Detection:
             return None
         return Claim(self.colour, self.shape, self.position)
 
+    def describe(self) -> str:
+        """What was drawn, in words: "green triangle top" ("?" for a shape or position that fits none)."""
+        return f"{self.colour} {self.shape or '?'} {self.position or '?'}"
+
 
 # ------------------------------------------------------------------------------------- detection
 

@@ -281,10 +281,10 @@ def test_jitter_moves_objects_by_whole_pixels_and_keeps_captions_split_and_gaps(
 
     plain, still = ShapesDataset(length=40, seed=3), ShapesDataset(length=40, seed=3, jitter=0.0)
     assert all(torch.equal(plain[i]["image"], still[i]["image"]) for i in range(40))  # no draw without jitter
-    moved = ShapesDataset(length=300, seed=3, jitter=MAX_JITTER)
-    base = ShapesDataset(length=300, seed=3)
+    moved = ShapesDataset(length=150, seed=3, jitter=MAX_JITTER)
+    base = ShapesDataset(length=150, seed=3)
     offsets = set()
-    for i in range(300):
+    for i in range(150):
         item, anchored = moved[i], base[i]
         assert item["caption"] == anchored["caption"]  # the captions are those of the anchored data
         specs = moved.specs(i)
@@ -306,6 +306,13 @@ def test_jitter_moves_objects_by_whole_pixels_and_keeps_captions_split_and_gaps(
     train = ShapesDataset("train", length=300, seed=0, jitter=MAX_JITTER)
     assert not any(train.is_heldout(s.colour, s.shape, s.position) for i in range(300) for s in train.specs(i))
     assert "jitter=0.0625" in repr(moved)
+    never = ShapesDataset(length=40, seed=3, jitter=MAX_JITTER, jitter_share=0.0)
+    assert all(torch.equal(plain[i]["image"], never[i]["image"]) for i in range(40))
+    half = ShapesDataset(length=200, seed=3, jitter=MAX_JITTER, jitter_share=0.5)
+    still = [s.offset == (0.0, 0.0) for i in range(200) for s in half.specs(i)]
+    assert 0.4 < sum(still) / len(still) < 0.65  # half stay, and 1 in 25 of the rest draw no move
+    with pytest.raises(ValueError, match="jitter_share must be a probability in \\[0, 1\\]; got 1.5"):
+        ShapesDataset(jitter_share=1.5)
     for bad in (-0.01, 0.07):
         with pytest.raises(ValueError, match=f"jitter must be in \\[0, 0.0625\\].*got {bad}"):
             ShapesDataset(jitter=bad)

@@ -97,6 +97,11 @@ def test_wrong_extra_or_missing_objects_fail():
     three = as_tensor(render(scene + [ShapeSpec("yellow", "triangle", "centre")]))
     check = check_caption(three, "a red circle on the left and a blue square at the top")
     assert not check.correct and [d.shape for d in check.extra] == ["triangle"] and not check.missing
+    assert sorted(d.describe() for d in check.detections) == ["blue square top", "red circle left",
+                                                               "yellow triangle centre"]
+    bar = np.zeros((32, 32, 3), dtype=np.uint8)
+    bar[14:17, 2:30] = PALETTE["green"]  # too elongated for any shape
+    assert [d.describe() for d in detect_objects(bar)] == ["green ? centre"]
     lonely = as_tensor(render(scene[:1]))
     check = check_caption(lonely, "a red circle on the left and a blue square at the top")
     assert check.missing == [Claim("blue", "square", "top")] and not check.extra
