@@ -78,6 +78,8 @@ POSITIONS: dict[str, tuple[float, float]] = {
 }
 # Side of a shape's bounding box as a fraction of the image (8 pixels at 32x32).
 OBJECT_SCALE = 0.25
+# Space between the boxes of objects at neighbouring anchors (5/16 apart), as a fraction of the image.
+ANCHOR_GAP = 5 / 16 - OBJECT_SCALE
 # The most ShapesDataset(jitter=...) may move an object off its anchor, per axis, as a fraction of the
 # image: the edge anchors sit 3/16 from the border and half a box is 1/8, so 1/16 keeps every object whole.
 MAX_JITTER = 1 / 16
@@ -446,9 +448,11 @@ class ShapesDataset(Dataset):
         each object moves with probability ``jitter_share`` and otherwise stays on its anchor.
 
         Whole pixels make each moved object an exact translation of its anchored drawing. Offsets are
-        drawn again until every two objects keep at least one background pixel between their boxes.
+        drawn again until every two objects keep at least one pixel between their boxes (below 16
+        pixels, the 1/16 of the image that the anchors leave, which no offset at all always meets).
         """
         reach = int(np.floor(self.jitter * self.size + 1e-9))  # pixels
+        gap = min(1.0 / self.size, ANCHOR_GAP)
         moves = rng.random(len(specs)) < self.jitter_share  # [N]
         while True:
             steps = rng.integers(-reach, reach + 1, size=(len(specs), 2)) * moves[:, None]  # [N, 2] pixels
@@ -456,7 +460,7 @@ class ShapesDataset(Dataset):
                 ShapeSpec(s.colour, s.shape, s.position, (float(dx) / self.size, float(dy) / self.size))
                 for s, (dx, dy) in zip(specs, steps)
             ]
-            if all(_apart(a, b, 1.0 / self.size) for i, a in enumerate(moved) for b in moved[i + 1:]):
+            if all(_apart(a, b, gap) for i, a in enumerate(moved) for b in moved[i + 1:]):
                 return moved
 
     def __getitem__(self, index: int) -> dict[str, Any]:

@@ -306,6 +306,10 @@ def test_jitter_moves_objects_by_whole_pixels_and_keeps_captions_split_and_gaps(
     train = ShapesDataset("train", length=300, seed=0, jitter=MAX_JITTER)
     assert not any(train.is_heldout(s.colour, s.shape, s.position) for i in range(300) for s in train.specs(i))
     assert "jitter=0.0625" in repr(moved)
+    for size, reach in ((8, 0), (64, 4)):  # below 16 pixels the anchors leave less than a pixel: no endless redraw
+        crowded = ShapesDataset(length=30, size=size, seed=3, jitter=MAX_JITTER, max_objects=5)
+        moves = {round(abs(o) * size) for i in range(30) for s in crowded.specs(i) for o in s.offset}
+        assert max(moves) == reach and all(crowded[i]["image"].shape == (3, size, size) for i in range(30))
     never = ShapesDataset(length=40, seed=3, jitter=MAX_JITTER, jitter_share=0.0)
     assert all(torch.equal(plain[i]["image"], never[i]["image"]) for i in range(40))
     half = ShapesDataset(length=200, seed=3, jitter=MAX_JITTER, jitter_share=0.5)
