@@ -26,14 +26,18 @@ from mmx.eval import accuracy_by_pair, parse_caption
 from mmx.train.text_to_image import TextToImageConfig
 
 
-def by_pair(eval_dir: Path) -> tuple[dict[str, tuple[int, int]], tuple[int, int], dict]:
-    """Per held-out pair (right, total); (right, total) over captions naming no channel-gap pair; the gaps."""
+def load(eval_dir: Path) -> tuple[dict, object]:
+    """The evaluation's ``eval.json`` and the run's held-out data set (from ``config.yaml`` one level up)."""
     report_path, config_path = eval_dir / "eval.json", eval_dir.parent / "config.yaml"
     for path in (report_path, config_path):
         if not path.is_file():
             raise SystemExit(f"error: {path} not found; pass the --out folder of `mmx eval` inside a run folder")
     report = json.loads(report_path.read_text())
-    data = DATASETS.build_from_dict(dict(load_config(config_path, TextToImageConfig).eval.data))
+    return report, DATASETS.build_from_dict(dict(load_config(config_path, TextToImageConfig).eval.data))
+
+
+def by_pair(report: dict, data) -> tuple[dict[str, tuple[int, int]], tuple[int, int], dict]:
+    """Per held-out pair (right, total); (right, total) over captions naming no channel-gap pair; the gaps."""
     prompts, correct = report["prompts"], report["correct"]
     pairs = accuracy_by_pair(prompts, correct, data.heldout_colour_shape, data.heldout_shape_position)
     gaps = data.channel_gaps()
@@ -42,16 +46,12 @@ def by_pair(eval_dir: Path) -> tuple[dict[str, tuple[int, int]], tuple[int, int]
     return pairs, (sum(clear), len(clear)), gaps
 
 
-def misses(eval_dir: Path) -> dict[str, collections.Counter]:
+def misses(report: dict, data) -> dict[str, collections.Counter]:
     """Per held-out pair: what the wrong images drew at the place of each object with that pair.
 
     An object asked for and drawn right is not counted; one drawn wrong counts as the colour and shape
     the detector read at its place ("green triangle"), or "nothing" when nothing was read there.
     """
-    report = json.loads((eval_dir / "eval.json").read_text())
-    if "drawn" not in report:
-        raise SystemExit(f"error: {eval_dir / 'eval.json'} has no 'drawn' list; evaluate again with this mmx")
-    data = DATASETS.build_from_dict(dict(load_config(eval_dir.parent / "config.yaml", TextToImageConfig).eval.data))
     names = {**{(c, s): f"{c} {s}" for c, s in data.heldout_colour_shape},
              **{(s, p): f"{s} {POSITION_PHRASES[p][0]}" for s, p in data.heldout_shape_position}}
     drew: dict[str, collections.Counter] = {name: collections.Counter() for name in names.values()}
@@ -78,13 +78,16 @@ def main() -> None:
     parser.add_argument("--misses", action="store_true", help="also print what was drawn instead of each pair")
     args = parser.parse_args()
     for eval_dir in args.eval_dirs:
-        pairs, (right, total), gaps = by_pair(eval_dir)
+        report, data = load(eval_dir)
+        if args.misses and "drawn" not in report:
+            raise SystemExit(f"error: {eval_dir / 'eval.json'} has no 'drawn' list; evaluate again with this mmx")
+        pairs, (right, total), gaps = by_pair(report, data)
         cells = " | ".join(f"{name} {r}/{t}" for name, (r, t) in pairs.items())
         share = f"{right / total:.1%}" if total else "n/a"
         gap_names = ", ".join(f"{c} {s} ({ch})" for (c, s), ch in gaps.items()) or "none"
         print(f"| {eval_dir} | {cells} | {right}/{total} ({share}) without a channel-gap pair [{gap_names}] |")
         if args.misses:
-            for name, drew in misses(eval_dir).items():
+            for name, drew in misses(report, data).items():
                 listed = ", ".join(f"{what} {n}" for what, n in drew.most_common()) or "none"
                 print(f"  {name}, drawn instead: {listed}")
 

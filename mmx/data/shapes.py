@@ -8,9 +8,8 @@ the image wide and the anchors sit 5/16 apart, so two objects never touch (at 32
 least two background pixels between them). ``jitter=`` moves each object off its anchor by whole
 pixels (at most 1/16 of the image per axis, one background pixel kept between objects; each object
 with probability ``jitter_share``), so a shape is seen at many pixel offsets while its caption still
-names one of the five places. Everything is
-drawn analytically with numpy from the sample's seed, so sample ``i`` of a dataset with seed ``s``
-is always the same picture and text.
+names one of the five places. Everything is drawn analytically with numpy from the sample's seed, so
+sample ``i`` of a dataset with seed ``s`` is always the same picture and text.
 
 A compositional split holds out (colour, shape) and (shape, position) pairs: ``split="train"``
 never shows or names an object with a held-out pair; every ``split="heldout"`` sample has one.
@@ -355,9 +354,9 @@ class ShapesDataset(Dataset):
                 f"ShapesDataset jitter must be in [0, {MAX_JITTER}] (a fraction of the image; more would push "
                 f"objects at the edge anchors out of the picture); got {jitter}"
             )
-        self.max_objects, self.antialias, self.drop_attribute = max_objects, antialias, drop_attribute
         if not 0.0 <= jitter_share <= 1.0:
             raise ValueError(f"ShapesDataset jitter_share must be a probability in [0, 1]; got {jitter_share}")
+        self.max_objects, self.antialias, self.drop_attribute = max_objects, antialias, drop_attribute
         self.jitter, self.jitter_share = float(jitter), float(jitter_share)
         self.droppable = tuple(droppable)
         if isinstance(colours, str) or not isinstance(colours, Sequence) or not colours:
