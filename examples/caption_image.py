@@ -17,7 +17,6 @@ from pathlib import Path
 
 def main(run: str = "runs/caption_example", image: str | None = None, steps: int | None = None, index: int = 0) -> str:
     import torch
-    from accelerate.utils import set_seed
 
     from mmx.attnmap import save_word_grid
     from mmx.attnmap.seq2seq import caption_word_maps, decoder_attention, region_maps
@@ -30,7 +29,6 @@ def main(run: str = "runs/caption_example", image: str | None = None, steps: int
         cfg = load_config(Path(__file__).parents[1] / "configs" / "seq2seq_captioning.yaml", Seq2SeqConfig)
         cfg.train.max_steps = steps or cfg.train.max_steps
         cfg.train.validate_every = cfg.train.checkpoint_every = cfg.train.max_steps
-        set_seed(cfg.train.seed)                                # the initial weights follow the seed too
         train(Seq2SeqTask(cfg, run), cfg.train, run)
     cfg, task = load_seq2seq_run(run)                          # model (eval mode) + its word tokenizer
 

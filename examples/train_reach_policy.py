@@ -15,8 +15,6 @@ from pathlib import Path
 
 def main(steps: int = 3000, episodes: int = 200, eval_episodes: int = 100, out: str = "runs/reach_example",
          batch_size: int = 256) -> dict:
-    from accelerate.utils import set_seed
-
     from mmx.config import load_config
     from mmx.eval import evaluate_policy
     from mmx.train import train
@@ -24,7 +22,6 @@ def main(steps: int = 3000, episodes: int = 200, eval_episodes: int = 100, out: 
 
     cfg = load_config(Path(__file__).parents[1] / "configs" / "policy_reach.yaml", PolicyConfig)
     cfg.train.max_steps, cfg.train.batch_size, cfg.data.episodes = steps, batch_size, episodes
-    set_seed(cfg.train.seed)                         # the initial weights, like the rest of the run
     task = PolicyTask(cfg, out)                      # collects the demonstrations, builds UNet1D + FiLM
     train(task, cfg.train, out)                      # Accelerate loop, EMA, checkpoints, rollout panels
     _, policy = load_policy_run(out)                 # the saved EMA weights and fitted normaliser

@@ -220,9 +220,6 @@ def train(
             save_config(cfg, run_dir / "config.yaml")
         except OSError as err:
             _fail(f"cannot write {run_dir / 'config.yaml'}: {err}")
-    from accelerate.utils import set_seed
-
-    set_seed(cfg.train.seed)  # the task builds the model: its initial weights follow train.seed too
     try:
         task = task_cls(cfg, run_dir)
     except (KeyError, ValueError, TypeError, OSError) as err:

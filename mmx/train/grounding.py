@@ -102,9 +102,12 @@ class GroundingTask:
     """The trainer's view of a grounding run (see :class:`mmx.train.trainer.Task`)."""
 
     def __init__(self, cfg: GroundingConfig, run_dir: str | Path) -> None:
+        from accelerate.utils import set_seed
+
         from mmx.encoders import ENCODERS
         from mmx.models import MODELS
 
+        set_seed(cfg.train.seed)  # first: the model built below starts from weights that follow train.seed
         if not cfg.attention_supervision >= 0.0:
             raise ValueError(f"attention_supervision must be a weight >= 0; got {cfg.attention_supervision}")
         self.cfg, self.run_dir = cfg, Path(run_dir)

@@ -250,6 +250,9 @@ class PolicyTask:
     """The trainer's view of a policy run (see :class:`mmx.train.trainer.Task`)."""
 
     def __init__(self, cfg: PolicyConfig, run_dir: str | Path) -> None:
+        from accelerate.utils import set_seed
+
+        set_seed(cfg.train.seed)  # first: the model built below starts from weights that follow train.seed
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.buffer = load_buffer(cfg)

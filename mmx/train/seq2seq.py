@@ -108,9 +108,13 @@ class Seq2SeqTask:
     def __init__(self, cfg: Seq2SeqConfig, run_dir: str | Path, trained: str | Path | None = None) -> None:
         """A fresh model and the data set's tokenizers, or, with ``trained`` (a run's ``model/``
         folder), the trained model (eval mode) and the tokenizers saved beside it."""
+        from accelerate.utils import set_seed
+
         from mmx.data import WordTokenizer
         from mmx.models import MODELS
 
+        if trained is None:  # first: the fresh model built below starts from weights that follow train.seed
+            set_seed(cfg.train.seed)
         if not 0.0 <= cfg.token_dropout < 1.0:
             raise ValueError(f"token_dropout must be a probability in [0, 1); got {cfg.token_dropout}")
         if not cfg.attention_supervision >= 0.0:

@@ -184,6 +184,9 @@ class TextToImageTask:
     """The trainer's view of a text-to-image run (see :class:`mmx.train.trainer.Task`)."""
 
     def __init__(self, cfg: TextToImageConfig, run_dir: str | Path) -> None:
+        from accelerate.utils import set_seed
+
+        set_seed(cfg.train.seed)  # first: the model built below starts from weights that follow train.seed
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.pipeline = build_pipeline(cfg)

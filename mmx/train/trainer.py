@@ -203,9 +203,10 @@ def train(
     :class:`NonFiniteLossError`. Deciding costs one host synchronisation per optimiser step (a bool;
     under fp16 the GradScaler, which skips overflowing steps itself, already synchronises there).
 
-    The trainer seeds its data order, noise and dropout from ``cfg.seed``, but the task built
-    ``task.model`` before: for reproducible initial weights seed first
-    (``accelerate.utils.set_seed(cfg.seed)``, as ``mmx train`` does) and then build the task.
+    The trainer seeds its data order, noise and dropout from ``cfg.seed``; the initial weights of
+    ``task.model`` follow the same seed because each of mmx's tasks calls
+    ``accelerate.utils.set_seed(cfg.train.seed)`` before it builds its model (a Task of one's own
+    should do the same).
 
     Args:
         task: the model family's loss, data, validation and saving.
