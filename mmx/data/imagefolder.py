@@ -4,15 +4,22 @@
 with ``file_name`` relative to ``root``. A ``metadata.csv`` with the same columns is read when
 there is no ``metadata.jsonl``. Every listed file must exist when the dataset is built; an image
 that cannot be decoded raises :class:`ImageDecodeError` naming the file when it is loaded.
+
+``heldout_fraction`` sets a share of the images aside for evaluation: ``split="train"`` leaves them
+out, ``split="heldout"`` gives only them. Which images are held out follows a hash of each file
+name, so the split does not depend on the order of the metadata, and a file keeps its side when
+others are added (unless the count of held-out images changes at the boundary).
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
+import numbers
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -98,65 +105,108 @@ def _read_metadata(path: Path, image_column: str, caption_column: str) -> list[t
 
 
 class ImageFolderCaptions(Dataset):
-    """Images with captions from ``root/metadata.jsonl``: ``image`` [3, size, size] in [-1, 1], ``caption``."""
+    """Images with captions from ``root/metadata.jsonl``: ``image`` [3, H, W] in [-1, 1], ``caption``.
+
+    Args:
+        root: the folder; ``metadata.jsonl`` (or ``.csv``) lists its images and captions.
+        size: the side of the square every image is resized and cropped to, or ``[height, width]``.
+        center_crop: crop the centre (else a random crop, drawn from torch's generator).
+        random_flip: flip left-right with probability 1/2.
+        caption_column, image_column: the metadata columns of the caption and the file name.
+        split: ``"train"`` (every image but the held-out share) or ``"heldout"`` (only that share).
+        heldout_fraction: the share of the images held out, in [0, 1): at least one image when
+            above 0, and at least one must remain for training.
+    """
+
+    SPLITS = ("train", "heldout")
 
     def __init__(
         self,
         root: str | Path,
-        size: int = 64,
+        size: int | Sequence[int] = 64,
         center_crop: bool = True,
         random_flip: bool = False,
         caption_column: str = "text",
         image_column: str = "file_name",
+        split: str = "train",
+        heldout_fraction: float = 0.0,
     ) -> None:
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder {self.root} does not exist or is not a directory")
-        if size < 1:
-            raise ValueError(f"size must be positive; got {size}")
+        self.height, self.width = _size_pair(size)
+        if split not in self.SPLITS:
+            raise ValueError(f"unknown split {split!r}; valid: {', '.join(self.SPLITS)}")
+        if isinstance(heldout_fraction, bool) or not isinstance(heldout_fraction, numbers.Real) \
+                or not 0.0 <= heldout_fraction < 1.0:
+            raise ValueError(f"heldout_fraction must be a number in [0, 1); got {heldout_fraction!r}")
         metadata = next((self.root / name for name in METADATA_FILES if (self.root / name).is_file()), None)
         if metadata is None:
             raise FileNotFoundError(f"no {' or '.join(METADATA_FILES)} in {self.root}")
         self.metadata = metadata
-        self.size, self.center_crop, self.random_flip = size, center_crop, random_flip
+        self.size = self.height if self.height == self.width else (self.height, self.width)
+        self.center_crop, self.random_flip = center_crop, random_flip
         self.caption_column, self.image_column = caption_column, image_column
-        self.items: list[tuple[Path, str]] = []
+        self.split, self.heldout_fraction = split, float(heldout_fraction)
+        items: list[tuple[Path, str]] = []
         for file_name, caption in _read_metadata(metadata, image_column, caption_column):
             path = self.root / file_name
             if not path.is_file():
                 raise FileNotFoundError(f"image {path} listed in {metadata} does not exist")
-            self.items.append((path, caption))
-        if not self.items:
+            items.append((path, caption))
+        if not items:
             raise ValueError(f"{metadata} lists no images")
-        logger.debug("ImageFolderCaptions: %d images from %s", len(self.items), metadata)
+        self.items = self._split(items)
+        logger.debug("ImageFolderCaptions: %d images (%s) from %s", len(self.items), split, metadata)
+
+    def _split(self, items: list[tuple[Path, str]]) -> list[tuple[Path, str]]:
+        """The items of ``self.split``, in metadata order: the held-out ones are those of the smallest file-name hashes."""
+        if self.heldout_fraction == 0:
+            if self.split == "heldout":
+                raise ValueError(f"split 'heldout' of {self.root} needs heldout_fraction > 0 (the share of its images "
+                                 "to hold out, e.g. 0.1), or another folder of held-out images")
+            return items
+        count = max(1, round(self.heldout_fraction * len(items)))
+        if count >= len(items):
+            raise ValueError(f"heldout_fraction {self.heldout_fraction} holds out {count} of the {len(items)} images "
+                             f"in {self.metadata}, leaving none to train on")
+
+        def key(index: int) -> tuple[str, int]:
+            name = items[index][0].relative_to(self.root).as_posix()
+            return hashlib.sha256(name.encode("utf-8")).hexdigest(), index
+
+        heldout = set(sorted(range(len(items)), key=key)[:count])
+        keep = (lambda i: i in heldout) if self.split == "heldout" else (lambda i: i not in heldout)
+        return [item for i, item in enumerate(items) if keep(i)]
 
     def __len__(self) -> int:
         return len(self.items)
 
     def _resize_crop(self, image: Image.Image) -> Image.Image:
-        """Resize the shorter side to ``size``, then crop a ``size x size`` square (centre or random).
+        """Resize the image to cover ``height x width``, then crop that box (centre or random).
 
         When the resized image would be much larger than both the source and the crop (an aspect
         ratio above 64:1, e.g. a 1 x 100,000 strip that would become 64 x 6,400,000), only the
-        kept square is resampled (``resize(box=...)``, equal up to Pillow's rounding at the edge),
+        kept box is resampled (``resize(box=...)``, equal up to Pillow's rounding at the edge),
         so memory stays bounded by the decoded source.
         """
         width, height = image.size
-        scale = self.size / min(width, height)
-        new_w, new_h = max(self.size, round(width * scale)), max(self.size, round(height * scale))
+        out_h, out_w = self.height, self.width
+        scale = max(out_h / height, out_w / width)
+        new_w, new_h = max(out_w, round(width * scale)), max(out_h, round(height * scale))
         if self.center_crop:
-            left, top = (new_w - self.size) // 2, (new_h - self.size) // 2
+            left, top = (new_w - out_w) // 2, (new_h - out_h) // 2
         else:
-            left = int(torch.randint(new_w - self.size + 1, ()))
-            top = int(torch.randint(new_h - self.size + 1, ()))
-        crop = (left, top, left + self.size, top + self.size)
+            left = int(torch.randint(new_w - out_w + 1, ()))
+            top = int(torch.randint(new_h - out_h + 1, ()))
+        crop = (left, top, left + out_w, top + out_h)
         if (new_w, new_h) == (width, height):
             return image.crop(crop)
-        if new_w * new_h <= max(width * height, _MAX_ASPECT * self.size**2):
+        if new_w * new_h <= max(width * height, _MAX_ASPECT * out_h * out_w):
             return image.resize((new_w, new_h), Image.Resampling.BICUBIC).crop(crop)
         sx, sy = width / new_w, height / new_h  # source pixels per resized pixel
-        box = (left * sx, top * sy, (left + self.size) * sx, (top + self.size) * sy)
-        return image.resize((self.size, self.size), Image.Resampling.BICUBIC, box=box)
+        box = (left * sx, top * sy, (left + out_w) * sx, (top + out_h) * sy)
+        return image.resize((out_w, out_h), Image.Resampling.BICUBIC, box=box)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         """``image`` [3, H, W] float in [-1, 1], ``caption`` str, ``file_name`` (path relative to root)."""
@@ -169,4 +219,14 @@ class ImageFolderCaptions(Dataset):
         return {"image": tensor, "caption": caption, "file_name": str(path.relative_to(self.root))}
 
     def __repr__(self) -> str:
-        return f"ImageFolderCaptions(root={str(self.root)!r}, size={self.size}, items={len(self.items)})"
+        return (f"ImageFolderCaptions(root={str(self.root)!r}, size={self.size}, split={self.split!r}, "
+                f"items={len(self.items)})")
+
+
+def _size_pair(size: Any) -> tuple[int, int]:
+    """``size`` (an int, or ``[height, width]``) as ``(height, width)``; anything else is an error naming it."""
+    pair = [size, size] if isinstance(size, numbers.Integral) else size
+    if isinstance(size, bool) or not isinstance(pair, (list, tuple)) or len(pair) != 2 \
+            or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1 for v in pair):
+        raise ValueError(f"size must be a positive integer or [height, width] of positive integers; got {size!r}")
+    return int(pair[0]), int(pair[1])

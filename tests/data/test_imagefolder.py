@@ -121,3 +121,48 @@ def test_csv_metadata_registry_and_dataloader(folder):
     ds = DATASETS.build("imagefolder", root=str(folder), size=8)
     batch = next(iter(DataLoader(ds, batch_size=2, collate_fn=collate)))
     assert batch["image"].shape == (2, 3, 8, 8) and batch["caption"] == ["red, then blue", "tall"]
+
+
+def test_non_square_size_covers_then_crops(folder):
+    ds = ImageFolderCaptions(folder, size=[6, 10])
+    assert ds[0]["image"].shape == (3, 6, 10) and ds[1]["image"].shape == (3, 6, 10)
+    assert ds.size == (6, 10) and ImageFolderCaptions(folder, size=[8, 8]).size == 8
+    for bad in (0, [8], [8, 0], "8", True, [8.0, 8]):
+        with pytest.raises(ValueError, match=r"size must be a positive integer or \[height, width\]"):
+            ImageFolderCaptions(folder, size=bad)
+
+
+def _numbered_folder(root, count):
+    for i in range(count):
+        Image.new("RGB", (4, 4), (i, 0, 0)).save(root / f"img{i:02d}.png")
+    write_metadata(root, [{"file_name": f"img{i:02d}.png", "text": f"image {i}"} for i in range(count)])
+    return root
+
+
+def test_heldout_fraction_splits_by_file_name_and_not_by_order(tmp_path):
+    root = _numbered_folder(tmp_path, 20)
+    train = ImageFolderCaptions(root, size=4, heldout_fraction=0.2)
+    heldout = ImageFolderCaptions(root, size=4, split="heldout", heldout_fraction=0.2)
+    train_names = [train[i]["file_name"] for i in range(len(train))]
+    heldout_names = [heldout[i]["file_name"] for i in range(len(heldout))]
+    assert len(heldout_names) == 4 and len(train_names) == 16 and not set(train_names) & set(heldout_names)
+    assert train_names == sorted(train_names) and heldout_names == sorted(heldout_names)  # metadata order kept
+    assert len(ImageFolderCaptions(root, size=4)) == 20  # no fraction: every image trains
+    rows = [json.loads(line) for line in (root / "metadata.jsonl").read_text().splitlines()]
+    write_metadata(root, rows[::-1])  # the same folder listed backwards: the same images are held out
+    again = ImageFolderCaptions(root, size=4, split="heldout", heldout_fraction=0.2)
+    assert sorted(again[i]["file_name"] for i in range(len(again))) == heldout_names
+    assert len(ImageFolderCaptions(root, size=4, split="heldout", heldout_fraction=0.01)) == 1  # at least one
+
+
+def test_heldout_split_errors_say_what_to_set(tmp_path):
+    root = _numbered_folder(tmp_path, 3)
+    with pytest.raises(ValueError, match="split 'heldout' .* needs heldout_fraction > 0"):
+        ImageFolderCaptions(root, split="heldout")
+    with pytest.raises(ValueError, match="holds out 3 of the 3 images .* leaving none to train on"):
+        ImageFolderCaptions(root, heldout_fraction=0.9)
+    for bad in (1.0, -0.1, "0.1", True):
+        with pytest.raises(ValueError, match=r"heldout_fraction must be a number in \[0, 1\)"):
+            ImageFolderCaptions(root, heldout_fraction=bad)
+    with pytest.raises(ValueError, match="unknown split 'test'; valid: train, heldout"):
+        ImageFolderCaptions(root, split="test")
