@@ -1,6 +1,6 @@
 """Glue between networks and diffusers schedulers: training loss and sampling. No files, no data sets."""
 
-from mmx.diffusion.loss import PREDICTION_TYPES, diffusion_loss, drop_conditions
+from mmx.diffusion.loss import PREDICTION_TYPES, denoising_losses, diffusion_loss, drop_conditions
 from mmx.diffusion.policy import DiffusionPolicy, LinearNormalizer
 from mmx.diffusion.sampling import StepCallback, pad_context, sample
 from mmx.diffusion.schedulers import SCHEDULERS, make_scheduler, sampler_from
@@ -13,6 +13,7 @@ __all__ = [
     "SCHEDULERS",
     "StepCallback",
     "TextToImage",
+    "denoising_losses",
     "diffusion_loss",
     "drop_conditions",
     "make_scheduler",

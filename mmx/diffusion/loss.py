@@ -6,14 +6,14 @@ The network is any callable ``model(x_t, t, context)``; nothing here knows about
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from mmx.context import Context
 
-__all__ = ["diffusion_loss", "drop_conditions", "PREDICTION_TYPES"]
+__all__ = ["diffusion_loss", "denoising_losses", "drop_conditions", "PREDICTION_TYPES"]
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
@@ -60,13 +60,48 @@ def diffusion_loss(
     steps = scheduler.config.num_train_timesteps
     t = torch.randint(0, steps, (b,), device=x0.device, generator=generator)  # (B,)
     noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
-    x_t = scheduler.add_noise(x0, noise, t)
-    target = _target(scheduler, x0, noise, t)
-    pred = model(x_t, t, context)
-    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1)  # (B,)
+    per_sample = _per_sample_mse(model, x0, context, scheduler, t, noise)  # (B,)
     if min_snr_gamma is not None:
         per_sample = per_sample * _snr_weights(scheduler, t, min_snr_gamma).to(per_sample)
     return per_sample.mean()
+
+
+def _per_sample_mse(model: Callable, x0: torch.Tensor, context: Context, scheduler: Any, t: torch.Tensor,
+                    noise: torch.Tensor) -> torch.Tensor:
+    """``[B]`` mean squared error of ``model(x_t, t, context)`` against the target, ``x_t`` noised with ``noise`` at ``t``."""
+    x_t = scheduler.add_noise(x0, noise, t)
+    target = _target(scheduler, x0, noise, t)
+    pred = model(x_t, t, context)
+    return F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1)
+
+
+@torch.no_grad()
+def denoising_losses(
+    model: Callable[[torch.Tensor, torch.Tensor, Context], torch.Tensor],
+    x0: torch.Tensor,
+    context: Context,
+    scheduler: Any,
+    timesteps: Sequence[int],
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """``[K, B]`` unweighted denoising loss of each sample at each of the ``K`` given timesteps.
+
+    The same quantity as :func:`diffusion_loss` (the MSE against the scheduler's prediction target)
+    without min-SNR weights, at chosen timesteps instead of random ones: with a seeded ``generator``
+    the noise is fixed too, so two calls on the same data give the same numbers, and a held-out
+    loss can be compared across the validations of a run.
+    """
+    steps = scheduler.config.num_train_timesteps
+    bad = [int(t) for t in timesteps if not 0 <= int(t) < steps]
+    if bad or not len(timesteps):
+        raise ValueError(f"timesteps must be a non-empty list in 0 .. {steps - 1} (the training timesteps); got "
+                         f"{list(timesteps)}")
+    rows = []
+    for step in timesteps:
+        t = torch.full((x0.shape[0],), int(step), device=x0.device, dtype=torch.long)  # (B,)
+        noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
+        rows.append(_per_sample_mse(model, x0, context, scheduler, t, noise))
+    return torch.stack(rows)  # (K, B)
 
 
 def drop_conditions(

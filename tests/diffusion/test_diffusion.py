@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mmx import Context
-from mmx.diffusion import diffusion_loss, drop_conditions, make_scheduler, pad_context, sample, sampler_from
+from mmx.diffusion import denoising_losses, diffusion_loss, drop_conditions, make_scheduler, pad_context, sample, sampler_from
 
 
 class Recorder(torch.nn.Module):
@@ -41,6 +41,27 @@ def test_loss_uses_the_schedulers_target(prediction_type):
     target = {"epsilon": noise, "v_prediction": scheduler.get_velocity(x0, noise, t), "sample": x0}[prediction_type]
     pred = model.w * x_t + ctx.tokens.mean(dim=(1, 2))[:, None, None, None]
     torch.testing.assert_close(loss, ((pred - target) ** 2).mean())
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample"])
+def test_denoising_losses_at_fixed_timesteps_and_noise(prediction_type):
+    scheduler = make_scheduler("ddpm", num_train_timesteps=100, prediction_type=prediction_type)
+    model = Recorder()
+    x0 = torch.randn(3, 1, 4, 4)
+    losses = denoising_losses(model, x0, _ctx(b=3), scheduler, [10, 90], torch.Generator().manual_seed(5))
+    assert losses.shape == (2, 3)
+    assert [int(call[1][0]) for call in model.calls] == [10, 90] and all(call[1].numel() == 3 for call in model.calls)
+    g = torch.Generator().manual_seed(5)
+    for row, (x_t, t, ctx) in zip(losses, model.calls):
+        noise = torch.randn(x0.shape, generator=g)  # the noise of each timestep, drawn in order
+        torch.testing.assert_close(x_t, scheduler.add_noise(x0, noise, t))
+        target = noise if prediction_type == "epsilon" else x0
+        pred = model.w * x_t + ctx.tokens.mean(dim=(1, 2))[:, None, None, None]
+        torch.testing.assert_close(row, ((pred - target) ** 2).flatten(1).mean(1))
+    again = denoising_losses(model, x0, _ctx(b=3), scheduler, [10, 90], torch.Generator().manual_seed(5))
+    assert torch.equal(losses, again)  # one seed, one number: comparable across validations
+    with pytest.raises(ValueError, match=r"timesteps must be a non-empty list in 0 .. 99 .*got \[10, 100\]"):
+        denoising_losses(model, x0, _ctx(b=3), scheduler, [10, 100])
 
 
 def test_min_snr_weights_downweight_low_noise_steps():
