@@ -61,8 +61,8 @@ class CLIPTextEncoder(TextEncoder):
 
         self.model_name = model_name
         self.pretrained = None if pretrained is None else os.fspath(pretrained)
-        _check_model_name(open_clip, model_name)
-        model = _create_model(open_clip, model_name, self.pretrained, context_length)
+        check_model_name(open_clip, model_name)
+        model = create_model(open_clip, model_name, self.pretrained, context_length)
         if isinstance(model, open_clip.CoCa):
             raise NotImplementedError(_coca_message(model_name))
         if getattr(model, "visual", None) is not None:
@@ -165,7 +165,7 @@ class CLIPTextEncoder(TextEncoder):
         return captured[-1], pooled  # [B, S, D], [B, Dp]
 
 
-def _check_model_name(open_clip: Any, model_name: str) -> None:
+def check_model_name(open_clip: Any, model_name: str) -> None:
     """Raise for an unknown architecture (listing the valid ones) or an unsupported family."""
     if not isinstance(model_name, str):
         raise TypeError(f"model_name must be a str; got {type(model_name).__name__}")
@@ -186,7 +186,7 @@ def _coca_message(model_name: str) -> str:
     )
 
 
-def _create_model(open_clip: Any, model_name: str, pretrained: str | None, context_length: int | None) -> nn.Module:
+def create_model(open_clip: Any, model_name: str, pretrained: str | None, context_length: int | None) -> nn.Module:
     """open_clip.create_model, with errors that say what to do about a tag or a path."""
     kwargs: dict[str, Any] = {}
     if context_length is not None:
