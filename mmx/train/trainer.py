@@ -293,6 +293,7 @@ def train(
     bad = torch.zeros((), dtype=torch.bool, device=accelerator.device)  # a non-finite loss in this step's batches
     streak, overflow_steps = 0, 0
     last_loss, metrics = float("nan"), {}
+    saved = False
     clock = _Clock()
     while state.step < cfg.max_steps:
         loader.set_epoch(epoch)
@@ -365,6 +366,9 @@ def train(
                                    state.step, streak)
                 else:
                     last_checkpoint = save_checkpoint(accelerator, run_dir, state, ema, cfg.checkpoints_total_limit)
+            if state.step == cfg.max_steps:  # before the last validation: an error there cannot cost the model
+                _save_model(accelerator, task, model, ema, run_dir)
+                saved = True
             if state.step % cfg.validate_every == 0 or state.step == cfg.max_steps:
                 with clock.paused():
                     metrics = _validate(accelerator, task, model, ema, state.step, run_dir, clock.seconds) or metrics
@@ -373,13 +377,20 @@ def train(
         epoch, skip = epoch + 1, 0
     progress.close()
 
+    if not saved:  # resumed at the last step: nothing trained, the weights are the checkpoint's
+        _save_model(accelerator, task, model, ema, run_dir)
+    accelerator.end_training()
+    return TrainResult(step=state.step, loss=last_loss, metrics=metrics)
+
+
+def _save_model(accelerator: Any, task: Task, model: nn.Module, ema: Any, run_dir: Path) -> None:
+    """The task saves the final (EMA) weights into ``run_dir/model`` on the main process."""
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
         with _ema_weights(ema, unwrapped):
             task.save_model(unwrapped, run_dir / "model")
-    accelerator.end_training()
-    return TrainResult(step=state.step, loss=last_loss, metrics=metrics)
+    accelerator.wait_for_everyone()
 
 
 def _launched_processes() -> int:

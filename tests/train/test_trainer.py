@@ -74,6 +74,20 @@ def test_run_folder_rebuilds_itself_and_keeps_limited_checkpoints(tmp_path):
     assert images.shape == (2, 3, 16, 16) and images.abs().max() <= 1
 
 
+def test_the_model_is_saved_before_the_last_validation_so_a_failing_one_cannot_lose_it(tmp_path, monkeypatch):
+    cfg = _cfg("train.max_steps=2", "train.validate_every=1000")
+    task = TextToImageTask(cfg, tmp_path)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("validation broke")
+
+    monkeypatch.setattr(task, "validate", broken)
+    with pytest.raises(RuntimeError, match="validation broke"):
+        train(task, cfg.train, tmp_path)
+    assert (tmp_path / "model" / "unet" / "config.json").is_file()
+    load_run(tmp_path)  # the trained model is there and loads
+
+
 def test_resume_from_a_missing_folder_names_it(tmp_path):
     cfg = _cfg("train.max_steps=1")
     with pytest.raises(FileNotFoundError, match="nowhere"):
