@@ -251,7 +251,7 @@ def _flat_hparams(cfg: object) -> dict:
     return flat
 
 
-def _load(run: Path):
+def _load(run: Path, overrides: Optional[list[str]] = None):
     from mmx.train.text_to_image import load_run
 
     task = _task_of(run)
@@ -259,7 +259,7 @@ def _load(run: Path):
         _fail(f"{run} is a {task} run; this command works on text-to-image runs (`mmx eval` and `mmx attend` take "
               "any run)")
     try:
-        return load_run(run)
+        return load_run(run, overrides=overrides)
     except (FileNotFoundError, ValueError, OSError) as err:
         _fail(str(err))
 
@@ -297,57 +297,51 @@ def sample(
 
 
 def _evaluate(cfg, pipeline, num: Optional[int], steps: Optional[int], out: Optional[Path], title: str,
-              attention: bool = False, max_downsample: Optional[int] = None) -> tuple[dict, list[str], object, list | None]:
-    """Caption accuracy on held-out prompts (and attention mIoU); writes a grid and eval.json.
+              max_downsample: Optional[int] = None):
+    """Score held-out prompts with the run's metrics; writes a grid and eval.json to ``out``.
 
-    ``max_downsample``: which layers the attention figures read (None: the recipe's
-    ``eval.attention_max_downsample``; 0: every layer). Returns ``(results, prompts, images, word maps or None)``.
+    ``max_downsample``: which layers attention metrics read (None: the recipe's
+    ``eval.attention_max_downsample``; 0: every layer). Returns the Evaluation.
     """
     import json
 
-    from mmx.data import DATASETS
-    from mmx.eval import accuracy_by_pair, check_caption
-    from mmx.train.text_to_image import heldout_prompts
+    from mmx.train.text_to_image import build_evaluator
     from mmx.train.visual import save_grid
 
     _check_steps(steps, pipeline.scheduler)
-    if num is not None:
-        cfg.eval.num_prompts = num
-        cfg.eval.data["length"] = max(num, cfg.eval.data.get("length", num))
-    heldout = DATASETS.build_from_dict(dict(cfg.eval.data))
-    prompts = heldout_prompts(cfg, heldout)
-    d = cfg.diffusion
-    results: dict = {"num_prompts": len(prompts)}
-    maps = None
-    if attention:  # one sampling pass gives the images for both figures
-        from mmx.eval.attention import attention_miou_generated, attention_miou_real
-
-        layers = _max_downsample(cfg, max_downsample)
-        miou, images, maps = attention_miou_generated(pipeline, prompts, steps or d.sample_steps, d.guidance_scale,
-                                                   d.sampler, cfg.eval.batch_size, seed=cfg.eval.seed,
-                                                   max_downsample=layers)
-        results["attention_max_downsample"] = layers
-        results["attention_miou_generated"] = miou
-        results["attention_miou_real"] = attention_miou_real(pipeline, heldout, len(prompts), batch_size=cfg.eval.batch_size,
-                                                             max_downsample=layers)
-    else:
-        from mmx.train.text_to_image import generate_and_score
-
-        images, _ = generate_and_score(pipeline, cfg, prompts, cfg.eval.seed, num_steps=steps)
-    checks = [check_caption(image, prompt) for image, prompt in zip(images, prompts)]
-    correct = [check.correct for check in checks]
-    results["caption_accuracy"] = sum(correct) / len(correct)
-    results["accuracy_by_pair"] = (  # per held-out pair of a shapes split; {} for data without pairs
-        accuracy_by_pair(prompts, correct, heldout.heldout_colour_shape, heldout.heldout_shape_position)
-        if hasattr(heldout, "heldout_colour_shape") else {})
+    try:
+        evaluator = build_evaluator(pipeline, cfg, num, _max_downsample(cfg, max_downsample))
+        result = evaluator(num or cfg.eval.num_prompts, steps)
+    except (KeyError, ValueError, TypeError, OSError, ImportError) as err:
+        _fail(str(err))
     if out is not None:
         _make_dir(out)
         k = cfg.eval.grid_prompts
-        save_grid(images[:k], prompts[:k], out / "heldout_grid.png", correct[:k], title=title)
-        drawn = [[d.describe() for d in check.detections] for check in checks]  # what each image shows
-        (out / "eval.json").write_text(json.dumps({**results, "prompts": prompts, "correct": correct, "drawn": drawn},
-                                                  indent=1))
-    return results, prompts, images, maps
+        samples = result.samples
+        save_grid(samples.images[:k], samples.prompts[:k], out / "heldout_grid.png",
+                  None if result.correct is None else result.correct[:k], title=title)
+        (out / "eval.json").write_text(json.dumps(result.report(), indent=1))
+    return result
+
+
+def _metric_lines(r: dict) -> list[str]:
+    """One line per metric an evaluation report holds, in the words a user reads."""
+    lines = []
+    if "caption_accuracy" in r:
+        lines += [f"held-out caption accuracy: {r['caption_accuracy']:.1%} ({r['num_prompts']} prompts)",
+                  f"captions right, by the held-out pair they name: {_by_pair(r)}"]
+    if "attention_miou_generated" in r:
+        lines.append(f"attention mIoU (object words, threshold 0.4, {_layers_read(r['attention_max_downsample'])}): "
+                     f"generated images {_score(r['attention_miou_generated'])}, real renders noised "
+                     f"{_score(r['attention_miou_real'])}")
+    if "denoising_loss" in r:
+        lines.append(f"held-out denoising loss: {r['denoising_loss']:.4f} ({r['denoising_loss_images']} images, "
+                     f"{len(r['denoising_loss_by_timestep'])} fixed timesteps, fixed noise)")
+    if "fid" in r:
+        lines.append(f"FID: {r['fid']:.2f} ({r['fid_images']} generated against as many held-out images)")
+    if "clip_score" in r:
+        lines.append(f"CLIP score: {r['clip_score']:.2f} ({r['num_prompts']} generated images against their captions)")
+    return lines
 
 
 def _by_pair(results: dict) -> str:
@@ -481,6 +475,9 @@ def _eval_seq2seq(run: Path, num: Optional[int], beam: Optional[int], out: Path)
 @app.command()
 def eval(
     run: Path = typer.Argument(..., help="A run folder (from `mmx train`)."),
+    overrides: Optional[list[str]] = typer.Argument(
+        None, help="Text-to-image runs: key=value changes to the run's eval settings, e.g. "
+                   "'eval.metrics=[{name: fid, weights: FILE}]' or eval.num_prompts=256."),
     num: Optional[int] = typer.Option(None, callback=_in_range(1, _COUNT_MAX),
                                       help="Number of held-out prompts (default: the recipe's)."),
     steps: Optional[int] = typer.Option(None, callback=_in_range(1, _COUNT_MAX),
@@ -502,6 +499,8 @@ def eval(
     (translation) or the attention mIoU of object words (captioning).
     """
     task = _task_of(run)
+    if overrides and task != "text_to_image":
+        _fail(f"{run} is a {task} run; key=value overrides of `mmx eval` apply to text-to-image runs")
     if task == "grounding":
         _eval_grounding(run, num)
         return
@@ -511,17 +510,12 @@ def eval(
     if task == "policy":
         _eval_policy(run, num, steps, out or run / "eval")
         return
-    cfg, pipeline = _load(run)
+    if any(not item.startswith("eval.") for item in overrides or []):
+        _fail(f"mmx eval changes only eval.* settings of a run; got {[o for o in overrides if not o.startswith('eval.')]}")
+    cfg, pipeline = _load(run, overrides)
     out = out or run / "eval"
-    r, *_ = _evaluate(cfg, pipeline, num, steps, out, f"{run.name}: held-out captions", attention=True,
-                      max_downsample=max_downsample)
-    console.print(
-        f"held-out caption accuracy: {r['caption_accuracy']:.1%} ({r['num_prompts']} prompts)\n"
-        f"captions right, by the held-out pair they name: {_by_pair(r)}\n"
-        f"attention mIoU (object words, threshold 0.4, {_layers_read(r['attention_max_downsample'])}): "
-        f"generated images {_score(r['attention_miou_generated'])}, real renders noised {_score(r['attention_miou_real'])}"
-        f"\n-> {out}"
-    )
+    result = _evaluate(cfg, pipeline, num, steps, out, f"{run.name}: held-out captions", max_downsample=max_downsample)
+    console.print("\n".join(_metric_lines(result.report())) + f"\n-> {out}")
 
 
 @app.command()
@@ -931,12 +925,12 @@ def demo(
         _fail(f"the shipped demo model is missing from {run}; reinstall mmx or run `mmx demo --train`")
     start = time.perf_counter()
     cfg, pipeline = _load(run)
-    r, prompts, images, maps = _evaluate(cfg, pipeline, num, steps, out,
-                                         "captions never seen in training (green: detector agrees)", attention=True)
+    result = _evaluate(cfg, pipeline, num, steps, out, "captions never seen in training (green: detector agrees)")
+    samples, r = result.samples, result.report()
     from mmx.attnmap import save_word_grid
 
-    for i in range(min(4, len(prompts))):
-        save_word_grid(images[i], maps[i], prompts[i], out / f"attention_{i}.png")
+    for i in range(min(4, len(samples.prompts))):
+        save_word_grid(samples.images[i], samples.maps[i], samples.prompts[i], out / f"attention_{i}.png")
     console.print(
         f"[bold]held-out caption accuracy: {r['caption_accuracy']:.1%}[/bold] on {num} captions with colour-shape "
         f"and shape-position pairs never seen in training; attention mIoU of object words "

@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from typer.testing import CliRunner
 
 from mmx.cli import app
@@ -73,6 +75,50 @@ def test_train_sample_eval_on_the_tiny_recipe(tmp_path):
     assert result.exit_code == 0, result.output
     assert "at most 2x coarser" in result.output
     assert json.loads((run / "eval" / "eval.json").read_text())["attention_max_downsample"] == 2
+
+
+def test_own_photos_with_free_form_captions_train_validate_save_sample_eval_and_attend(
+        photo_folder, tmp_path, tiny_clip_file, inception_weights):
+    """The own-images config on a folder of real photos, through the command line as a user runs it."""
+    run = tmp_path / "run"
+    result = runner.invoke(app, ["train", "configs/imagefolder_t2i.yaml", f"data.root={photo_folder}", "image_size=[3, 16, 16]",
+                                 "model.channels=[16, 32, 32]", "train.max_steps=4", "train.validate_every=2",
+                                 "train.checkpoint_every=4", "train.progress=false", "diffusion.sample_steps=2",
+                                 "eval.num_prompts=2", "--out", str(run)])
+    assert result.exit_code == 0, result.output
+    assert "denoising_loss" in result.output and (run / "model" / "unet" / "config.json").is_file()
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4] and all(r["denoising_loss"] > 0 for r in rows)
+    assert (run / "samples" / "step_0000004.png").is_file()
+    result = runner.invoke(app, ["sample", str(run), "-p", "a ginger cat asleep on a sofa", "--steps", "2",
+                                 "--out", str(tmp_path / "s")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "s" / "grid.png").is_file()
+    clip_name, clip_file, _ = tiny_clip_file
+    metrics = (f"eval.metrics=[{{name: denoising_loss}}, {{name: clip_score, model_name: {clip_name}, pretrained: {clip_file}}},"
+               f" {{name: fid, weights: {inception_weights}}}]")
+    result = runner.invoke(app, ["eval", str(run), metrics])
+    assert result.exit_code == 0, result.output
+    for line in ("held-out denoising loss:", "CLIP score:", "FID:"):
+        assert line in result.output
+    report = json.loads((run / "eval" / "eval.json").read_text())
+    assert report["denoising_loss"] == pytest.approx(rows[-1]["denoising_loss"])  # the last validation's number
+    assert len(report["clip_scores"]) == report["num_prompts"] == 2 and report["fid_images"] == 2
+    assert (run / "eval" / "heldout_grid.png").is_file()
+    result = runner.invoke(app, ["attend", str(run), "-p", "a ginger cat asleep on a sofa", "--steps", "2",
+                                 "--out", str(tmp_path / "att")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "att" / "word_01_ginger.png").is_file()
+    result = runner.invoke(app, ["eval", str(run), "train.max_steps=3"])
+    assert result.exit_code == 2 and "changes only eval.* settings" in result.output
+
+
+def test_train_refuses_a_data_size_that_differs_from_the_image_size(photo_folder, tmp_path):
+    result = runner.invoke(app, ["train", "configs/imagefolder_t2i.yaml", f"data.root={photo_folder}", "data.size=64",
+                                 "image_size=[3, 32, 32]", "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2
+    assert "data.size = 64 but image_size = [3, 32, 32]" in " ".join(result.output.split())
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_train_seed_fixes_the_initial_weights(tmp_path):

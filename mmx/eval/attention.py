@@ -6,11 +6,11 @@ from typing import Any, Sequence
 
 import torch
 
-from mmx.attnmap import attend_generate, attend_real, word_maps
+from mmx.attnmap import attend_real, word_maps
 from mmx.eval.detector import detect_objects
 from mmx.eval.localization import detection_masks, word_ious
 
-__all__ = ["attention_miou_real", "attention_miou_generated"]
+__all__ = ["attention_miou_real", "generated_miou"]
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -40,28 +40,17 @@ def attention_miou_real(
     return _mean(scores)
 
 
-def attention_miou_generated(
-    pipeline: Any, prompts: Sequence[str], num_steps: int = 25, guidance_scale: float = 3.0, sampler: str = "ddim",
-    batch_size: int = 32, threshold: float = 0.4, seed: int = 0, max_downsample: float | None = None,
-) -> tuple[float, torch.Tensor, list]:
-    """Mean IoU of object words with the detector's masks on generated images.
+def generated_miou(images: torch.Tensor, prompts: Sequence[str], maps: Sequence[Sequence[Any]],
+                   threshold: float = 0.4) -> float:
+    """Mean IoU of object words' maps with the detector's masks on generated ``images [N, 3, H, W]``.
 
-    ``max_downsample``: as in :func:`attention_miou_real`.
-    Words whose object the detector does not find are skipped (caption accuracy counts those).
-    Returns ``(mIoU, images, per-prompt word maps)``.
+    ``maps``: per prompt, its word maps (:func:`~mmx.attnmap.word_maps` of the attention recorded
+    while the image was generated, e.g. by :func:`~mmx.attnmap.attend_generate`). Words whose object
+    the detector does not find are skipped (caption accuracy counts those).
     """
-    device = next(pipeline.unet.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(seed)
     scores: list[float] = []
-    all_images, all_maps = [], []
-    for start in range(0, len(prompts), batch_size):
-        batch = list(prompts[start : start + batch_size])
-        images, ctx, recorder = attend_generate(pipeline, batch, num_steps, guidance_scale, sampler, generator,
-                                                max_downsample=max_downsample)
-        maps = word_maps(recorder.maps(), ctx.words, image_size=tuple(images.shape[-2:]))
-        for image, caption, per_word in zip(images, batch, maps):
-            masks = detection_masks(caption, detect_objects(image.float().cpu()))
-            scores += list(word_ious(per_word, {k: v.to(device) for k, v in masks.items()}, threshold).values())
-        all_images.append(images.cpu())
-        all_maps += maps
-    return _mean(scores), torch.cat(all_images), all_maps
+    for image, caption, per_word in zip(images, prompts, maps):
+        masks = detection_masks(caption, detect_objects(image.float().cpu()))
+        device = per_word[0].map.device if per_word else "cpu"
+        scores += list(word_ious(per_word, {k: v.to(device) for k, v in masks.items()}, threshold).values())
+    return _mean(scores)

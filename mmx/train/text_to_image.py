@@ -19,7 +19,10 @@ from torch import nn
 from mmx.config import load_config, save_config
 from mmx.train.trainer import TrainConfig
 
-__all__ = ["DiffusionConfig", "EvalConfig", "TextToImageConfig", "TextToImageTask", "build_pipeline", "load_run"]
+__all__ = [
+    "DiffusionConfig", "EvalConfig", "TextToImageConfig", "TextToImageTask", "build_evaluator", "build_pipeline",
+    "eval_data_spec", "fit_data_spec", "load_run",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -48,9 +51,18 @@ class DiffusionConfig:
 
 @dataclass
 class EvalConfig:
-    """Held-out prompts used for validation grids and caption accuracy."""
+    """Held-out data and the metrics of validation and ``mmx eval``.
 
-    data: dict = field(default_factory=lambda: {"name": "shapes", "split": "heldout", "length": 64, "seed": 1})
+    ``data`` is a data spec; one without a ``name`` extends the training ``data`` (its keys replace
+    the training data's), so ``{split: heldout}`` is the training source's own held-out share (the
+    shapes split, or an image folder's ``heldout_fraction``). ``metrics`` lists metric specs (see
+    :data:`mmx.train.text_to_image_metrics.METRICS`); None lets the data decide: the shapes
+    detector's caption accuracy (and attention mIoU in ``mmx eval``) for shapes data, the held-out
+    denoising loss for any other.
+    """
+
+    data: dict = field(default_factory=lambda: {"split": "heldout"})
+    metrics: list[dict] | None = None
     num_prompts: int = 64
     batch_size: int = 64
     seed: int = 1234
@@ -121,20 +133,70 @@ def _match_split_context(spec: dict, encoder: nn.Module, model_cls: type) -> Non
                          f"{'are' if split else 'are not'} keys and values side by side (text_encoder.value_layer)")
 
 
+def fit_data_spec(spec: dict, image_size: Sequence[int], key: str = "data") -> dict:
+    """``spec`` with the recipe's image size: the image size is stated once, by ``image_size``.
+
+    A data source that takes ``size`` gets ``image_size``'s height and width; a ``size`` given in
+    the spec that differs is an error naming both values (the model would train on one size and
+    sample another).
+    """
+    from mmx.data import DATASETS
+
+    spec = dict(spec)
+    if "name" not in spec:
+        raise ValueError(f"{key} needs a 'name' (one of {', '.join(DATASETS.names())}); got {spec!r}")
+    if "size" not in (DATASETS.parameters(spec["name"]) or []):
+        return spec
+    _, height, width = image_size
+    want = height if height == width else [height, width]
+    given = spec.get("size")
+    if given is None:
+        spec["size"] = want
+        return spec
+    pair = [given, given] if isinstance(given, int) and not isinstance(given, bool) else given
+    if not isinstance(pair, (list, tuple)) or [*pair] != [height, width]:
+        raise ValueError(f"{key}.size = {given!r} but image_size = {list(image_size)}: the data would give images of "
+                         f"another size than the model samples. State the size once: remove {key}.size (the data then "
+                         "takes image_size), or change image_size")
+    return spec
+
+
+def eval_data_spec(cfg: TextToImageConfig) -> dict:
+    """The held-out data spec: ``eval.data``, over the training ``data`` when it names no source, at ``image_size``."""
+    spec = dict(cfg.eval.data)
+    if "name" not in spec:
+        spec = {**cfg.data, **spec}
+    return fit_data_spec(spec, cfg.image_size, "eval.data")
+
+
+def build_data(spec: dict, image_size: Sequence[int], key: str) -> torch.utils.data.Dataset:
+    """The data set of a (fitted) spec, checked to give images of ``image_size``; errors name the key."""
+    from mmx.data import DATASETS
+
+    data = DATASETS.build_from_dict(spec)
+    if len(data) == 0:
+        raise ValueError(f"{key} ({spec.get('name')}) has no samples")
+    with torch.random.fork_rng(devices=[]):  # a random crop of the first sample draws nothing from the run's seed
+        shape = tuple(data[0]["image"].shape)
+    if shape != tuple(image_size):
+        raise ValueError(f"{key} ({spec.get('name')}) gives images of shape {list(shape)}, but image_size is "
+                         f"{list(image_size)} (channels, height, width)")
+    return data
+
+
 def heldout_prompts(cfg: TextToImageConfig, data: torch.utils.data.Dataset | None = None) -> list[str]:
     """The evaluation prompts: the first ``eval.num_prompts`` captions of the held-out data set, in order.
 
     ``data``: that data set when the caller already built it (default: built from ``eval.data``).
     A data set that can describe a sample without drawing it (``ShapesDataset.describe``) is not drawn.
     """
+    from mmx.train.text_to_image_metrics import heldout_captions
+
     if data is None:
         from mmx.data import DATASETS
 
-        data = DATASETS.build_from_dict(dict(cfg.eval.data))
-    n = min(cfg.eval.num_prompts, len(data))
-    if hasattr(data, "describe"):
-        return [data.describe(i)[1] for i in range(n)]
-    return [data[i]["caption"] for i in range(n)]
+        data = DATASETS.build_from_dict(eval_data_spec(cfg))
+    return heldout_captions(data, cfg.eval.num_prompts)
 
 
 def caption_components(caption: str, pairs: Sequence[str] = ("colour+position", "shape+position", "colour+shape")) -> list[str]:
@@ -191,12 +253,11 @@ class TextToImageTask:
         self.run_dir = Path(run_dir)
         self.pipeline = build_pipeline(cfg)
         self.model = self.pipeline.unet
-        self._prompts: list[str] | None = None
+        self.data_spec = fit_data_spec(cfg.data, cfg.image_size, "data")  # a size that disagrees fails here, not later
+        self.evaluator = build_evaluator(self.pipeline, cfg, max_downsample=cfg.eval.attention_max_downsample)
 
     def train_dataset(self) -> torch.utils.data.Dataset:
-        from mmx.data import DATASETS
-
-        return DATASETS.build_from_dict(dict(self.cfg.data))
+        return build_data(self.data_spec, self.cfg.image_size, "data")
 
     def collate(self, items: list[Any]) -> Any:
         from mmx.data import collate
@@ -218,21 +279,39 @@ class TextToImageTask:
     def validate(self, model: nn.Module, step: int, out_dir: Path) -> dict[str, float]:
         from mmx.train.visual import save_grid
 
-        if self._prompts is None:
-            self._prompts = heldout_prompts(self.cfg)
-        images, correct = generate_and_score(self.pipeline, self.cfg, self._prompts, self.cfg.eval.seed, unet=model)
+        result = self.evaluator(self.cfg.eval.num_prompts, unet=model, validation=True)
         k = self.cfg.eval.grid_prompts
-        save_grid(images[:k], self._prompts[:k], out_dir / f"step_{step:07d}.png", correct[:k],
+        correct = None if result.correct is None else result.correct[:k]
+        save_grid(result.samples.images[:k], result.samples.prompts[:k], out_dir / f"step_{step:07d}.png", correct,
                   title=f"step {step}: held-out captions")
-        return {"caption_accuracy": sum(correct) / len(correct)}
+        return result.scores
 
     def save_model(self, model: nn.Module, out_dir: Path) -> None:
         model.save_pretrained(out_dir / "unet")
         save_config(self.cfg, self.run_dir / "config.yaml")
 
 
-def load_run(run_dir: str | Path, device: str | torch.device = "cpu"):
-    """Rebuild ``(config, TextToImage)`` of a finished run folder from its config and EMA weights."""
+def build_evaluator(pipeline, cfg: TextToImageConfig, num: int | None = None, max_downsample: int | None = None):
+    """The :class:`~mmx.train.text_to_image_metrics.Evaluator` of a run: its held-out data and metrics.
+
+    ``num``: at least this many held-out samples (a data source with a ``length`` is lengthened);
+    ``max_downsample``: the layers attention metrics read (None: every layer).
+    """
+    from mmx.data import DATASETS
+    from mmx.train.text_to_image_metrics import Evaluator
+
+    spec = eval_data_spec(cfg)
+    if num is not None and "length" in (DATASETS.parameters(spec["name"]) or []):
+        spec["length"] = max(num, spec.get("length", num))
+    heldout = build_data(spec, cfg.image_size, "eval.data")
+    return Evaluator(pipeline, cfg, heldout, cfg.eval.metrics, max_downsample)
+
+
+def load_run(run_dir: str | Path, device: str | torch.device = "cpu", overrides: list[str] | None = None):
+    """Rebuild ``(config, TextToImage)`` of a finished run folder from its config and EMA weights.
+
+    ``overrides``: ``key=value`` changes to the loaded config (e.g. other ``eval`` settings).
+    """
     from mmx.models import MODELS
 
     run_dir = Path(run_dir)
@@ -242,7 +321,7 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu"):
         raise FileNotFoundError(f"{run_dir} is not an mmx run: {config_path} not found")
     if not weights.is_dir():
         raise FileNotFoundError(f"{run_dir} has no trained model: {weights} not found (did training finish?)")
-    cfg = load_config(config_path, TextToImageConfig)
+    cfg = load_config(config_path, TextToImageConfig, overrides)
     cls = MODELS.get(cfg.model.get("name", "unet2d"))
     if not hasattr(cls, "from_pretrained"):
         raise ValueError(f"model {cfg.model.get('name')!r} cannot be loaded from {weights}")
