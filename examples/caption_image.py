@@ -23,14 +23,16 @@ def main(run: str = "runs/caption_example", image: str | None = None, steps: int
     from mmx.config import load_config
     from mmx.decoding import greedy_decode
     from mmx.train import train
-    from mmx.train.seq2seq import Seq2SeqConfig, Seq2SeqTask, load_seq2seq_run
+    from mmx.recipes import load_run
+    from mmx.recipes.seq2seq import Seq2SeqConfig, Seq2SeqTask
 
     if not (Path(run) / "model" / "seq2seq").is_dir():          # no trained run yet: train the recipe
         cfg = load_config(Path(__file__).parents[1] / "configs" / "seq2seq_captioning.yaml", Seq2SeqConfig)
         cfg.train.max_steps = steps or cfg.train.max_steps
         cfg.train.validate_every = cfg.train.checkpoint_every = cfg.train.max_steps
         train(Seq2SeqTask(cfg, run), cfg.train, run)
-    cfg, task = load_seq2seq_run(run)                          # model (eval mode) + its word tokenizer
+    loaded = load_run(run)                                     # model (eval mode) + its word tokenizer
+    cfg, task = loaded.config, loaded.model
 
     if image is None:                                          # a held-out shapes image: unseen compositions
         item = task.eval_dataset()[index]

@@ -14,7 +14,9 @@ from typing import Any, TypeVar, Union
 
 import yaml
 
-__all__ = ["ConfigError", "from_dict", "to_dict", "load_config", "apply_overrides", "read_yaml", "save_config"]
+__all__ = [
+    "ConfigError", "from_dict", "to_dict", "flatten", "load_config", "apply_overrides", "read_yaml", "save_config",
+]
 
 T = TypeVar("T")
 
@@ -181,3 +183,20 @@ def save_config(config: Any, path: str | Path) -> None:
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
+
+
+def flatten(config: Any) -> dict[str, Any]:
+    """A config as flat ``{"train.lr": 0.0003, ...}`` of scalars (anything else as its text), e.g. for tensorboard's hparams."""
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                walk(f"{prefix}{key}.", item)
+        elif isinstance(value, (int, float, str, bool)):
+            flat[prefix[:-1]] = value
+        else:
+            flat[prefix[:-1]] = str(value)
+
+    walk("", to_dict(config))
+    return flat

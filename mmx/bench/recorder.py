@@ -35,10 +35,12 @@ def measure(run: str | Path = SHIPPED_RUN, prompts: int = 16, steps: int = 25, r
         scripts/bench_recorder.py).
     """
     from mmx.attnmap import AttentionRecorder
-    from mmx.train.text_to_image import heldout_prompts, load_run
+    from mmx.recipes import load_run
+    from mmx.recipes.text_to_image import heldout_prompts
 
     device = device or torch.device("cpu")
-    cfg, pipeline = load_run(run, device)
+    loaded = load_run(run, device=device)
+    cfg, pipeline = loaded.config, loaded.model
     texts = heldout_prompts(cfg)[:prompts]
     _, height, width = cfg.image_size
     d = cfg.diffusion

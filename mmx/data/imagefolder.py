@@ -26,7 +26,7 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
-__all__ = ["ImageDecodeError", "ImageFolderCaptions", "load_rgb"]
+__all__ = ["ImageDecodeError", "ImageFolderCaptions", "image_tensor", "load_rgb"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +50,13 @@ def load_rgb(path: str | Path) -> Image.Image:
         raise
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise ImageDecodeError(f"cannot decode image {path}: {err}") from err
+
+
+def image_tensor(path: str | Path, size: tuple[int, int]) -> torch.Tensor:
+    """An image file as ``[3, H, W]`` in [-1, 1], resized (antialiased) to ``size = (H, W)``; errors name the file."""
+    from torchvision.transforms.functional import pil_to_tensor, resize
+
+    return resize(pil_to_tensor(load_rgb(path)), list(size), antialias=True).float() / 127.5 - 1.0
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

@@ -1,4 +1,4 @@
-"""Training: one Accelerate loop for every model, recipes, run folders. This layer owns the I/O."""
+"""Training: one Accelerate loop for every recipe's Task, crash-safe checkpoints, run folders. This layer owns the I/O."""
 
 from mmx.train.checkpoint import CheckpointError, latest_checkpoint, upgrade_checkpoint, verify_checkpoint
 from mmx.train.trainer import NonFiniteLossError, Task, TrainConfig, TrainResult, TrainSetupError, train

@@ -117,7 +117,7 @@ def test_channel_gaps_name_the_channels_a_heldout_shape_was_never_drawn_in():
 
 def test_the_t2i_recipe_holds_out_only_channel_covered_pairs():
     from mmx.config import load_config
-    from mmx.train.text_to_image import TextToImageConfig
+    from mmx.recipes.text_to_image import TextToImageConfig
 
     cfg = load_config(Path(__file__).parents[2] / "configs" / "shapes_t2i.yaml", TextToImageConfig)
     spec = {k: v for k, v in cfg.data.items() if k != "name"}

@@ -7,8 +7,8 @@ import torch
 
 from mmx import Context
 from mmx.models import GroundingNet
-from mmx.train.grounding import PhraseData
-from mmx.train.recipes import load_recipe
+from mmx.recipes import load_recipe
+from mmx.recipes.grounding import PhraseData
 
 CONFIG = Path(__file__).parents[2] / "configs" / "shapes_grounding.yaml"
 
@@ -52,10 +52,10 @@ def test_phrases_name_their_target_object():
 def test_grounding_recipe_trains_and_validates(tmp_path):
     from mmx.train import train
 
-    cfg, task_cls = load_recipe(CONFIG, ["train.max_steps=2", "train.batch_size=4", "data.length=8",
+    cfg, recipe = load_recipe(CONFIG, ["train.max_steps=2", "train.batch_size=4", "data.length=8",
                                          "train.validate_every=2", "train.tensorboard=false", "train.progress=false",
                                          "eval.data.length=4", "model.depth=1", "model.input_size=32"])
-    result = train(task_cls(cfg, tmp_path), cfg.train, tmp_path)
+    result = train(recipe.task_class(cfg, tmp_path), cfg.train, tmp_path)
     assert set(result.metrics) == {"mask_iou", "attention_miou"}
     assert (tmp_path / "model" / "grounding" / "config.json").is_file()
     from typer.testing import CliRunner
@@ -83,7 +83,8 @@ def test_unknown_task_lists_the_recipes(tmp_path):
 
 def test_attention_supervision_adds_the_coverage_loss_and_reaches_the_keys(tmp_path):
     overrides = ["train.batch_size=4", "data.length=8", "model.depth=1", "model.input_size=32"]
-    cfg, task_cls = load_recipe(CONFIG, overrides + ["attention_supervision=1.0"])
+    cfg, recipe = load_recipe(CONFIG, overrides + ["attention_supervision=1.0"])
+    task_cls = recipe.task_class
     supervised = task_cls(cfg, tmp_path)
     plain_cfg, _ = load_recipe(CONFIG, overrides + ["attention_supervision=0.0"])
     plain = task_cls(plain_cfg, tmp_path)
@@ -97,4 +98,4 @@ def test_attention_supervision_adds_the_coverage_loss_and_reaches_the_keys(tmp_p
     keys = [m.to_k.weight.grad for m in supervised.model.modules() if getattr(m, "is_cross", False)]
     assert keys and all(k is not None and k.abs().sum() > 0 for k in keys)
     with pytest.raises(ValueError, match="attention_supervision must be"):
-        task_cls(load_recipe(CONFIG, ["attention_supervision=-0.5"])[0], tmp_path)
+        recipe.task_class(load_recipe(CONFIG, ["attention_supervision=-0.5"])[0], tmp_path)

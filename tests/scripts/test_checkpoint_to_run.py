@@ -20,7 +20,7 @@ def test_last_checkpoint_gives_the_finished_model(tmp_path):
     from typer.testing import CliRunner
 
     from mmx.cli import app
-    from mmx.train.text_to_image import load_run
+    from mmx.recipes import load_run
 
     run = tmp_path / "run"
     result = CliRunner().invoke(app, ["train", str(ROOT / "configs" / "shapes_t2i_tiny.yaml"), "train.max_steps=2",
@@ -28,8 +28,8 @@ def test_last_checkpoint_gives_the_finished_model(tmp_path):
     assert result.exit_code == 0, result.output
     proc = _run(run / "checkpoints" / "step_0000002", "--out", tmp_path / "at2")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    _, finished = load_run(run)
-    _, converted = load_run(tmp_path / "at2")
+    finished = load_run(run).model
+    converted = load_run(tmp_path / "at2").model
     for (name, a), (_, b) in zip(finished.unet.state_dict().items(), converted.unet.state_dict().items()):
         assert torch.equal(a, b), name
     again = _run(run / "checkpoints" / "step_0000002", "--out", tmp_path / "at2")
@@ -41,7 +41,7 @@ def test_last_checkpoint_gives_the_finished_model(tmp_path):
     from safetensors.torch import load_file
 
     optimised = load_file(str(run / "checkpoints" / "step_0000002" / "model.safetensors"))
-    _, converted = load_run(tmp_path / "raw")
+    converted = load_run(tmp_path / "raw").model
     state = converted.unet.state_dict()
     assert all(torch.equal(state[name], value) for name, value in optimised.items())
     assert any(not torch.equal(state[name], value) for name, value in finished.unet.state_dict().items())  # not the EMA

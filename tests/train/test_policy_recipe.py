@@ -7,7 +7,8 @@ import torch
 
 from mmx.config import load_config
 from mmx.train import train
-from mmx.train.policy import PolicyConfig, PolicyTask, load_policy_run
+from mmx.recipes import load_run
+from mmx.recipes.policy import PolicyConfig, PolicyTask
 
 
 def _tiny(**overrides) -> PolicyConfig:
@@ -25,7 +26,8 @@ def test_run_folder_rebuilds_the_trained_policy(tmp_path):
     result = train(task, cfg.train, tmp_path)
     assert result.step == cfg.train.max_steps
     assert (tmp_path / "samples" / f"step_{cfg.train.max_steps:07d}.png").is_file()  # rollout panels
-    loaded_cfg, policy = load_policy_run(tmp_path)
+    loaded = load_run(tmp_path)
+    loaded_cfg, policy = loaded.config, loaded.model
     assert loaded_cfg.obs["state"]["in_dim"] == 4
     obs = {"state": torch.rand(3, 2, 4)}
     task.model.eval()
@@ -47,7 +49,7 @@ def test_trains_from_a_diffusion_policy_zarr_store(tmp_path):
     assert task.buffer.n_episodes == 6
     result = train(task, cfg.train, tmp_path / "run")
     assert result.step == 4 and result.metrics == {}
-    assert load_policy_run(tmp_path / "run")[0].data.path == str(store)
+    assert load_run(tmp_path / "run").config.data.path == str(store)
 
 
 def test_data_errors_name_the_key(tmp_path):
@@ -79,7 +81,7 @@ def test_attention_supervision_config(tmp_path):
 
 
 def test_pad_after_lets_windows_start_at_every_step(tmp_path):
-    from mmx.train.policy import _Sequences
+    from mmx.recipes.policy.task import _Sequences
 
     cfg = _tiny()
     task = PolicyTask(cfg, tmp_path)

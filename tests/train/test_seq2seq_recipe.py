@@ -9,12 +9,13 @@ import torch
 
 from mmx.config import load_config
 from mmx.train import train
-from mmx.train.recipes import load_recipe
-from mmx.train.seq2seq import Seq2SeqConfig, Seq2SeqTask, load_seq2seq_run
+from mmx.recipes import load_recipe, load_run
+from mmx.recipes.seq2seq import Seq2SeqConfig, Seq2SeqTask
 
 
 def _task(name: str, tmp_path, *overrides: str) -> Seq2SeqTask:
-    cfg, task_cls = load_recipe(f"configs/seq2seq_{name}_tiny.yaml", list(overrides))
+    cfg, recipe = load_recipe(f"configs/seq2seq_{name}_tiny.yaml", list(overrides))
+    task_cls = recipe.task_class
     assert task_cls is Seq2SeqTask
     return task_cls(cfg, tmp_path)
 
@@ -57,7 +58,8 @@ def test_captioning_trains_through_the_shared_trainer_and_reloads(tmp_path):
     assert result.step == 6 and all(math.isfinite(v) for v in losses)
     assert set(result.metrics) == {"exact_match", "attention_miou", "attention_pointing"}
     assert (tmp_path / "samples" / "step_0000006.json").is_file()
-    cfg, again = load_seq2seq_run(tmp_path)
+    loaded = load_run(tmp_path)
+    cfg, again = loaded.config, loaded.model
     assert isinstance(cfg, Seq2SeqConfig) and again.captioning and not again.model.training
     images = torch.stack([task.eval_dataset()[i]["image"] for i in range(2)])
     task.model.eval()
@@ -76,8 +78,11 @@ def test_wrong_model_for_the_data_and_set_vocab_sizes_are_errors(tmp_path):
 
 
 def test_missing_run_names_the_folder(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no trained seq2seq model"):
-        load_seq2seq_run(tmp_path)
+    with pytest.raises(FileNotFoundError, match="is not an mmx run"):
+        load_run(tmp_path)
+    (tmp_path / "config.yaml").write_text("task: seq2seq\n")
+    with pytest.raises(FileNotFoundError, match=r"has no trained model: .*model/seq2seq not found"):
+        load_run(tmp_path)
 
 
 def test_token_dropout_replaces_decoder_inputs_but_not_labels_or_bos(tmp_path):
@@ -103,7 +108,7 @@ def test_token_dropout_replaces_decoder_inputs_but_not_labels_or_bos(tmp_path):
 
 
 def test_attention_supervision_targets_each_object_word_and_trains_the_cross_attention(tmp_path):
-    from mmx.train.seq2seq import attention_supervision_loss
+    from mmx.recipes.seq2seq import attention_supervision_loss
 
     task = _task("captioning", tmp_path, "attention_supervision=1.0")
     data = task.train_dataset()

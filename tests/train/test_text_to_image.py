@@ -3,7 +3,7 @@
 import pytest
 
 from mmx.config import load_config
-from mmx.train.text_to_image import TextToImageConfig, build_pipeline, caption_components, heldout_prompts
+from mmx.recipes.text_to_image import TextToImageConfig, build_pipeline, caption_components, heldout_prompts
 
 
 def test_caption_components_describe_each_object_by_attribute_pairs():

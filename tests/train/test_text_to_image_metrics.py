@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mmx.config import load_config
-from mmx.train.text_to_image import (
+from mmx.recipes.text_to_image import (
     TextToImageConfig,
     TextToImageTask,
     build_evaluator,
@@ -12,7 +12,7 @@ from mmx.train.text_to_image import (
     eval_data_spec,
     fit_data_spec,
 )
-from mmx.train.text_to_image_metrics import METRICS, default_metrics
+from mmx.recipes.text_to_image.metrics import METRICS, default_metrics
 
 TINY = "configs/shapes_t2i_tiny.yaml"
 

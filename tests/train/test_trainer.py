@@ -8,7 +8,8 @@ import torch
 
 from mmx.config import load_config
 from mmx.train import latest_checkpoint, train
-from mmx.train.text_to_image import TextToImageConfig, TextToImageTask, load_run
+from mmx.recipes import load_run
+from mmx.recipes.text_to_image import TextToImageConfig, TextToImageTask
 
 TINY = Path(__file__).parents[2] / "configs" / "shapes_t2i_tiny.yaml"
 
@@ -67,7 +68,8 @@ def test_run_folder_rebuilds_itself_and_keeps_limited_checkpoints(tmp_path):
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_0000006", "step_0000008"]
     assert (tmp_path / "samples" / "step_0000008.png").is_file()
     assert (tmp_path / "metrics.jsonl").read_text().count("caption_accuracy") == 1
-    loaded_cfg, pipeline = load_run(tmp_path)
+    loaded = load_run(tmp_path)
+    loaded_cfg, pipeline = loaded.config, loaded.model
     assert loaded_cfg == cfg
     images = pipeline.generate(["a red circle on the left", "a blue square at the top and a green triangle on the right"],
                                num_steps=2, generator=torch.Generator().manual_seed(0))
@@ -331,9 +333,10 @@ def test_gradient_checkpointing_and_channels_last_train_like_the_plain_run_and_s
     assert task.model.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     assert fast_format and not plain_format
     assert fast == pytest.approx(plain, rel=2e-3)  # same data, noise and weights: only the float rounding differs
-    loaded_cfg, pipeline = load_run(tmp_path / "fast")
+    loaded = load_run(tmp_path / "fast")
+    loaded_cfg, pipeline = loaded.config, loaded.model
     assert loaded_cfg.train.gradient_checkpointing and loaded_cfg.train.channels_last
-    saved, reference = pipeline.unet.state_dict(), load_run(tmp_path / "plain")[1].unet.state_dict()
+    saved, reference = pipeline.unet.state_dict(), load_run(tmp_path / "plain").model.unet.state_dict()
     assert saved.keys() == reference.keys()
     images = pipeline.generate(["a red circle on the left"], num_steps=2, generator=torch.Generator().manual_seed(0))
     assert images.shape == (1, 3, 16, 16) and torch.isfinite(images).all()

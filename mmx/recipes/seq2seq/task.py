@@ -14,9 +14,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -24,53 +23,14 @@ from torch import nn
 
 from mmx.config import save_config
 from mmx.nn import AttentionCapture, mask_kl
-from mmx.train.trainer import TrainConfig
+from mmx.recipes.seq2seq.config import Seq2SeqConfig
 
-__all__ = ["Seq2SeqConfig", "Seq2SeqEvalConfig", "Seq2SeqTask", "load_seq2seq_run", "build_tokenizers"]
+__all__ = ["Seq2SeqTask", "attention_supervision_loss", "build_tokenizers"]
 
 logger = logging.getLogger(__name__)
 
 # The model each data set needs: its inputs are words (translation) or images (captioning).
 MODEL_FOR_DATA = {"translation": "seq2seq", "captioning": "captioner"}
-
-
-@dataclass
-class Seq2SeqEvalConfig:
-    """Held-out compositions decoded at validation and by ``mmx eval``."""
-
-    data: dict = field(default_factory=lambda: {"split": "heldout", "length": 256, "seed": 1})
-    batch_size: int = 64
-    max_len: int = 40
-    method: Literal["greedy", "beam"] = "greedy"
-    beam_size: int = 4
-    length_penalty: float = 1.0
-    threshold: float = 0.4
-    attention: bool = True
-
-
-@dataclass
-class Seq2SeqConfig:
-    """Everything a seq2seq run needs; ``model`` and ``data`` are registry specs.
-
-    ``data.name`` is ``translation`` (with ``model.name: seq2seq``) or ``captioning`` (with
-    ``model.name: captioner``); vocabulary sizes and special ids are filled in from the tokenizers.
-    """
-
-    task: Literal["seq2seq"] = "seq2seq"
-    model: dict = field(default_factory=lambda: {"name": "seq2seq"})
-    data: dict = field(default_factory=lambda: {"name": "translation", "split": "train", "length": 20000})
-    label_smoothing: float = 0.1
-    # Word dropout on the decoder's inputs (Bowman et al., 2016): each input word but <s> becomes
-    # <unk> with this probability, so the next word must come from the source / image, not from
-    # the words before it (the prior that writes "blue square" where the image shows a blue circle).
-    token_dropout: float = 0.0
-    # Attention supervision (captioning; Liu et al., 2017, "Attention correctness in neural image
-    # captioning"): the weight of a loss that pulls the cross-attention of each colour and shape
-    # word (mean over heads and decoder layers) toward its object's mask, spread evenly over the
-    # regions it covers. 0: the maps are whatever the caption loss makes them.
-    attention_supervision: float = 0.0
-    train: TrainConfig = field(default_factory=TrainConfig)
-    eval: Seq2SeqEvalConfig = field(default_factory=Seq2SeqEvalConfig)
 
 
 def build_tokenizers(data_name: str):
@@ -236,17 +196,3 @@ def attention_supervision_loss(attention: torch.Tensor, word_masks: torch.Tensor
     if word_masks.shape[:2] != (b, t):
         raise ValueError(f"word masks {tuple(word_masks.shape)} do not match attention {tuple(attention.shape)}")
     return mask_kl(attention, word_masks, (side, side))
-
-
-def load_seq2seq_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[Seq2SeqConfig, Seq2SeqTask]:
-    """Rebuild a finished seq2seq run: its config and a task whose model holds the trained weights (eval mode)."""
-    from mmx.config import load_config
-
-    run_dir = Path(run_dir)
-    weights = run_dir / "model" / "seq2seq"
-    if not weights.is_dir():
-        raise FileNotFoundError(f"{run_dir} has no trained seq2seq model: {weights} not found")
-    cfg = load_config(run_dir / "config.yaml", Seq2SeqConfig)
-    task = Seq2SeqTask(cfg, run_dir, trained=run_dir / "model")
-    task.model.to(device)
-    return cfg, task

