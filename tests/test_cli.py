@@ -283,7 +283,7 @@ def test_convert_refuses_a_pickled_checkpoint_unless_trusted(tmp_path):
     assert "(16, 32)" in result.output and "from_pretrained" in result.output
     x, t, g = torch.randn(1, 8, 2), torch.tensor([5]), torch.randn(1, 4)
     with torch.no_grad():
-        assert torch.allclose(UNet1D.from_pretrained(out)(x, t, global_cond=g), unet(x, t, global_cond=g), atol=1e-6)
+        assert torch.allclose(UNet1D.from_pretrained(out)(x, t, pooled=g), unet(x, t, pooled=g), atol=1e-6)
     again = runner.invoke(app, ["convert", str(ckpt), "--out", str(out), "--trust-pickle"])
     assert again.exit_code == 2 and "already exists" in again.output
     missing = runner.invoke(app, ["convert", str(tmp_path / "nope.ckpt"), "--out", str(tmp_path / "x")])

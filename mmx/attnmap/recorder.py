@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmx.context import current_conditional_rows
-from mmx.nn.attention import CrossAttention, attention_probs, query_grid
+from mmx.attnmap.grid import query_grid
+from mmx.nn.attention import CrossAttention, attention_probs
 
 __all__ = ["AttentionRecorder"]
 

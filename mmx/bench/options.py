@@ -44,8 +44,8 @@ from mmx.bench.unet2d import CONTEXT_DIM, TOKENS, ddpm_schedule, make_inputs
 
 __all__ = ["UNET1D", "UNET2D", "Variant", "measure_variants", "suite", "unet1d_variants", "unet2d_variants"]
 
-UNET2D = dict(channels=(64, 96, 128), layers_per_block=1, attention_levels=(False, True, True), heads=4, dim_head=32,
-              patch_size=2)
+UNET2D = dict(channels=(64, 96, 128), layers_per_block=1, attention_levels=(False, True, True),
+              attention={"heads": 4, "dim_head": 32}, patch_size=2)
 UNET2D_BATCH, UNET2D_SIZE = 64, 32
 UNET1D = dict(input_dim=2, diffusion_step_embed_dim=64, down_dims=(64, 128, 256), kernel_size=5, n_groups=8,
               cond_predict_scale=True, context_dim=128, heads=4, dim_head=32)
@@ -231,8 +231,8 @@ def suite(device: torch.device, quick: bool = False, log: Log = log_info) -> Sui
     """``mmx bench options``: each speed option's training step against fp32, UNet2D and UNet1D."""
     if quick:
         backend, warmup, repeats = "eager", 1, 1
-        arch2 = dict(channels=(16, 32), layers_per_block=1, attention_levels=(False, True), heads=2, dim_head=8,
-                     patch_size=2)
+        arch2 = dict(channels=(16, 32), layers_per_block=1, attention_levels=(False, True),
+                     attention={"heads": 2, "dim_head": 8}, patch_size=2)
         arch1 = dict(UNET1D, diffusion_step_embed_dim=16, down_dims=(16, 32), context_dim=8, heads=2, dim_head=8)
         sizes = dict(batch2=2, size=16, batch1=2, horizon=8, tokens=3)
     else:

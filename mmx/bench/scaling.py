@@ -143,7 +143,7 @@ def suite(device: torch.device, quick: bool = False, log: Log = log_info, out: P
     if quick:
         p2 = scale_unet2d(device, (8, 16, 32), (4, 8, 16), batch=1, warmup=1, repeats=1, log=log,
                           arch=dict(channels=(32, 32, 32), layers_per_block=1, attention_levels=(False, True, True),
-                                    heads=2, dim_head=16))
+                                    attention={"heads": 2, "dim_head": 16}))
         p1 = scale_unet1d(device, (8, 16, 32), batch=2, warmup=1, repeats=1, log=log,
                           arch=dict(UNET1D, global_cond_dim=6, diffusion_step_embed_dim=16, down_dims=(16, 32)))
     else:

@@ -76,8 +76,8 @@ def measure(config: UNet1DConfig | None = None, warmup: int = 3, repeats: int = 
                   mask=torch.ones(b, c.tokens, dtype=torch.bool, device=device))
     with torch.no_grad():
         want = upstream(x, t, g)
-        diff = (mmx(x, t, global_cond=g) - want).abs().max().item()
-        diff_xattn = (xattn(x, t, ctx, global_cond=g) - want).abs().max().item()
+        diff = (mmx(x, t, pooled=g) - want).abs().max().item()
+        diff_xattn = (xattn(x, t, ctx, pooled=g) - want).abs().max().item()
     if diff > 1e-4 or diff_xattn > 1e-4:
         raise ValueError(f"outputs differ from the upstream rebuild: max |diff| {diff:.2e} (FiLM), {diff_xattn:.2e} (xattn)")
 
@@ -95,8 +95,8 @@ def measure(config: UNet1DConfig | None = None, warmup: int = 3, repeats: int = 
 
     calls = {
         "upstream": lambda: upstream(x, t, g),
-        "mmx": lambda: mmx(x, t, global_cond=g),
-        "mmx + cross-attn": lambda: xattn(x, t, ctx, global_cond=g),
+        "mmx": lambda: mmx(x, t, pooled=g),
+        "mmx + cross-attn": lambda: xattn(x, t, ctx, pooled=g),
     }
     fwd_bwd = time_calls({k: train(f) for k, f in calls.items()}, warmup, repeats, device)
     fwd = time_calls({k: infer(f) for k, f in calls.items()}, warmup, repeats, device)

@@ -24,7 +24,8 @@ from mmx.bench.timing import device_name, time_calls
 __all__ = ["ARCH", "build_models", "ddpm_schedule", "make_inputs", "measure", "sample_suite", "sampling_seconds",
            "suite", "train_step", "train_step_times"]
 
-ARCH = dict(channels=(64, 128, 128), layers_per_block=1, attention_levels=(False, True, True), heads=4, dim_head=32)
+ARCH = dict(channels=(64, 128, 128), layers_per_block=1, attention_levels=(False, True, True),
+            attention={"heads": 4, "dim_head": 32})
 CONTEXT_DIM, TOKENS, REAL_TOKENS = 384, 12, 9
 MMX, DIFFUSERS = "mmx UNet2D", "diffusers UNet2DConditionModel"
 
@@ -153,7 +154,7 @@ def suite(device: torch.device, quick: bool = False, log: Log = log_info) -> Sui
                "arch": plain(ARCH),
                "params_m": {name: _params_m(m) for name, m in models.items()},
                "train_step_ms": {name: s * 1e3 for name, s in seconds.items()}}
-    notes = [f"same channels {ARCH['channels']}, attention levels, {ARCH['heads']} heads of {ARCH['dim_head']}, "
+    notes = [f"same channels {ARCH['channels']}, attention levels, {ARCH['attention']['heads']} heads of {ARCH['attention']['dim_head']}, "
              f"context {TOKENS} tokens ({TOKENS - REAL_TOKENS} padded) of width {CONTEXT_DIM}, AdamW; "
              f"median of {repeats}, models alternating"]
     return SuiteResult("unet2d", "UNet2D training step", [figure], details=details, notes=notes)

@@ -11,7 +11,7 @@ Letters: B batch, T horizon, To observation steps, Da action width.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -21,7 +21,8 @@ from mmx.context import Context
 from mmx.diffusion.loss import diffusion_loss
 from mmx.diffusion.sampling import sample
 from mmx.diffusion.schedulers import sampler_from
-from mmx.nn.attention import AttentionCapture, attention_probs, mask_kl
+from mmx.attnmap.capture import AttentionCapture
+from mmx.nn.attention import attention_probs
 
 __all__ = ["LinearNormalizer", "DiffusionPolicy"]
 
@@ -104,10 +105,10 @@ class DiffusionPolicy(nn.Module):
         lowdim_keys: observation keys normalised by ``normalizer``; image keys (``image_keys``) are
             scaled from uint8 [0, 255] to [0, 1]; other keys (text) pass through.
         sampler, num_inference_steps: the few-step sampler (DDIM, 16 steps by default).
-        attention_supervision: weight of a training-only loss on where the action chunk looks: the
-            KL divergence from ``batch[attention_mask_key]`` (``[B, To, H, W]`` masks, e.g. the named
-            target's pixels) to the action steps' cross-attention over each frame's image regions
-            (mean over heads, steps and layers), as :func:`mmx.nn.mask_kl`. 0: off.
+        attention_losses: training-only losses on where the action chunk looks (``mask_kl`` of
+            :mod:`mmx.attnmap.losses`): the KL divergence from ``batch[attention_mask_key]``
+            (``[B, To, H, W]`` masks, e.g. the named target's pixels) to the action steps'
+            cross-attention over each frame's image regions (mean over heads, steps and layers).
         attention_mask_key: the batch key of those masks (never an observation).
         attention_image_key: the image observation the masks are drawn on (None: the only one).
     """
@@ -126,17 +127,16 @@ class DiffusionPolicy(nn.Module):
         image_keys: tuple[str, ...] = (),
         sampler: str = "ddim",
         num_inference_steps: int = 16,
-        attention_supervision: float = 0.0,
+        attention_losses: Sequence[Any] = (),
         attention_mask_key: str = "target_mask",
         attention_image_key: str | None = None,
     ) -> None:
         super().__init__()
-        if not attention_supervision >= 0.0:
-            raise ValueError(f"attention_supervision must be a weight >= 0; got {attention_supervision}")
-        if attention_supervision > 0:
+        attention_losses = [term for term in attention_losses if term.weight > 0]
+        if attention_losses:
             if attention_image_key is None and len(image_keys) != 1:
                 raise ValueError(
-                    "attention_supervision needs the image the masks are drawn on: set attention_image_key to one of "
+                    "attention_losses need the image the masks are drawn on: set attention_image_key to one of "
                     f"the image observations {list(image_keys)}"
                 )
             if attention_image_key is not None and attention_image_key not in image_keys:
@@ -153,7 +153,7 @@ class DiffusionPolicy(nn.Module):
         self.horizon, self.n_obs_steps, self.n_action_steps, self.action_dim = horizon, n_obs_steps, n_action_steps, action_dim
         self.lowdim_keys, self.image_keys = tuple(lowdim_keys), tuple(image_keys)
         self.sampler, self.num_inference_steps = sampler, num_inference_steps
-        self.attention_supervision, self.attention_mask_key = attention_supervision, attention_mask_key
+        self.attention_losses, self.attention_mask_key = attention_losses, attention_mask_key
         self.attention_image_key = attention_image_key or (image_keys[0] if image_keys else None)
 
     @property
@@ -189,23 +189,27 @@ class DiffusionPolicy(nn.Module):
             raise ValueError(f"batch['action'] must be [B, horizon={self.horizon}, {self.action_dim}]; got {tuple(actions.shape)}")
         obs = {k: v for k, v in batch.items() if k not in ("action", self.attention_mask_key)}
         naction = self.normalizer.normalize("action", actions)
-        if not self.attention_supervision > 0:
+        if not self.attention_losses:
             return diffusion_loss(self.unet, naction, self.encode(obs), self.scheduler, min_snr_gamma, generator)
         if self.attention_mask_key not in batch:
-            raise KeyError(f"attention_supervision needs batch[{self.attention_mask_key!r}] ([B, To, H, W] masks); "
+            raise KeyError(f"attention_losses need batch[{self.attention_mask_key!r}] ([B, To, H, W] masks); "
                            f"batch keys: {sorted(batch)}")
         context, segments = self.obs_encoder.encode(self.prepare_obs(obs))
         with AttentionCapture(self.unet) as capture:
             loss = diffusion_loss(self.unet, naction, context, self.scheduler, min_snr_gamma, generator)
         masks = torch.as_tensor(batch[self.attention_mask_key], device=self.device)
-        return loss + self.attention_supervision * self._attention_loss(capture, segments, masks)
+        maps, grid = self._image_attention(capture, segments, masks)
+        for term in self.attention_losses:
+            loss = loss + term(maps, masks, grid)
+        return loss
 
-    def _attention_loss(self, capture: AttentionCapture, segments: list, masks: torch.Tensor) -> torch.Tensor:
-        """KL(mask || the chunk's attention over each frame's regions); see ``attention_supervision``."""
+    def _image_attention(self, capture: AttentionCapture, segments: list,
+                         masks: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """The chunk's attention over each frame's regions ``[B, To, h*w]`` (mean over heads, steps, layers), and ``(h, w)``."""
         segment = next((s for s in segments if s.name == self.attention_image_key), None)
         if segment is None:
             raise ValueError(
-                f"attention_supervision: the encoder gives no tokens for image {self.attention_image_key!r}"
+                f"attention_losses: the encoder gives no tokens for image {self.attention_image_key!r}"
             )
         steps, h, w = segment.grid
         if masks.ndim != 4 or masks.shape[1] != steps:
@@ -216,7 +220,7 @@ class DiffusionPolicy(nn.Module):
             attention_probs(q, k, mask, scale=scale).mean((1, 2))[:, segment.start : segment.end]  # (B, To*h*w)
             for q, k, mask, scale in capture.calls
         ]).mean(0)
-        return mask_kl(maps.view(-1, steps, h * w), masks, (h, w))
+        return maps.view(-1, steps, h * w), (h, w)
 
     def forward(self, batch: Mapping[str, Any], generator: torch.Generator | None = None) -> torch.Tensor:
         """The training loss (so wrappers such as DistributedDataParallel see the call): see :meth:`loss`."""

@@ -58,7 +58,7 @@ class Upsample1D(nn.Module):
 class UNet1D(ModelMixin, ConfigMixin):
     """Diffusion Policy's conditional 1D UNet (Chi et al., 2023), optionally reading a Context.
 
-    ``sample [B, T, input_dim]`` (time-major, as upstream) -> prediction ``[B, T, input_dim]``.
+    ``forward(x [B, T, input_dim], t, context, pooled)`` (time-major, as upstream) -> prediction ``[B, T, input_dim]``.
     The horizon T must divide by ``2 ** (len(down_dims) - 1)``; the model never pads or crops.
 
     Upstream facts kept on purpose: the skip of each level is taken after its second block, before
@@ -145,15 +145,15 @@ class UNet1D(ModelMixin, ConfigMixin):
             Conv1dBlock(down_dims[0], down_dims[0], kernel_size, n_groups=8), nn.Conv1d(down_dims[0], input_dim, 1)
         )
 
-    def _check_sample(self, sample: torch.Tensor) -> None:
+    def _check_input(self, x: torch.Tensor) -> None:
         input_dim = self.config.input_dim
-        if not isinstance(sample, torch.Tensor) or sample.ndim != 3:
-            got = tuple(sample.shape) if isinstance(sample, torch.Tensor) else type(sample).__name__
-            raise ValueError(f"UNet1D expects sample [B, T, input_dim={input_dim}]; got {got}")
-        if sample.shape[2] != input_dim:
-            hint = " (channels-first? UNet1D takes time-major [B, T, input_dim] like Diffusion Policy)" if sample.shape[1] == input_dim else ""
-            raise ValueError(f"UNet1D expects sample [B, T, input_dim={input_dim}]; got {tuple(sample.shape)}{hint}")
-        self.check_horizon(sample.shape[1])
+        if not isinstance(x, torch.Tensor) or x.ndim != 3:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"UNet1D expects x [B, T, input_dim={input_dim}]; got {got}")
+        if x.shape[2] != input_dim:
+            hint = " (channels-first? UNet1D takes time-major [B, T, input_dim] like Diffusion Policy)" if x.shape[1] == input_dim else ""
+            raise ValueError(f"UNet1D expects x [B, T, input_dim={input_dim}]; got {tuple(x.shape)}{hint}")
+        self.check_horizon(x.shape[1])
 
     def check_horizon(self, horizon: int) -> None:
         """Raise a ValueError naming the nearest valid horizons unless T divides by ``2 ** (levels - 1)``."""
@@ -167,24 +167,25 @@ class UNet1D(ModelMixin, ConfigMixin):
                 f"{self.levels - 1} times, so T must divide by {factor}; got T={t} (nearest valid horizons: {nearest})"
             )
 
-    def _global_cond(self, sample: torch.Tensor, context: Context | None, global_cond: torch.Tensor | None) -> torch.Tensor | None:
+    def _pooled(self, x: torch.Tensor, context: Context | None, pooled: torch.Tensor | None) -> torch.Tensor | None:
+        """The global FiLM condition (Diffusion Policy's ``global_cond``): ``pooled``, else ``context.pooled``."""
         width = self.config.global_cond_dim
-        if global_cond is None and context is not None:
-            global_cond = context.pooled if width is not None else None
+        if pooled is None and context is not None:
+            pooled = context.pooled if width is not None else None
         if width is None:
-            if global_cond is not None:
-                raise ValueError(f"this UNet1D has no global condition (global_cond_dim=None); got global_cond {tuple(global_cond.shape)}")
+            if pooled is not None:
+                raise ValueError(f"this UNet1D has no global condition (global_cond_dim=None); got pooled {tuple(pooled.shape)}")
             return None
-        if global_cond is None:
+        if pooled is None:
             raise ValueError(
                 f"this UNet1D is FiLM-conditioned on a global vector of width global_cond_dim={width}; "
-                "pass global_cond [B, global_cond_dim] or a context with pooled"
+                "pass pooled [B, global_cond_dim] or a context with pooled"
             )
-        if global_cond.ndim != 2 or global_cond.shape[0] != sample.shape[0] or global_cond.shape[1] != width:
+        if pooled.ndim != 2 or pooled.shape[0] != x.shape[0] or pooled.shape[1] != width:
             raise ValueError(
-                f"global condition must be [B={sample.shape[0]}, global_cond_dim={width}]; got {tuple(global_cond.shape)}"
+                f"the global condition must be [B={x.shape[0]}, global_cond_dim={width}]; got {tuple(pooled.shape)}"
             )
-        return global_cond
+        return pooled
 
     def _block(self, block: nn.Module, *args: torch.Tensor | None) -> torch.Tensor:
         """``block(*args)``, through activation checkpointing when it is enabled and gradients are recorded."""
@@ -194,24 +195,24 @@ class UNet1D(ModelMixin, ConfigMixin):
 
     def forward(
         self,
-        sample: torch.Tensor,
-        timestep: torch.Tensor | int | float,
+        x: torch.Tensor,
+        t: torch.Tensor | int | float,
         context: Context | None = None,
-        global_cond: torch.Tensor | None = None,
+        pooled: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Predict ``[B, T, input_dim]`` from a noisy ``sample [B, T, input_dim]`` at ``timestep``.
+        """Predict ``[B, T, input_dim]`` from a noisy ``x [B, T, input_dim]`` at timesteps ``t``.
 
         Args:
-            sample: noisy action sequence, time-major.
-            timestep: a number, a 0-d tensor or ``[B]`` (possibly fractional) diffusion steps.
+            x: noisy action sequence, time-major (Diffusion Policy's ``sample``).
+            t: a number, a 0-d tensor or ``[B]`` (possibly fractional) diffusion steps.
             context: :class:`Context` whose ``tokens [B, S, context_dim]`` are read (with ``mask``,
                 True = real) by the cross-attention, required exactly when ``context_dim`` is set;
-                its ``pooled [B, global_cond_dim]`` is the global condition when ``global_cond`` is None.
-            global_cond: ``[B, global_cond_dim]`` FiLM condition, required (here or as
-                ``context.pooled``) exactly when ``global_cond_dim`` is set.
+                its ``pooled [B, global_cond_dim]`` is the global condition when ``pooled`` is None.
+            pooled: ``[B, global_cond_dim]`` FiLM condition (Diffusion Policy's ``global_cond``),
+                required (here or as ``context.pooled``) exactly when ``global_cond_dim`` is set.
         """
-        self._check_sample(sample)
-        b = sample.shape[0]
+        self._check_input(x)
+        b = x.shape[0]
         tokens = mask = None
         if context is not None and not isinstance(context, Context):
             raise TypeError(f"UNet1D takes context as an mmx Context; got {type(context).__name__}")
@@ -223,33 +224,33 @@ class UNet1D(ModelMixin, ConfigMixin):
                     f"context tokens must be [B={b}, S, context_dim={self.config.context_dim}]; got {tuple(context.tokens.shape)}"
                 )
             tokens, mask = context.tokens, context.mask
-        global_cond = self._global_cond(sample, context, global_cond)
+        pooled = self._pooled(x, context, pooled)
 
-        if not isinstance(timestep, torch.Tensor):
-            timestep = torch.tensor([timestep], device=sample.device)
-        if timestep.ndim > 1 or (timestep.ndim == 1 and timestep.shape[0] not in (1, b)):
-            raise ValueError(f"timestep must be a number, a 0-d tensor or [B={b}]; got shape {tuple(timestep.shape)}")
-        timestep = timestep.to(sample.device).reshape(-1).expand(b)  # (B,)
-        cond = self.diffusion_step_encoder[0](timestep).to(sample.dtype)  # (B, dsed)
+        if not isinstance(t, torch.Tensor):
+            t = torch.tensor([t], device=x.device)
+        if t.ndim > 1 or (t.ndim == 1 and t.shape[0] not in (1, b)):
+            raise ValueError(f"t must be a number, a 0-d tensor or [B={b}]; got shape {tuple(t.shape)}")
+        t = t.to(x.device).reshape(-1).expand(b)  # (B,)
+        cond = self.diffusion_step_encoder[0](t).to(x.dtype)  # (B, dsed)
         cond = self.diffusion_step_encoder[1:](cond)
-        if global_cond is not None:
-            cond = torch.cat([cond, global_cond.to(cond.dtype)], dim=-1)  # (B, dsed + global_cond_dim)
+        if pooled is not None:
+            cond = torch.cat([cond, pooled.to(cond.dtype)], dim=-1)  # (B, dsed + global_cond_dim)
 
-        x = sample.transpose(1, 2)  # (B, input_dim, T)
+        h = x.transpose(1, 2)  # (B, input_dim, T)
         skips = []
         for res1, res2, downsample in self.down_modules:
-            x = self._block(res1, x, cond, tokens, mask)
-            x = self._block(res2, x, cond, tokens, mask)
-            skips.append(x)  # taken before the downsample, as upstream
-            x = downsample(x)
+            h = self._block(res1, h, cond, tokens, mask)
+            h = self._block(res2, h, cond, tokens, mask)
+            skips.append(h)  # taken before the downsample, as upstream
+            h = downsample(h)
         for res in self.mid_modules:
-            x = self._block(res, x, cond, tokens, mask)
+            h = self._block(res, h, cond, tokens, mask)
         for res1, res2, upsample in self.up_modules:
-            x = self._block(res1, torch.cat([x, skips.pop()], dim=1), cond, tokens, mask)  # (B, 2C, T')
-            x = self._block(res2, x, cond, tokens, mask)
-            x = upsample(x)
-        x = self.final_conv(x)  # (B, input_dim, T)
-        return x.transpose(1, 2)
+            h = self._block(res1, torch.cat([h, skips.pop()], dim=1), cond, tokens, mask)  # (B, 2C, T')
+            h = self._block(res2, h, cond, tokens, mask)
+            h = upsample(h)
+        h = self.final_conv(h)  # (B, input_dim, T)
+        return h.transpose(1, 2)
 
     @classmethod
     def from_diffusion_policy(

@@ -10,6 +10,8 @@ noise schedule. Saves and loads with its full config through diffusers' ``ModelM
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
+
 import torch
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
@@ -20,9 +22,44 @@ from mmx.context import Context, unpack_context
 from mmx.nn import ResBlock2D, SpatialTransformer, group_norm, timestep_embedding
 from mmx.nn.transformer import POSITION_INTO
 
-__all__ = ["UNet2D", "DiffusersUNet2D"]
+__all__ = ["UNet2D", "UNetAttention", "DiffusersUNet2D"]
 
 PADDING_MODES = ("zeros", "circular")
+
+
+@dataclass
+class UNetAttention:
+    """How a UNet2D's SpatialTransformers read the text: ``UNet2D(attention={...})`` with these keys.
+
+    Args:
+        heads, dim_head: attention heads and width per head.
+        depth: TransformerBlocks per SpatialTransformer.
+        ff_mult: hidden width of each block's GEGLU feed-forward, as a multiple of ``heads * dim_head``.
+        self_attention_levels: per level, whether its transformers also self-attend (None: none do).
+        position_frequencies: if > 0, every SpatialTransformer adds a learned embedding of each
+            position's place in the map (Fourier features with this many frequencies per axis), so
+            cross-attention queries know where they are. 0: none (convolutions alone carry position,
+            through the borders).
+        position_into: ``"tokens"`` or ``"queries"``: where that embedding goes (see
+            :class:`~mmx.nn.SpatialTransformer`); ``"queries"`` keeps it out of the feature map.
+    """
+
+    heads: int = 4
+    dim_head: int = 32
+    depth: int = 1
+    ff_mult: int = 4
+    self_attention_levels: tuple[bool, ...] | None = None
+    position_frequencies: int = 0
+    position_into: str = "tokens"
+
+    @classmethod
+    def from_spec(cls, spec: "dict | UNetAttention | None") -> "UNetAttention":
+        """From a mapping (an unknown key is an error listing the valid ones), an instance, or None (defaults)."""
+        from mmx.config import from_dict
+
+        if isinstance(spec, cls):
+            return spec
+        return from_dict(cls, dict(spec or {}), prefix="attention.")
 
 
 class _Level(nn.Module):
@@ -47,34 +84,26 @@ class UNet2D(ModelMixin, ConfigMixin):
         channels: width of each level, e.g. ``(64, 128, 128)``; H and W must divide by ``2**(levels-1)``.
         layers_per_block: residual blocks per level on the way down (one more on the way up).
         attention_levels: per level, whether its blocks carry a SpatialTransformer (cross-attention).
-        self_attention_levels: per level, whether those transformers also self-attend (None: none do).
-        heads, dim_head: attention heads and width per head.
         context_dim: width D of the text tokens.
         pooled_dim: width of a pooled text vector added to the time embedding (None: not used).
-        transformer_depth: TransformerBlocks per SpatialTransformer.
-        ff_mult: hidden width of each TransformerBlock's GEGLU feed-forward, as a multiple of
-            ``heads * dim_head``.
+        split_context: each context token is ``[key states ; value states]`` (``context_dim`` is
+            their sum; ``HFTextEncoder(value_layer=...)`` gives such tokens): every cross-attention
+            takes its keys from the first half and its values from the second.
+        attention: the SpatialTransformers' settings, a mapping of :class:`UNetAttention`'s fields
+            (heads, dim_head, depth, ff_mult, self_attention_levels, position_frequencies,
+            position_into); None: its defaults.
         norm_groups: GroupNorm groups (None: largest divisor of the channels up to 32).
         dropout: dropout in residual blocks and attention.
         mid_attention: put a SpatialTransformer in the middle block.
         patch_size: fold ``p x p`` pixel patches into channels before the first conv and unfold
             after the last (pixel-unshuffle / shuffle): p*p times fewer positions at every level.
-        position_frequencies: if > 0, every SpatialTransformer adds a learned embedding of each
-            position's place in the map to its tokens (Fourier features with this many frequencies
-            per axis), so cross-attention queries know where they are. 0: none (convolutions alone
-            carry position, through the borders).
-        split_context: each context token is ``[key states ; value states]`` (``context_dim`` is
-            their sum; ``HFTextEncoder(value_layer=...)`` gives such tokens): every cross-attention
-            takes its keys from the first half and its values from the second.
-        position_into: ``"tokens"`` (default) or ``"queries"``: where the position embedding goes
-            (see :class:`~mmx.nn.SpatialTransformer`); ``"queries"`` keeps it out of the feature map.
         padding_mode: padding of every 3x3 convolution: ``"zeros"`` (default) or ``"circular"``.
             Zero padding lets the convolutions tell where they are from the borders; circular
             padding makes them blind to place (a shift of the input by the network's total stride,
             ``patch_size * 2**(levels-1)`` pixels, shifts the output alike), so what is drawn
             where depends on the words read and not on where training happened to draw it. With
-            ``position_frequencies > 0`` and ``position_into="queries"``, the cross-attention's
-            queries are the only place the network knows positions ("top", "left") from.
+            ``attention.position_frequencies > 0`` and ``position_into: queries``, the
+            cross-attention's queries are the only place the network knows positions ("top", "left") from.
 
     Gradient checkpointing (``model.enable_gradient_checkpointing()``, diffusers' ModelMixin): while
     gradients are recorded, each residual block and SpatialTransformer keeps only its inputs and is
@@ -93,20 +122,14 @@ class UNet2D(ModelMixin, ConfigMixin):
         channels: tuple[int, ...] = (64, 128, 128),
         layers_per_block: int = 2,
         attention_levels: tuple[bool, ...] = (False, True, True),
-        self_attention_levels: tuple[bool, ...] | None = None,
-        heads: int = 4,
-        dim_head: int = 32,
         context_dim: int = 384,
         pooled_dim: int | None = None,
-        transformer_depth: int = 1,
+        split_context: bool = False,
+        attention: dict | None = None,
         norm_groups: int | None = None,
         dropout: float = 0.0,
         mid_attention: bool = True,
         patch_size: int = 1,
-        position_frequencies: int = 0,
-        split_context: bool = False,
-        ff_mult: int = 4,
-        position_into: str = "tokens",
         padding_mode: str = "zeros",
     ) -> None:
         super().__init__()
@@ -114,10 +137,12 @@ class UNet2D(ModelMixin, ConfigMixin):
             raise ValueError(f"patch_size must be >= 1; got {patch_size}")
         if padding_mode not in PADDING_MODES:
             raise ValueError(f"padding_mode must be one of {', '.join(PADDING_MODES)}; got {padding_mode!r}")
-        if position_into not in POSITION_INTO:
-            raise ValueError(f"position_into must be one of {', '.join(POSITION_INTO)}; got {position_into!r}")
+        attn = UNetAttention.from_spec(attention)
+        if attn.position_into not in POSITION_INTO:
+            raise ValueError(f"attention.position_into must be one of {', '.join(POSITION_INTO)}; "
+                             f"got {attn.position_into!r}")
         levels = len(channels)
-        self_attention_levels = self_attention_levels or (False,) * levels
+        self_attention_levels = attn.self_attention_levels or (False,) * levels
         if len(attention_levels) != levels or len(self_attention_levels) != levels:
             raise ValueError(
                 f"attention_levels {tuple(attention_levels)} and self_attention_levels {tuple(self_attention_levels)} "
@@ -130,10 +155,10 @@ class UNet2D(ModelMixin, ConfigMixin):
         self.pooled_proj = nn.Linear(pooled_dim, emb_dim) if pooled_dim else None
 
         def attn_kwargs(level: int) -> dict:
-            return dict(context_dim=context_dim, heads=heads, dim_head=dim_head, depth=transformer_depth,
+            return dict(context_dim=context_dim, heads=attn.heads, dim_head=attn.dim_head, depth=attn.depth,
                         dropout=dropout, self_attention=bool(self_attention_levels[level]),
-                        position_frequencies=position_frequencies, split_context=split_context, ff_mult=ff_mult,
-                        position_into=position_into)
+                        position_frequencies=attn.position_frequencies, split_context=split_context,
+                        ff_mult=attn.ff_mult, position_into=attn.position_into)
 
         self.patch_size = patch_size
         self.conv_in = nn.Conv2d(in_channels * patch_size**2, channels[0], 3, padding=1)
@@ -245,7 +270,8 @@ class DiffusersUNet2D(nn.Module):
     """diffusers' ``UNet2DConditionModel`` behind the same ``forward(x, t, context, mask)`` as UNet2D.
 
     The Context mask goes in as ``encoder_attention_mask``. Built from the same arguments as
-    :class:`UNet2D` (cross-attention on the levels in ``attention_levels``).
+    :class:`UNet2D` (cross-attention on the levels in ``attention_levels``; of ``attention``, the
+    heads).
     """
 
     def __init__(
@@ -255,14 +281,19 @@ class DiffusersUNet2D(nn.Module):
         channels: tuple[int, ...] = (64, 128, 128),
         layers_per_block: int = 2,
         attention_levels: tuple[bool, ...] = (False, True, True),
-        heads: int = 4,
-        dim_head: int = 32,
         context_dim: int = 384,
+        attention: dict | None = None,
         norm_groups: int = 32,
         sample_size: int = 32,
     ) -> None:
         super().__init__()
         from diffusers import UNet2DConditionModel
+
+        attn = UNetAttention.from_spec(attention)
+        unused = {k: v for k, v in asdict(attn).items() if k not in ("heads", "dim_head") and v != getattr(UNetAttention, k)}
+        if unused:
+            raise ValueError(f"diffusers' UNet2DConditionModel takes attention.heads (and dim_head) only; got {unused}")
+        heads, dim_head = attn.heads, attn.dim_head
 
         down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention_levels)
         up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention_levels))

@@ -1,6 +1,8 @@
 """Attention math and conditioning blocks: pure ``nn.Module``s, no noise, no I/O."""
 
-from mmx.nn.attention import AttentionCapture, CrossAttention, mask_kl, KVCache, MultiHeadAttention, attention_probs, prepare_mask
+from mmx.nn.attention import CrossAttention, MultiHeadAttention, attention_probs
+from mmx.nn.kv_cache import KVCache
+from mmx.nn.masks import prepare_mask
 from mmx.nn.conditioning import FiLM, ResBlock1D, ResBlock2D, Conv1dBlock, SinusoidalEmbedding, timestep_embedding
 from mmx.nn.transformer import (
     BlockCache, FeedForward, GEGLU, SpatialTransformer, TemporalTransformer, TransformerBlock, grid_fourier_features,
@@ -11,8 +13,6 @@ from mmx.nn.seq2seq import (
 )
 
 __all__ = [
-    "AttentionCapture",
-    "mask_kl",
     "CrossAttention",
     "MultiHeadAttention",
     "KVCache",

@@ -18,7 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmx.context import Context, unpack_context
-from mmx.nn.attention import CrossAttention, KVCache, check_input_dtype
+from mmx.nn.attention import CrossAttention
+from mmx.nn.kv_cache import KVCache
+from mmx.nn.masks import check_input_dtype
 
 __all__ = [
     "GEGLU", "FeedForward", "TransformerBlock", "BlockCache", "SpatialTransformer", "TemporalTransformer", "group_norm",

@@ -9,8 +9,8 @@ from mmx.attnmap import AttentionRecorder, word_maps
 from mmx.diffusion import make_scheduler, sample, sampler_from
 from mmx.models import DiffusersUNet2D, UNet2D
 
-TINY = dict(channels=(16, 32), layers_per_block=1, attention_levels=(True, True), heads=2, dim_head=8,
-            context_dim=12, norm_groups=8)
+TINY = dict(channels=(16, 32), layers_per_block=1, attention_levels=(True, True),
+            attention={"heads": 2, "dim_head": 8}, context_dim=12, norm_groups=8)
 
 
 def _model():
@@ -65,7 +65,7 @@ def test_recorded_sums_equal_explicit_maps_and_outputs_are_bit_identical(size):
     torch.testing.assert_close(maps, _explicit(model, x, t, ctx, size), atol=1e-5, rtol=1e-5)
     # padding tokens get no attention; each position's attention sums to the number of layers x heads
     assert maps[1, 3:].abs().max() == 0
-    torch.testing.assert_close(maps.sum(1), torch.full((3, *size), float(rec.calls * TINY["heads"])), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(maps.sum(1), torch.full((3, *size), float(rec.calls * TINY["attention"]["heads"])), atol=1e-4, rtol=1e-4)
 
 
 def test_only_the_conditional_rows_are_recorded_under_guidance_and_memory_stays_flat():
@@ -135,8 +135,8 @@ def test_max_downsample_errors_name_the_value_and_the_grids():
 
 def test_diffusers_unet_path_records_and_keeps_outputs_identical():
     torch.manual_seed(0)
-    model = DiffusersUNet2D(channels=(16, 32), layers_per_block=1, attention_levels=(True, True), heads=2,
-                            context_dim=12, norm_groups=8, sample_size=8).eval()
+    model = DiffusersUNet2D(channels=(16, 32), layers_per_block=1, attention_levels=(True, True),
+                            attention={"heads": 2}, context_dim=12, norm_groups=8, sample_size=8).eval()
     ctx = _prompts()
     x, t = torch.randn(3, 3, 8, 12), torch.tensor([10, 20, 30])
     plain = model(x, t, ctx)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from mmx.attnmap.losses import MaskKL
 from mmx.diffusion import DiffusionPolicy, LinearNormalizer, make_scheduler
 from mmx.encoders import ObservationEncoder
 from mmx.models import UNet1D
@@ -187,7 +188,7 @@ def _image_policy(weight):
     sched = make_scheduler("ddpm", num_train_timesteps=50, beta_schedule="squaredcos_cap_v2", clip_sample=True)
     return DiffusionPolicy(enc, unet, LinearNormalizer({"action": 2, "state": 2}), sched, 8, 2, 4, 2,
                            lowdim_keys=("state",), image_keys=("image",), num_inference_steps=4,
-                           attention_supervision=weight)
+                           attention_losses=[MaskKL(weight)])
 
 
 def _masked_batch(b=8):
@@ -213,7 +214,7 @@ def _mass_on_mask(policy, batch, masks):
     return ((regions * on).sum(-1) / regions.sum(-1)).mean().item()
 
 
-def test_attention_supervision_moves_the_chunks_attention_onto_the_mask():
+def test_the_mask_kl_loss_moves_the_chunks_attention_onto_the_mask():
     """A few steps on the supervised loss put most of the action steps' image attention on the masked regions."""
     policy = _image_policy(1.0)
     batch, masks = _masked_batch()
@@ -234,14 +235,14 @@ def test_attention_supervision_moves_the_chunks_attention_onto_the_mask():
     assert before < 0.2 and after > 0.5, (before, after)
 
 
-def test_attention_supervision_errors():
+def test_attention_loss_errors():
     policy = _image_policy(1.0)
     batch, _ = _masked_batch(2)
     with pytest.raises(KeyError, match="target_mask"):
         policy({k: v for k, v in batch.items() if k != "target_mask"})
     with pytest.raises(ValueError, match=r"\[B, To=2, H, W\]"):
         policy({**batch, "target_mask": batch["target_mask"][:, 0]})
-    with pytest.raises(ValueError, match="weight >= 0"):
-        DiffusionPolicy(None, None, None, None, 8, 2, 4, 2, attention_supervision=-1.0)
+    with pytest.raises(ValueError, match="weight must be a number >= 0"):
+        MaskKL(-1.0)
     with pytest.raises(ValueError, match="attention_image_key"):
-        DiffusionPolicy(None, None, None, None, 8, 2, 4, 2, image_keys=("a", "b"), attention_supervision=1.0)
+        DiffusionPolicy(None, None, None, None, 8, 2, 4, 2, image_keys=("a", "b"), attention_losses=[MaskKL(1.0)])

@@ -17,7 +17,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from mmx import CrossAttention, MultiHeadAttention, SpatialTransformer, TemporalTransformer, TransformerBlock
-from mmx.nn.attention import prepare_mask
+from mmx.nn.masks import prepare_mask
 
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-9, torch.bfloat16: 0.1, torch.float16: 0.05}

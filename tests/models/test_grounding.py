@@ -81,12 +81,12 @@ def test_unknown_task_lists_the_recipes(tmp_path):
         load_recipe(bad)
 
 
-def test_attention_supervision_adds_the_coverage_loss_and_reaches_the_keys(tmp_path):
+def test_the_coverage_loss_adds_to_the_loss_and_reaches_the_keys(tmp_path):
     overrides = ["train.batch_size=4", "data.length=8", "model.depth=1", "model.input_size=32"]
-    cfg, recipe = load_recipe(CONFIG, overrides + ["attention_supervision=1.0"])
+    cfg, recipe = load_recipe(CONFIG, overrides + ["attention_losses=[{name: coverage, weight: 1.0}]"])
     task_cls = recipe.task_class
     supervised = task_cls(cfg, tmp_path)
-    plain_cfg, _ = load_recipe(CONFIG, overrides + ["attention_supervision=0.0"])
+    plain_cfg, _ = load_recipe(CONFIG, overrides + ["attention_losses=[]"])
     plain = task_cls(plain_cfg, tmp_path)
     plain.model.load_state_dict(supervised.model.state_dict())
     data = supervised.train_dataset()
@@ -97,5 +97,7 @@ def test_attention_supervision_adds_the_coverage_loss_and_reaches_the_keys(tmp_p
     loss.backward()
     keys = [m.to_k.weight.grad for m in supervised.model.modules() if getattr(m, "is_cross", False)]
     assert keys and all(k is not None and k.abs().sum() > 0 for k in keys)
-    with pytest.raises(ValueError, match="attention_supervision must be"):
-        recipe.task_class(load_recipe(CONFIG, ["attention_supervision=-0.5"])[0], tmp_path)
+    with pytest.raises(ValueError, match="weight must be a number >= 0; got -0.5"):
+        recipe.task_class(load_recipe(CONFIG, ["attention_losses=[{name: coverage, weight: -0.5}]"])[0], tmp_path)
+    with pytest.raises(ValueError, match="the grounding recipe takes coverage, inside; got .*reading"):
+        recipe.task_class(load_recipe(CONFIG, ["attention_losses=[{name: reading, weight: 1.0}]"])[0], tmp_path)

@@ -42,10 +42,10 @@ def test_strict_load_of_a_perturbed_state_dict_gives_equal_outputs():
     a.load_state_dict(state, strict=True)
     b.load_state_dict(state, strict=True)
     x, t, g = torch.randn(3, 8, 2), torch.tensor([0, 40, 99]), torch.randn(3, 10)
-    out = a(x, t, global_cond=g)
-    assert torch.equal(out, b(x, t, global_cond=g))
+    out = a(x, t, pooled=g)
+    assert torch.equal(out, b(x, t, pooled=g))
     fresh = UNet1D(**SMALL)
-    assert not torch.allclose(fresh(x, t, global_cond=g), out), "the loaded weights must matter"
+    assert not torch.allclose(fresh(x, t, pooled=g), out), "the loaded weights must matter"
 
 
 @pytest.mark.parametrize("global_cond_dim", [10, None])
@@ -63,7 +63,7 @@ def test_equals_an_independent_rebuild_of_the_upstream_model(cond_predict_scale,
     g = torch.randn(4, 10) if global_cond_dim else None
     for t in (torch.tensor([0, 10, 500, 999]), torch.tensor(37), 250):
         want = upstream(x, t, global_cond=g)
-        torch.testing.assert_close(model(x, t, global_cond=g), want, atol=1e-5, rtol=0)
+        torch.testing.assert_close(model(x, t, pooled=g), want, atol=1e-5, rtol=0)
     assert want.abs().max() > 0.1, "a trivial output would make the comparison empty"
 
 
@@ -72,9 +72,9 @@ def test_global_condition_can_come_from_context_pooled():
     model = UNet1D(**SMALL)
     model.load_state_dict(_perturbed_state(model))
     x, g = torch.randn(3, 8, 2), torch.randn(3, 10)
-    out = model(x, 5, global_cond=g)
+    out = model(x, 5, pooled=g)
     torch.testing.assert_close(model(x, 5, context=_ctx(pooled=g)), out)
-    assert not torch.allclose(model(x, 5, global_cond=torch.randn(3, 10)), out)
+    assert not torch.allclose(model(x, 5, pooled=torch.randn(3, 10)), out)
 
 
 def test_masked_context_tokens_have_no_effect_and_all_masked_rows_stay_finite():
@@ -82,15 +82,15 @@ def test_masked_context_tokens_have_no_effect_and_all_masked_rows_stay_finite():
     model = UNet1D(**SMALL, **XATTN).eval()
     model.load_state_dict(_perturbed_state(model))  # proj_out no longer zero: attention matters
     x, t, g, ctx = torch.randn(3, 8, 2), torch.tensor([3, 50, 90]), torch.randn(3, 10), _ctx()
-    out = model(x, t, ctx, global_cond=g)
+    out = model(x, t, ctx, pooled=g)
     tokens = ctx.tokens.clone()
     tokens[0, 4:] = 1e3  # masked positions of sample 0
-    torch.testing.assert_close(model(x, t, Context(tokens=tokens, mask=ctx.mask), global_cond=g), out)
-    unmasked = model(x, t, Context(tokens=tokens, mask=torch.ones_like(ctx.mask)), global_cond=g)
+    torch.testing.assert_close(model(x, t, Context(tokens=tokens, mask=ctx.mask), pooled=g), out)
+    unmasked = model(x, t, Context(tokens=tokens, mask=torch.ones_like(ctx.mask)), pooled=g)
     assert not torch.allclose(unmasked[0], out[0]), "the same tokens unmasked must change sample 0"
     mask = ctx.mask.clone()
     mask[1] = False  # sample 1 sees no token at all
-    empty = model(x, t, Context(tokens=ctx.tokens, mask=mask), global_cond=g)
+    empty = model(x, t, Context(tokens=ctx.tokens, mask=mask), pooled=g)
     assert torch.isfinite(empty).all()
     torch.testing.assert_close(empty[0], out[0])
 
@@ -105,34 +105,34 @@ def test_cross_attention_model_with_dp_weights_equals_the_film_only_model():
     assert not unexpected and missing and all(".cross_attn." in k for k in missing)
     assert len({k.split(".cross_attn.")[0] for k in missing}) == 2 * 2 + 2 + 2  # every residual block: down, mid, up
     x, t, g = torch.randn(3, 8, 2), torch.tensor([1, 2, 3]), torch.randn(3, 10)
-    torch.testing.assert_close(xattn(x, t, _ctx(), global_cond=g), film_only(x, t, global_cond=g), atol=1e-6, rtol=0)
+    torch.testing.assert_close(xattn(x, t, _ctx(), pooled=g), film_only(x, t, pooled=g), atol=1e-6, rtol=0)
 
 
 def test_horizon_shape_and_condition_errors_are_clear():
     model = UNet1D(**dict(SMALL, down_dims=(16, 32, 64)), **XATTN)  # halves T twice: T % 4 == 0
     g, ctx = torch.randn(2, 10), _ctx(b=2)
     with pytest.raises(ValueError, match=r"divide by 4; got T=10 \(nearest valid horizons: 8 or 12\)"):
-        model(torch.randn(2, 10, 2), 0, ctx, global_cond=g)
+        model(torch.randn(2, 10, 2), 0, ctx, pooled=g)
     with pytest.raises(ValueError, match=r"T=3 \(nearest valid horizons: 4\)"):
-        model(torch.randn(2, 3, 2), 0, ctx, global_cond=g)
+        model(torch.randn(2, 3, 2), 0, ctx, pooled=g)
     model.check_horizon(16)  # valid: no error
     with pytest.raises(ValueError, match=r"T=14 \(nearest valid horizons: 12 or 16\)"):
         model.check_horizon(14)
     with pytest.raises(ValueError, match=r"input_dim=2.*got \(2, 8\)"):
-        model(torch.randn(2, 8), 0, ctx, global_cond=g)
+        model(torch.randn(2, 8), 0, ctx, pooled=g)
     with pytest.raises(ValueError, match="channels-first"):
-        model(torch.randn(2, 2, 8), 0, ctx, global_cond=g)
+        model(torch.randn(2, 2, 8), 0, ctx, pooled=g)
     with pytest.raises(ValueError, match=r"global_cond_dim=10\]; got \(2, 7\)"):
-        model(torch.randn(2, 8, 2), 0, ctx, global_cond=torch.randn(2, 7))
+        model(torch.randn(2, 8, 2), 0, ctx, pooled=torch.randn(2, 7))
     with pytest.raises(ValueError, match="global_cond_dim=10"):
-        model(torch.randn(2, 8, 2), 0, ctx)  # neither global_cond nor context.pooled
+        model(torch.randn(2, 8, 2), 0, ctx)  # neither pooled nor context.pooled
     with pytest.raises(ValueError, match=r"context tokens of width 12; got context=None"):
-        model(torch.randn(2, 8, 2), 0, global_cond=g)
+        model(torch.randn(2, 8, 2), 0, pooled=g)
     with pytest.raises(ValueError, match=r"context_dim=12\]; got \(2, 6, 5\)"):
-        model(torch.randn(2, 8, 2), 0, Context(tokens=torch.randn(2, 6, 5), mask=ctx.mask), global_cond=g)
+        model(torch.randn(2, 8, 2), 0, Context(tokens=torch.randn(2, 6, 5), mask=ctx.mask), pooled=g)
     no_global = UNet1D(**dict(SMALL, global_cond_dim=None))
     with pytest.raises(ValueError, match="global_cond_dim=None"):
-        no_global(torch.randn(2, 8, 2), 0, global_cond=g)
+        no_global(torch.randn(2, 8, 2), 0, pooled=g)
     block = ResBlock1D(8, 8, cond_dim=4)
     with pytest.raises(ValueError, match="without cross-attention"):
         block(torch.randn(2, 8, 4), torch.randn(2, 4), ctx)
@@ -147,7 +147,7 @@ def test_save_pretrained_from_pretrained_round_trip(tmp_path):
     loaded = UNet1D.from_pretrained(tmp_path / "unet1d").eval()
     assert loaded.config.context_dim == 12 and tuple(loaded.config.down_dims) == (32, 64)
     x, t, g, ctx = torch.randn(3, 8, 2), torch.tensor([7, 8, 9]), torch.randn(3, 10), _ctx()
-    assert torch.equal(loaded(x, t, ctx, global_cond=g), model(x, t, ctx, global_cond=g))
+    assert torch.equal(loaded(x, t, ctx, pooled=g), model(x, t, ctx, pooled=g))
 
 
 def test_one_optimizer_step_makes_the_output_read_the_context():
@@ -155,15 +155,15 @@ def test_one_optimizer_step_makes_the_output_read_the_context():
     model = UNet1D(**SMALL, **XATTN)
     x, t, g = torch.randn(3, 8, 2), torch.tensor([5, 6, 7]), torch.randn(3, 10)
     ctx_a, ctx_b = _ctx(), _ctx()
-    assert torch.equal(model(x, t, ctx_a, global_cond=g), model(x, t, ctx_b, global_cond=g)), "fresh cross-attn is the identity"
+    assert torch.equal(model(x, t, ctx_a, pooled=g), model(x, t, ctx_b, pooled=g)), "fresh cross-attn is the identity"
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    loss = (model(x, t, ctx_a, global_cond=g) - torch.randn(3, 8, 2)).pow(2).mean()
+    loss = (model(x, t, ctx_a, pooled=g) - torch.randn(3, 8, 2)).pow(2).mean()
     loss.backward()
     grads = {k: p.grad for k, p in model.named_parameters() if ".cross_attn.proj_out." in k}
     assert len(grads) == 2 * 8 and all(v is not None and v.abs().sum() > 0 for v in grads.values())
     opt.step()
     with torch.no_grad():
-        assert not torch.allclose(model(x, t, ctx_a, global_cond=g), model(x, t, ctx_b, global_cond=g))
+        assert not torch.allclose(model(x, t, ctx_a, pooled=g), model(x, t, ctx_b, pooled=g))
 
 
 SMALL = dict(input_dim=2, global_cond_dim=10, diffusion_step_embed_dim=32, down_dims=(32, 64), kernel_size=5,
@@ -197,9 +197,9 @@ def test_from_diffusion_policy_reads_the_config_from_shapes_and_loads_the_ema_we
     assert tuple(loaded.config["down_dims"]) == (32, 64)
     assert infer_diffusion_policy_config(model.state_dict())["global_cond_dim"] == 10
     x, t, g = torch.randn(2, 8, 2), torch.tensor([3, 70]), torch.randn(2, 10)
-    assert torch.equal(loaded(x, t, global_cond=g), ema(x, t, global_cond=g))
+    assert torch.equal(loaded(x, t, pooled=g), ema(x, t, pooled=g))
     plain = UNet1D.from_diffusion_policy(path, which="model")
-    assert torch.equal(plain(x, t, global_cond=g), model(x, t, global_cond=g))
+    assert torch.equal(plain(x, t, pooled=g), model(x, t, pooled=g))
 
 
 def test_from_diffusion_policy_refuses_pickled_objects_unless_trusted(tmp_path):
@@ -230,7 +230,7 @@ def test_convert_diffusion_policy_writes_a_folder_that_loads_without_pickle(tmp_
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
     loaded = UNet1D.from_pretrained(out)
     x, t, g = torch.randn(2, 8, 2), torch.tensor([3, 70]), torch.randn(2, 10)
-    assert torch.equal(loaded(x, t, global_cond=g), ema(x, t, global_cond=g))
+    assert torch.equal(loaded(x, t, pooled=g), ema(x, t, pooled=g))
     with pytest.raises(FileExistsError, match="unet1d already exists"):
         convert_diffusion_policy(path, out)
     # a failed conversion leaves no folder and no temporary behind

@@ -6,8 +6,13 @@ import torch
 from mmx import Context
 from mmx.models import DiffusersUNet2D, UNet2D
 
-TINY = dict(channels=(16, 32), layers_per_block=1, attention_levels=(False, True), heads=2, dim_head=8,
-            context_dim=12, norm_groups=8)
+TINY = dict(channels=(16, 32), layers_per_block=1, attention_levels=(False, True),
+            attention={"heads": 2, "dim_head": 8}, context_dim=12, norm_groups=8)
+
+
+def _arch(attention=None, **extra):
+    """TINY with some of its attention settings (``attention``) and other arguments changed."""
+    return {**TINY, "attention": {**TINY["attention"], **(attention or {})}, **extra}
 
 
 def _ctx(b=2, s=5):
@@ -27,7 +32,7 @@ def _perturbed(model):
 
 def test_forward_shape_non_square_and_pooled():
     torch.manual_seed(0)
-    model = UNet2D(**TINY, pooled_dim=6, self_attention_levels=(False, True))
+    model = UNet2D(**_arch({"self_attention_levels": (False, True)}, pooled_dim=6))
     ctx = Context(tokens=torch.randn(2, 5, 12), mask=torch.ones(2, 5, dtype=torch.bool), pooled=torch.randn(2, 6))
     out = model(torch.randn(2, 3, 8, 12), torch.tensor([3, 900]), ctx)
     assert out.shape == (2, 3, 8, 12)
@@ -54,11 +59,12 @@ def test_timestep_and_text_change_the_output():
     assert not torch.allclose(out, model(x, torch.tensor([10, 10]), _ctx()))
 
 
-@pytest.mark.parametrize("extra", [{}, {"position_frequencies": 3}, {"split_context": True}, {"ff_mult": 2},
-                                   {"padding_mode": "circular", "position_frequencies": 2, "position_into": "queries"}])
-def test_save_load_round_trip_gives_identical_outputs(tmp_path, extra):
+@pytest.mark.parametrize(("attention", "extra"), [
+    ({}, {}), ({"position_frequencies": 3}, {}), ({}, {"split_context": True}), ({"ff_mult": 2}, {}),
+    ({"position_frequencies": 2, "position_into": "queries"}, {"padding_mode": "circular"})])
+def test_save_load_round_trip_gives_identical_outputs(tmp_path, attention, extra):
     torch.manual_seed(0)
-    model = _perturbed(UNet2D(**TINY, **extra)).eval()
+    model = _perturbed(UNet2D(**_arch(attention, **extra))).eval()
     for name, p in model.named_parameters():
         if "pos_proj" in name:
             torch.nn.init.normal_(p)
@@ -68,12 +74,11 @@ def test_save_load_round_trip_gives_identical_outputs(tmp_path, extra):
     x, t, ctx = torch.randn(2, 3, 8, 8), torch.tensor([1, 2]), _ctx()
     assert torch.equal(model(x, t, ctx), loaded(x, t, ctx))
     assert loaded.config.channels == [16, 32] or tuple(loaded.config.channels) == (16, 32)
-    assert loaded.config.position_frequencies == extra.get("position_frequencies", 0)
+    assert loaded.config.attention == {**TINY["attention"], **attention}
     assert loaded.config.split_context == extra.get("split_context", False)
     assert loaded.config.padding_mode == extra.get("padding_mode", "zeros")
-    assert loaded.config.position_into == extra.get("position_into", "tokens")
     widths = {m.net[-1].in_features for m in loaded.modules() if type(m).__name__ == "FeedForward"}
-    assert widths == {extra.get("ff_mult", 4) * 16}  # heads * dim_head = 16
+    assert widths == {attention.get("ff_mult", 4) * 16}  # heads * dim_head = 16
 
 
 @pytest.mark.parametrize("patch_size", [1, 2])
@@ -90,8 +95,10 @@ def test_circular_padding_makes_the_network_blind_to_place(patch_size):
         assert same == equivariant, mode
     with pytest.raises(ValueError, match="padding_mode must be one of zeros, circular; got 'reflect'"):
         UNet2D(**TINY, padding_mode="reflect")
-    with pytest.raises(ValueError, match="position_into must be one of tokens, queries; got 'values'"):
-        UNet2D(**{**TINY, "attention_levels": (False, False)}, mid_attention=False, position_into="values")
+    with pytest.raises(ValueError, match="attention.position_into must be one of tokens, queries; got 'values'"):
+        UNet2D(**_arch({"position_into": "values"}, attention_levels=(False, False), mid_attention=False))
+    with pytest.raises(ValueError, match="unknown key.*attention.head in UNetAttention; valid keys: attention.heads"):
+        UNet2D(**_arch({"head": 2}))
 
 
 def test_errors_name_the_problem():
@@ -108,8 +115,8 @@ def test_errors_name_the_problem():
 
 def test_diffusers_backbone_takes_the_same_call_and_honours_the_mask():
     torch.manual_seed(0)
-    model = DiffusersUNet2D(channels=(16, 32), layers_per_block=1, attention_levels=(False, True), heads=2,
-                            context_dim=12, norm_groups=8, sample_size=8).eval()
+    model = DiffusersUNet2D(channels=(16, 32), layers_per_block=1, attention_levels=(False, True),
+                            attention={"heads": 2}, context_dim=12, norm_groups=8, sample_size=8).eval()
     for p in model.unet.conv_out.parameters():
         torch.nn.init.normal_(p, std=0.05)
     x, t, ctx = torch.randn(2, 3, 8, 8), torch.tensor([10, 500]), _ctx()
@@ -122,8 +129,8 @@ def test_diffusers_backbone_takes_the_same_call_and_honours_the_mask():
 
 def test_diffusers_backbone_save_load_round_trip(tmp_path):
     torch.manual_seed(0)
-    model = DiffusersUNet2D(channels=(16, 32), layers_per_block=1, attention_levels=(False, True), heads=2,
-                            context_dim=12, norm_groups=8, sample_size=8).eval()
+    model = DiffusersUNet2D(channels=(16, 32), layers_per_block=1, attention_levels=(False, True),
+                            attention={"heads": 2}, context_dim=12, norm_groups=8, sample_size=8).eval()
     model.save_pretrained(tmp_path / "u")
     loaded = DiffusersUNet2D.from_pretrained(tmp_path / "u").eval()
     x, t, ctx = torch.randn(2, 3, 8, 8), torch.tensor([1, 2]), _ctx()
@@ -152,8 +159,8 @@ def _forward_backward(model, x, t, ctx, seed=5):
 
 def test_gradient_checkpointing_gives_the_same_outputs_and_gradients_and_reruns_the_blocks():
     torch.manual_seed(0)
-    plain = _perturbed(UNet2D(**TINY, dropout=0.1, self_attention_levels=(False, True))).train()
-    checkpointed = UNet2D(**TINY, dropout=0.1, self_attention_levels=(False, True)).train()
+    plain = _perturbed(UNet2D(**_arch({"self_attention_levels": (False, True)}, dropout=0.1))).train()
+    checkpointed = UNet2D(**_arch({"self_attention_levels": (False, True)}, dropout=0.1)).train()
     checkpointed.load_state_dict(plain.state_dict())
     checkpointed.enable_gradient_checkpointing()
     assert checkpointed.is_gradient_checkpointing and not plain.is_gradient_checkpointing

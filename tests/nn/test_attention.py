@@ -345,20 +345,3 @@ def test_bad_constructor_values():
         CrossAttention(16, heads=0)
     with pytest.raises(ValueError, match="context_dim"):
         CrossAttention(16, context_dim=-3)
-
-
-def test_mask_kl_is_zero_for_a_map_that_covers_its_mask_and_skips_empty_rows():
-    from mmx.nn import mask_kl
-
-    mask = torch.zeros(1, 2, 8, 8)
-    mask[0, 0, :4, :4] = 1  # row 0: the top-left quarter; row 1: no mask, never counted
-    covering = torch.zeros(1, 2, 4, 4)
-    covering[0, 0, :2, :2] = 5.0  # any scale: rows are normalised
-    covering[0, 1] = torch.rand(4, 4)
-    assert mask_kl(covering.flatten(2), mask, (4, 4)).item() == pytest.approx(0.0, abs=1e-6)
-    peak = torch.full((1, 2, 16), 1e-9)
-    peak[0, 0, 0] = 1.0  # one position of the four the mask covers
-    three = peak.clone()
-    three[0, 0, [0, 1, 4]] = 1.0  # three of the four positions
-    assert mask_kl(peak, mask, (4, 4)).item() > mask_kl(three, mask, (4, 4)).item() > 0, "more cover, less loss"
-    assert mask_kl(peak, mask, (4, 4), valid=torch.tensor([[False, True]])).item() == 0.0

@@ -60,6 +60,7 @@ def test_cross_attention_cache_projects_the_context_once():
 
 def test_cross_attention_cache_prepares_the_memory_mask_once_and_notices_changes(monkeypatch):
     import mmx.nn.attention as attention
+    import mmx.nn.kv_cache as kv_cache
 
     torch.manual_seed(0)
     attn = CrossAttention(16, 12, heads=2, dim_head=8).eval()
@@ -67,7 +68,8 @@ def test_cross_attention_cache_prepares_the_memory_mask_once_and_notices_changes
     mask = torch.tensor([[1, 1, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)  # row 1 reads nothing
     prepared = []
     real = attention.prepare_mask
-    monkeypatch.setattr(attention, "prepare_mask", lambda *a, **k: prepared.append(1) or real(*a, **k))
+    for module in (attention, kv_cache):  # the layer's own calls and the cache's
+        monkeypatch.setattr(module, "prepare_mask", lambda *a, **k: prepared.append(1) or real(*a, **k))
     cache = KVCache()
     for step in range(3):
         x = torch.randn(3, 1, 16)

@@ -64,12 +64,12 @@ def test_data_errors_name_the_key(tmp_path):
         PolicyTask(cfg, tmp_path)
 
 
-def test_attention_supervision_config(tmp_path):
-    cfg = _tiny(attention_supervision=1.0)  # reach demonstrations record no target masks
+def test_attention_losses_config(tmp_path):
+    cfg = _tiny(attention_losses=[{"name": "mask_kl", "weight": 1.0}])  # reach demonstrations record no target masks
     with pytest.raises(KeyError, match="attention_mask_key 'target_mask'"):
         PolicyTask(cfg, tmp_path)
     cfg = load_config("configs/policy_targets_tiny.yaml", PolicyConfig)
-    cfg.attention_supervision, cfg.model.conditioning = 1.0, "film"
+    cfg.attention_losses, cfg.model.conditioning = [{"name": "mask_kl", "weight": 1.0}], "film"
     with pytest.raises(ValueError, match="conditioning='film'"):
         PolicyTask(cfg, tmp_path)
     cfg.model.conditioning = "both"
@@ -78,6 +78,9 @@ def test_attention_supervision_config(tmp_path):
     item = task.train_dataset()[0]
     assert item["target_mask"].shape == (cfg.n_obs_steps, 32, 32)  # the masks of the observation frames
     assert train(task, cfg.train, tmp_path / "run").step == 2
+    cfg.attention_losses = [{"name": "coverage", "weight": 1.0}]  # a loss a policy cannot feed
+    with pytest.raises(ValueError, match="the policy recipe takes mask_kl; got .*coverage"):
+        PolicyTask(cfg, tmp_path)
 
 
 def test_pad_after_lets_windows_start_at_every_step(tmp_path):

@@ -107,10 +107,14 @@ def test_token_dropout_replaces_decoder_inputs_but_not_labels_or_bos(tmp_path):
         _task("translation", tmp_path, "token_dropout=1.5")
 
 
-def test_attention_supervision_targets_each_object_word_and_trains_the_cross_attention(tmp_path):
-    from mmx.recipes.seq2seq import attention_supervision_loss
+def test_the_mask_kl_loss_targets_each_object_word_and_trains_the_cross_attention(tmp_path):
+    from mmx.attnmap.losses import MaskKL
+    from mmx.recipes.seq2seq import region_grid
 
-    task = _task("captioning", tmp_path, "attention_supervision=1.0")
+    def attention_loss(attention, masks):
+        return MaskKL(1.0)(attention, masks, region_grid(attention, masks))
+
+    task = _task("captioning", tmp_path, "attention_losses=[{name: mask_kl, weight: 1.0}]")
     data = task.train_dataset()
     items = [data[i] for i in range(4)]
     batch = task.collate(items)
@@ -129,14 +133,14 @@ def test_attention_supervision_targets_each_object_word_and_trains_the_cross_att
     exact = torch.full_like(target, 1.0 / side**2)
     exact[rows] = target[rows] / target[rows].sum(-1, keepdim=True)
     exact = exact.view(4, -1, side**2)
-    assert attention_supervision_loss(exact, masks).item() == pytest.approx(0.0, abs=1e-5)
+    assert attention_loss(exact, masks).item() == pytest.approx(0.0, abs=1e-5)
     uniform = torch.full_like(exact, 1.0 / side**2)
-    assert attention_supervision_loss(uniform, masks).item() > 0.1
+    assert attention_loss(uniform, masks).item() > 0.1
     with pytest.raises(ValueError, match="square grid"):
-        attention_supervision_loss(torch.full((4, exact.shape[1], 6), 1 / 6), masks)
+        attention_loss(torch.full((4, exact.shape[1], 6), 1 / 6), masks)
     # through the task: the term adds to the loss and its gradient reaches the cross-attention keys
     g = torch.Generator().manual_seed(0)
-    plain = Seq2SeqTask(load_config({**task.cfg.__dict__, "attention_supervision": 0.0}, Seq2SeqConfig), tmp_path)
+    plain = Seq2SeqTask(load_config({**task.cfg.__dict__, "attention_losses": []}, Seq2SeqConfig), tmp_path)
     plain.model.load_state_dict(task.model.state_dict())
     task.model.eval(), plain.model.eval()
     supervised = task.loss(task.model, batch, g)
@@ -145,7 +149,7 @@ def test_attention_supervision_targets_each_object_word_and_trains_the_cross_att
     keys = [m.to_k.weight.grad for m in task.model.modules() if getattr(m, "is_cross", False)]
     assert keys and all(k is not None and k.abs().sum() > 0 for k in keys)
     assert all(not m.hooks for m in task.model.modules() if getattr(m, "is_cross", False)), "hooks removed"
-    with pytest.raises(ValueError, match="attention_supervision needs object masks"):
-        _task("translation", tmp_path, "attention_supervision=1.0")
-    with pytest.raises(ValueError, match="attention_supervision must be"):
-        _task("captioning", tmp_path, "attention_supervision=-1")
+    with pytest.raises(ValueError, match="attention_losses need object masks"):
+        _task("translation", tmp_path, "attention_losses=[{name: mask_kl, weight: 1.0}]")
+    with pytest.raises(ValueError, match="weight must be a number >= 0"):
+        _task("captioning", tmp_path, "attention_losses=[{name: mask_kl, weight: -1}]")

@@ -18,7 +18,7 @@ def test_caption_components_describe_each_object_by_attribute_pairs():
 def test_pipeline_uses_components_only_when_the_recipe_asks():
     cfg = load_config("configs/shapes_t2i_tiny.yaml", TextToImageConfig)
     assert build_pipeline(cfg).describe_parts is None
-    cfg.diffusion.compose_scale = 1.5
+    cfg.compose.scale = 1.5
     pipeline = build_pipeline(cfg)
     assert pipeline.component_scale == 1.5 and pipeline.describe_parts("a red circle on the left")[0] == "a red shape on the left"
 

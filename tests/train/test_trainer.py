@@ -110,21 +110,27 @@ def _task_batch_and_plain_loss(tmp_path):
     return task, batch, task.loss(task.model, batch, torch.Generator().manual_seed(0))
 
 
-def test_grounding_weight_adds_the_attention_loss(tmp_path):
+def test_inside_and_coverage_losses_add_to_the_denoising_loss(tmp_path):
+    from mmx.attnmap.losses import Coverage, Inside
+
     task, batch, plain = _task_batch_and_plain_loss(tmp_path)
-    task.pipeline.grounding_weight = 1.0
+    task.pipeline.attention_losses = [Inside(1.0)]
     grounded = task.loss(task.model, batch, torch.Generator().manual_seed(0))
     assert grounded > plain, "object words attend partly outside their objects at initialisation"
-    task.pipeline.grounding_kind = "coverage"
+    task.pipeline.attention_losses = [Coverage(1.0)]
     covered = task.loss(task.model, batch, torch.Generator().manual_seed(0))
     assert covered > plain and covered != grounded, "a map spread over the image covers no object well"
-    with pytest.raises(ValueError, match="grounding_kind: 'outside' is not one of 'inside', 'coverage'"):
-        _cfg("diffusion.grounding_kind=outside")
+    with pytest.raises(ValueError, match="the text_to_image recipe takes inside, coverage, reading; got .*outside"):
+        TextToImageTask(_cfg("attention_losses=[{name: outside, weight: 1.0}]"), tmp_path)
+    with pytest.raises(ValueError, match="'coverage' needs a weight"):
+        TextToImageTask(_cfg("attention_losses=[{name: coverage}]"), tmp_path)
 
 
-def test_reading_weight_adds_the_reading_loss_over_colour_shape_and_place_words(tmp_path, monkeypatch):
+def test_the_reading_loss_reads_colour_shape_and_place_words(tmp_path, monkeypatch):
+    from mmx.attnmap.losses import Reading
+
     task, batch, plain = _task_batch_and_plain_loss(tmp_path)
-    task.pipeline.reading_weight = 1.0
+    task.pipeline.attention_losses = [Reading(1.0)]
     seen = {}
     loss_fn = type(task.pipeline).loss
 
@@ -137,15 +143,16 @@ def test_reading_weight_adds_the_reading_loss_over_colour_shape_and_place_words(
     assert read > plain + 0.5, "at initialisation a position reads every token alike, not its object's words"
     for objects, words in zip(batch["objects"], seen["reading_masks"]):
         assert set(words) == {w for o in objects for w in (*o.words, *o.position_words) if w >= 0}
-    with pytest.raises(ValueError, match="reading_weight must be >= 0"):
-        type(task.pipeline)(task.model, task.pipeline.text_encoder, task.pipeline.scheduler, reading_weight=-1.0)
+    with pytest.raises(ValueError, match="weight must be a number >= 0"):
+        Reading(-1.0)
 
 
 def test_reading_min_cover_comes_from_the_config_and_reaches_the_reading_loss(tmp_path, monkeypatch):
-    from mmx.diffusion.grounding_loss import GroundingCapture
+    from mmx.attnmap.capture import GroundingCapture
+    from mmx.attnmap.losses import Reading
 
-    task = TextToImageTask(_cfg("diffusion.reading_weight=0.1", "diffusion.reading_min_cover=0.5"), tmp_path)
-    assert task.pipeline.reading_min_cover == 0.5
+    task = TextToImageTask(_cfg("attention_losses=[{name: reading, weight: 0.1, min_cover: 0.5}]"), tmp_path)
+    assert [(type(t), t.min_cover) for t in task.pipeline.attention_losses] == [(Reading, 0.5)]
     seen = []
     reading_loss = GroundingCapture.reading_loss
 
@@ -157,7 +164,7 @@ def test_reading_min_cover_comes_from_the_config_and_reaches_the_reading_loss(tm
     batch = task.collate([task.train_dataset()[i] for i in range(2)])
     assert torch.isfinite(task.loss(task.model, batch, torch.Generator().manual_seed(0)))
     assert seen == [0.5]
-    task.pipeline.reading_extra_min_cover = 0.0  # the place words: at every cell their object touches
+    task.pipeline.attention_losses = [Reading(0.1, min_cover=0.5, extra_min_cover=0.0)]  # place words: every cell
     task.loss(task.model, batch, torch.Generator().manual_seed(0))
     named = {(i, t) for i, (spans, objects) in enumerate(zip(task.pipeline.encode(batch["caption"]).words, batch["objects"]))
              for o in objects for w in o.words if w >= 0 for t in range(spans[w].start, spans[w].end)}
@@ -165,9 +172,9 @@ def test_reading_min_cover_comes_from_the_config_and_reaches_the_reading_loss(tm
     assert per_token.shape[0] == 2 and named
     assert {(i, t) for i, t in torch.nonzero(per_token).tolist()} == named  # colour and shape tokens: 0.5
     assert set(per_token.unique().tolist()) == {0.0, 0.5}
-    for name in ("reading_min_cover", "reading_extra_min_cover"):
+    for name in ("min_cover", "extra_min_cover"):
         with pytest.raises(ValueError, match=rf"{name} must be in \[0, 1\]; got -0.1"):
-            type(task.pipeline)(task.model, task.pipeline.text_encoder, task.pipeline.scheduler, **{name: -0.1})
+            Reading(0.1, **{name: -0.1})
 
 
 # --------------------------------------------------------------------------- non-finite losses, exact resume (MLP)

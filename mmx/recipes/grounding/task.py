@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmx.config import save_config
-from mmx.diffusion.grounding_loss import GroundingCapture, token_targets
+from mmx.attnmap.capture import GroundingCapture, TokenTargets
+from mmx.attnmap.losses import build_attention_losses
 from mmx.encoders.cache import CachedTextEncoder
 from mmx.recipes.grounding.config import GroundingConfig
 
@@ -83,8 +84,8 @@ class GroundingTask:
         from mmx.models import MODELS
 
         set_seed(cfg.train.seed)  # first: the model built below starts from weights that follow train.seed
-        if not cfg.attention_supervision >= 0.0:
-            raise ValueError(f"attention_supervision must be a weight >= 0; got {cfg.attention_supervision}")
+        losses = build_attention_losses(cfg.attention_losses, ("coverage", "inside"), "grounding")
+        self.attention_losses = [term for term in losses if term.weight > 0]
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.encoder = ENCODERS.build_from_dict(dict(cfg.text_encoder))
         spec = dict(cfg.model)
@@ -107,17 +108,16 @@ class GroundingTask:
         device = generator.device
         images, target = batch["image"].to(device), batch["mask"].to(device)
         ctx = self._phrases(batch["phrase"], device)
-        weight = self.cfg.attention_supervision
-        with GroundingCapture(model) if weight > 0 else contextlib.nullcontext() as capture:
+        with GroundingCapture(model) if self.attention_losses else contextlib.nullcontext() as capture:
             logits = model(images, ctx)
         bce = F.binary_cross_entropy_with_logits(logits, target)
         prob = logits.sigmoid()
         dice = 1 - (2 * (prob * target).sum((1, 2, 3)) + 1) / (prob.sum((1, 2, 3)) + target.sum((1, 2, 3)) + 1)
         loss = bce + dice.mean()
-        if weight > 0:
-            size = tuple(images.shape[-2:])
-            targets, valid = token_targets(ctx.words, batch["word_masks"], ctx.tokens.shape[1], size, device)
-            loss = loss + weight * capture.coverage_loss(targets, valid, size)
+        if self.attention_losses:
+            targets = TokenTargets(ctx.words, batch["word_masks"], ctx.tokens.shape[1], tuple(images.shape[-2:]), device)
+            for term in self.attention_losses:
+                loss = loss + term(capture, targets)
         return loss
 
     def validate(self, model: nn.Module, step: int, out_dir: Path) -> dict[str, float]:

@@ -80,8 +80,9 @@ class PolicyConfig:
     diffusion: PolicyDiffusionConfig = field(default_factory=PolicyDiffusionConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-4, weight_decay=1e-6, warmup_steps=100))
     eval: PolicyEvalConfig = field(default_factory=PolicyEvalConfig)
-    # Training-only loss on where the action chunk looks (see DiffusionPolicy): the weight, the data key
-    # of the [T, H, W] masks (the targets simulator records "target_mask") and the image they are drawn on.
-    attention_supervision: float = 0.0
+    # Training-only losses on where the action chunk looks (mmx.attnmap.losses: mask_kl, as
+    # {name: mask_kl, weight: 1.0}), the data key of the [T, H, W] masks they compare it with (the
+    # targets simulator records "target_mask") and the image observation those are drawn on.
+    attention_losses: list[dict] = field(default_factory=list)
     attention_mask_key: str = "target_mask"
     attention_image_key: str | None = None

@@ -31,7 +31,14 @@ CONDITIONING = ("film", "cross_attention", "both")
 
 def _data_keys(cfg: PolicyConfig) -> list[str]:
     """The observation keys, then the attention masks when they supervise training."""
-    return [*cfg.obs, cfg.attention_mask_key] if cfg.attention_supervision > 0 else list(cfg.obs)
+    return [*cfg.obs, cfg.attention_mask_key] if _attention_losses(cfg) else list(cfg.obs)
+
+
+def _attention_losses(cfg: PolicyConfig) -> list:
+    """The config's attention losses with a weight above 0 (a policy can feed ``mask_kl``)."""
+    from mmx.attnmap.losses import build_attention_losses
+
+    return [term for term in build_attention_losses(cfg.attention_losses, ("mask_kl",), "policy") if term.weight > 0]
 
 
 def _pad_after(cfg: PolicyConfig) -> int:
@@ -66,8 +73,8 @@ def _complete(cfg: PolicyConfig, buffer: Any) -> None:
     if action.ndim != 2:
         raise ValueError(f"data[{d.action_key!r}] must be [steps, action_dim]; got shape {action.shape}")
     cfg.action_dim = int(action.shape[1])
-    if cfg.attention_supervision > 0 and cfg.attention_mask_key not in buffer.keys():
-        raise KeyError(f"attention_supervision needs masks under attention_mask_key {cfg.attention_mask_key!r}, which the "
+    if _attention_losses(cfg) and cfg.attention_mask_key not in buffer.keys():
+        raise KeyError(f"attention_losses need masks under attention_mask_key {cfg.attention_mask_key!r}, which the "
                        f"data lack; keys: {sorted(buffer.keys())}")
     for key, spec in cfg.obs.items():
         if key not in buffer.keys():
@@ -96,8 +103,9 @@ def build_policy(cfg: PolicyConfig, buffer: Any | None = None):
     film = m.conditioning in ("film", "both")
     attend = m.conditioning in ("cross_attention", "both")
     _pad_after(cfg)  # a bad value fails here, before any data are loaded into a dataset
-    if cfg.attention_supervision > 0 and not attend:
-        raise ValueError(f"attention_supervision={cfg.attention_supervision} supervises cross-attention, which "
+    losses = _attention_losses(cfg)
+    if losses and not attend:
+        raise ValueError(f"attention_losses {cfg.attention_losses} supervise cross-attention, which "
                          f"model.conditioning={m.conditioning!r} does not have; use cross_attention or both")
     encoder = ObservationEncoder(cfg.obs, dim=m.dim, n_obs_steps=cfg.n_obs_steps, tokens=attend,
                                  fusion_layers=m.fusion_layers, fusion_heads=m.heads)
@@ -124,7 +132,7 @@ def build_policy(cfg: PolicyConfig, buffer: Any | None = None):
     scheduler = make_scheduler("ddpm", num_train_timesteps=d.num_train_timesteps, beta_schedule=d.beta_schedule,
                                prediction_type=d.prediction_type, clip_sample=True)
     return DiffusionPolicy(encoder, unet, normalizer, scheduler, cfg.horizon, cfg.n_obs_steps, cfg.n_action_steps,
-                           cfg.action_dim, lowdim, images, d.sampler, d.sample_steps, cfg.attention_supervision,
+                           cfg.action_dim, lowdim, images, d.sampler, d.sample_steps, losses,
                            cfg.attention_mask_key, cfg.attention_image_key)
 
 

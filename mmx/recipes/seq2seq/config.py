@@ -40,10 +40,11 @@ class Seq2SeqConfig:
     # <unk> with this probability, so the next word must come from the source / image, not from
     # the words before it (the prior that writes "blue square" where the image shows a blue circle).
     token_dropout: float = 0.0
-    # Attention supervision (captioning; Liu et al., 2017, "Attention correctness in neural image
-    # captioning"): the weight of a loss that pulls the cross-attention of each colour and shape
-    # word (mean over heads and decoder layers) toward its object's mask, spread evenly over the
-    # regions it covers. 0: the maps are whatever the caption loss makes them.
-    attention_supervision: float = 0.0
+    # Losses on the decoder's cross-attention (captioning; mmx.attnmap.losses: mask_kl, as
+    # {name: mask_kl, weight: 1.0}; Liu et al., 2017, "Attention correctness in neural image
+    # captioning"): each colour and shape word's attention (mean over heads and decoder layers) is
+    # pulled toward its object's mask, spread evenly over the regions it covers. None: the maps
+    # are whatever the caption loss makes them.
+    attention_losses: list[dict] = field(default_factory=list)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: Seq2SeqEvalConfig = field(default_factory=Seq2SeqEvalConfig)

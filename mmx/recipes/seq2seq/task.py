@@ -22,10 +22,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmx.config import save_config
-from mmx.nn import AttentionCapture, mask_kl
+from mmx.attnmap.capture import AttentionCapture
+from mmx.attnmap.losses import build_attention_losses
 from mmx.recipes.seq2seq.config import Seq2SeqConfig
 
-__all__ = ["Seq2SeqTask", "attention_supervision_loss", "build_tokenizers"]
+__all__ = ["Seq2SeqTask", "build_tokenizers", "region_grid"]
 
 logger = logging.getLogger(__name__)
 
@@ -77,10 +78,10 @@ class Seq2SeqTask:
             set_seed(cfg.train.seed)
         if not 0.0 <= cfg.token_dropout < 1.0:
             raise ValueError(f"token_dropout must be a probability in [0, 1); got {cfg.token_dropout}")
-        if not cfg.attention_supervision >= 0.0:
-            raise ValueError(f"attention_supervision must be a weight >= 0; got {cfg.attention_supervision}")
-        if cfg.attention_supervision > 0 and cfg.data.get("name") != "captioning":
-            raise ValueError("attention_supervision needs object masks: it works with data.name: captioning; "
+        losses = build_attention_losses(cfg.attention_losses, ("mask_kl",), "seq2seq")
+        self.attention_losses = [term for term in losses if term.weight > 0]
+        if self.attention_losses and cfg.data.get("name") != "captioning":
+            raise ValueError("attention_losses need object masks: they work with data.name: captioning; "
                              f"got data.name: {cfg.data.get('name')!r}")
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self._eval = None
@@ -117,7 +118,7 @@ class Seq2SeqTask:
         batch = {"target": target, "target_mask": target_mask}
         if self.captioning:
             batch["image"] = torch.stack([it["image"] for it in items])
-            if self.cfg.attention_supervision > 0:
+            if self.attention_losses:
                 batch["word_masks"] = _word_masks(items, target.shape[1] - 1)
         else:
             batch["source"], batch["source_mask"] = self.source.encode([it["source"] for it in items])
@@ -131,7 +132,7 @@ class Seq2SeqTask:
             drop = torch.rand(inputs.shape, generator=generator, device=device) < self.cfg.token_dropout
             drop[:, 0] = False  # <s> stays
             inputs = inputs.masked_fill(drop & (inputs != self.target.pad_id), self.target.unk_id)
-        supervise = self.captioning and self.cfg.attention_supervision > 0
+        supervise = self.captioning and bool(self.attention_losses)
         with AttentionCapture(model) if supervise else contextlib.nullcontext() as capture:
             if self.captioning:
                 logits = model(batch["image"].to(device), inputs)
@@ -140,8 +141,10 @@ class Seq2SeqTask:
         loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=self.target.pad_id,
                                label_smoothing=self.cfg.label_smoothing)
         if supervise:
-            loss = loss + self.cfg.attention_supervision * attention_supervision_loss(
-                capture.mean_probs(), batch["word_masks"].to(device))
+            attention, masks = capture.mean_probs(), batch["word_masks"].to(device)  # (B, T, S), (B, T, H, W)
+            grid = region_grid(attention, masks)
+            for term in self.attention_losses:
+                loss = loss + term(attention, masks, grid)
         return loss
 
     def score(self, model: nn.Module, data: Any = None, **overrides: Any) -> dict[str, Any]:
@@ -180,14 +183,11 @@ def _word_masks(items: list[dict[str, Any]], rows: int) -> torch.Tensor:
     return out
 
 
-def attention_supervision_loss(attention: torch.Tensor, word_masks: torch.Tensor) -> torch.Tensor:
-    """KL(target || attention), averaged over the rows that name an object.
+def region_grid(attention: torch.Tensor, word_masks: torch.Tensor) -> tuple[int, int]:
+    """The square ``(h, w)`` grid of the image regions a captioner's attention ``[B, T, S = h*w]`` reads.
 
-    Args:
-        attention: ``[B, T, S]`` attention over ``S = h * w`` image regions (rows sum to 1).
-        word_masks: ``[B, T, H, W]`` bool object masks at image resolution (empty rows: no target).
-            Each is area-pooled to the square ``h x w`` grid and normalised to sum 1: the target
-            reads every region the object covers, in proportion to how much it covers.
+    ``word_masks`` ``[B, T, H, W]`` (row i: the object word i names; empty rows: no target) must match
+    its rows; the ``mask_kl`` loss then area-pools each to the grid and normalises it to sum 1.
     """
     b, t, s = attention.shape
     side = round(s**0.5)
@@ -195,4 +195,4 @@ def attention_supervision_loss(attention: torch.Tensor, word_masks: torch.Tensor
         raise ValueError(f"attention supervision needs a square grid of regions; got {s} regions")
     if word_masks.shape[:2] != (b, t):
         raise ValueError(f"word masks {tuple(word_masks.shape)} do not match attention {tuple(attention.shape)}")
-    return mask_kl(attention, word_masks, (side, side))
+    return side, side

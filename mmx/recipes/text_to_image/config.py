@@ -7,7 +7,7 @@ from typing import Literal
 
 from mmx.train.trainer import TrainConfig
 
-__all__ = ["DiffusionConfig", "EvalConfig", "TextToImageConfig"]
+__all__ = ["ComposeConfig", "DiffusionConfig", "EvalConfig", "TextToImageConfig"]
 
 
 @dataclass
@@ -19,17 +19,22 @@ class DiffusionConfig:
     prediction_type: Literal["epsilon", "v_prediction", "sample"] = "epsilon"
     min_snr_gamma: float | None = 5.0
     cond_drop_prob: float = 0.1
-    grounding_weight: float = 0.0
-    grounding_kind: Literal["inside", "coverage"] = "inside"  # what the grounding loss asks of a word's map
-    reading_weight: float = 0.0  # each position inside an object reads its colour and shape words alike
-    reading_min_cover: float = 0.0  # ... at map cells the object covers at least this much of
-    reading_extra_min_cover: float | None = None  # the same for the place words (None: reading_min_cover)
     sampler: str = "ddim"
     sample_steps: int = 25
     guidance_scale: float = 3.0
-    compose_scale: float = 0.0  # > 0: composable guidance from partial descriptions of each object
     guidance_interval: tuple[float, float] | None = None  # guide only at timesteps low..high (None: every step)
-    compose: tuple[str, ...] = ("colour+position", "shape+position", "colour+shape")
+
+
+@dataclass
+class ComposeConfig:
+    """Composable guidance for shapes captions: each object's partial descriptions guide as extra rows.
+
+    "a red triangle on the left" adds "a red shape on the left", "a triangle on the left" and "a red
+    triangle", each with weight ``scale`` (the forms ``ShapesDataset(drop_attribute=...)`` trains on).
+    """
+
+    scale: float = 0.0  # 0: off
+    pairs: tuple[str, ...] = ("colour+position", "shape+position", "colour+shape")
 
 
 @dataclass
@@ -66,5 +71,9 @@ class TextToImageConfig:
     image_size: tuple[int, int, int] = (3, 32, 32)
     max_tokens: int | None = None
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    # Losses on the UNet's cross-attention (mmx.attnmap.losses): inside, coverage, reading, each
+    # {name: ..., weight: ...}; they need per-word object masks, which the shapes data give.
+    attention_losses: list[dict] = field(default_factory=list)
+    compose: ComposeConfig = field(default_factory=ComposeConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)

@@ -9,10 +9,13 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from mmx.attnmap.losses import build_attention_losses
 from mmx.recipes.text_to_image.config import TextToImageConfig
 
 __all__ = ["build_data", "build_evaluator", "build_pipeline", "caption_components", "eval_data_spec", "fit_data_spec",
            "heldout_prompts"]
+
+ATTENTION_LOSSES_T2I = ("inside", "coverage", "reading")  # what per-word object masks can feed
 
 
 def build_pipeline(cfg: TextToImageConfig, unet: nn.Module | None = None):
@@ -38,13 +41,12 @@ def build_pipeline(cfg: TextToImageConfig, unet: nn.Module | None = None):
         "ddpm", num_train_timesteps=d.num_train_timesteps, beta_schedule=d.beta_schedule, prediction_type=d.prediction_type
     )
     parts = None
-    if d.compose_scale > 0:
-        caption_components("a red circle", d.compose)  # checks the pair names now, not at the first validation
-        parts = functools.partial(caption_components, pairs=tuple(d.compose))
+    if cfg.compose.scale > 0:
+        caption_components("a red circle", cfg.compose.pairs)  # checks the pair names now, not at the first validation
+        parts = functools.partial(caption_components, pairs=tuple(cfg.compose.pairs))
+    losses = build_attention_losses(cfg.attention_losses, ATTENTION_LOSSES_T2I, "text_to_image")
     return TextToImage(unet, encoder, scheduler, tuple(cfg.image_size), d.cond_drop_prob, d.min_snr_gamma, cfg.max_tokens,
-                       d.grounding_weight, parts, d.compose_scale, d.grounding_kind,
-                       d.reading_weight, d.guidance_interval, d.reading_min_cover,
-                       d.reading_extra_min_cover)
+                       losses, parts, cfg.compose.scale, d.guidance_interval)
 
 
 def _match_split_context(spec: dict, encoder: nn.Module, model_cls: type) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mmx.attnmap.losses import Reading
 from mmx.config import save_config
 from mmx.recipes.text_to_image.config import TextToImageConfig
 from mmx.recipes.text_to_image.pipeline import build_data, build_evaluator, build_pipeline, fit_data_spec
@@ -48,7 +49,8 @@ class TextToImageTask:
             self.pipeline.text_encoder.to(device)
         images = batch["image"].to(device, non_blocking=True)
         reading = None
-        if self.pipeline.reading_weight > 0 and "objects" in batch:  # each object's colour, shape and place words
+        if any(isinstance(term, Reading) for term in self.pipeline.attention_losses) and "objects" in batch:
+            # each object's colour, shape and place words
             reading = [{w: o.mask for o in objects for w in (*o.words, *o.position_words) if w >= 0}
                        for objects in batch["objects"]]
         return self.pipeline.loss(images, batch["caption"], generator, unet=model, word_masks=batch.get("word_masks"),

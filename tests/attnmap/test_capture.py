@@ -1,11 +1,11 @@
-"""Token-level grounding loss: zero when attention sits inside the object, positive otherwise, differentiable."""
+"""Differentiable attention maps and their losses: zero when attention sits on the object, positive otherwise."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from mmx import Context, WordSpan
-from mmx.diffusion.grounding_loss import GroundingCapture, token_targets
+from mmx.attnmap.capture import GroundingCapture, mask_kl, token_targets
 from mmx.diffusion.loss import drop_conditions
 from mmx.models import UNet2D
 
@@ -21,8 +21,8 @@ def test_token_targets_put_each_object_mask_on_its_words_tokens():
 
 def test_loss_is_zero_inside_and_one_outside_and_has_gradients():
     torch.manual_seed(0)
-    model = UNet2D(channels=(16, 32), layers_per_block=1, attention_levels=(True, True), heads=2, dim_head=8,
-                   context_dim=12, norm_groups=8)
+    model = UNet2D(channels=(16, 32), layers_per_block=1, attention_levels=(True, True),
+                   attention={"heads": 2, "dim_head": 8}, context_dim=12, norm_groups=8)
     ctx = Context(tokens=torch.randn(1, 3, 12, requires_grad=True), mask=torch.ones(1, 3, dtype=torch.bool))
     with GroundingCapture(model) as capture:
         model(torch.randn(1, 3, 8, 8), torch.tensor([10]), ctx)
@@ -139,7 +139,7 @@ def test_drop_conditions_reports_the_replaced_rows():
 
 
 def test_losses_share_one_softmax_per_captured_call(monkeypatch):
-    import mmx.diffusion.grounding_loss as gl
+    import mmx.attnmap.capture as gl
 
     computed = []
     real = gl.attention_probs
@@ -153,3 +153,18 @@ def test_losses_share_one_softmax_per_captured_call(monkeypatch):
     capture.calls.append(capture.calls[0])  # a new call: the maps are computed again
     capture.coverage_loss(targets, valid, (4, 4))
     assert len(computed) == 5
+
+
+def test_mask_kl_is_zero_for_a_map_that_covers_its_mask_and_skips_empty_rows():
+    mask = torch.zeros(1, 2, 8, 8)
+    mask[0, 0, :4, :4] = 1  # row 0: the top-left quarter; row 1: no mask, never counted
+    covering = torch.zeros(1, 2, 4, 4)
+    covering[0, 0, :2, :2] = 5.0  # any scale: rows are normalised
+    covering[0, 1] = torch.rand(4, 4)
+    assert mask_kl(covering.flatten(2), mask, (4, 4)).item() == pytest.approx(0.0, abs=1e-6)
+    peak = torch.full((1, 2, 16), 1e-9)
+    peak[0, 0, 0] = 1.0  # one position of the four the mask covers
+    three = peak.clone()
+    three[0, 0, [0, 1, 4]] = 1.0  # three of the four positions
+    assert mask_kl(peak, mask, (4, 4)).item() > mask_kl(three, mask, (4, 4)).item() > 0, "more cover, less loss"
+    assert mask_kl(peak, mask, (4, 4), valid=torch.tensor([[False, True]])).item() == 0.0
