@@ -22,19 +22,19 @@ def main(run: str = "runs/caption_example", image: str | None = None, steps: int
     from mmx.attnmap.seq2seq import caption_word_maps, decoder_attention, region_maps
     from mmx.config import load_config
     from mmx.decoding import greedy_decode
-    from mmx.train import train
     from mmx.recipes import load_run
     from mmx.recipes.seq2seq import Seq2SeqConfig, Seq2SeqTask
+    from mmx.train import train
 
-    if not (Path(run) / "model" / "seq2seq").is_dir():          # no trained run yet: train the recipe
+    if not (Path(run) / "model" / "seq2seq").is_dir():  # no trained run yet: train the recipe
         cfg = load_config(Path(__file__).parents[1] / "configs" / "seq2seq_captioning.yaml", Seq2SeqConfig)
         cfg.train.max_steps = steps or cfg.train.max_steps
         cfg.train.validate_every = cfg.train.checkpoint_every = cfg.train.max_steps
         train(Seq2SeqTask(cfg, run), cfg.train, run)
-    loaded = load_run(run)                                     # model (eval mode) + its word tokenizer
+    loaded = load_run(run)  # model (eval mode) + its word tokenizer
     cfg, task = loaded.config, loaded.model
 
-    if image is None:                                          # a held-out shapes image: unseen compositions
+    if image is None:  # a held-out shapes image: unseen compositions
         item = task.eval_dataset()[index]
         picture, reference = item["image"], item["caption"]
     else:
@@ -47,12 +47,12 @@ def main(run: str = "runs/caption_example", image: str | None = None, steps: int
 
     model = task.model
     with torch.no_grad():
-        memory = model.encode(picture[None])                   # Context: [1, h*w, D] region tokens, grid (h, w)
+        memory = model.encode(picture[None])  # Context: [1, h*w, D] region tokens, grid (h, w)
         decoded = greedy_decode(model, memory, max_len=cfg.eval.max_len)
     caption = task.target.decode(decoded.tokens)[0]
     print(f"caption: {caption}" + (f"\n   want: {reference}" if reference else ""))
 
-    attention = decoder_attention(model, memory, decoded.tokens)            # [1, T, h*w]
+    attention = decoder_attention(model, memory, decoded.tokens)  # [1, T, h*w]
     maps = region_maps(attention, memory.grid, tuple(picture.shape[-2:]))[0]  # [T, H, W]
     words = caption_word_maps(caption.split(), maps)
     grid = save_word_grid(picture, words, f"generated: {caption}", Path(run) / "caption_attention.png")

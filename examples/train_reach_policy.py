@@ -13,23 +13,30 @@ import sys
 from pathlib import Path
 
 
-def main(steps: int = 3000, episodes: int = 200, eval_episodes: int = 100, out: str = "runs/reach_example",
-         batch_size: int = 256) -> dict:
+def main(
+    steps: int = 3000,
+    episodes: int = 200,
+    eval_episodes: int = 100,
+    out: str = "runs/reach_example",
+    batch_size: int = 256,
+) -> dict:
     from mmx.config import load_config
     from mmx.eval import evaluate_policy
-    from mmx.train import train
     from mmx.recipes import load_run
     from mmx.recipes.policy import PolicyConfig, PolicyTask
+    from mmx.train import train
 
     cfg = load_config(Path(__file__).parents[1] / "configs" / "policy_reach.yaml", PolicyConfig)
     cfg.train.max_steps, cfg.train.batch_size, cfg.data.episodes = steps, batch_size, episodes
-    task = PolicyTask(cfg, out)                      # collects the demonstrations, builds UNet1D + FiLM
-    train(task, cfg.train, out)                      # Accelerate loop, EMA, checkpoints, rollout panels
-    policy = load_run(out).model                     # the saved EMA weights and fitted normaliser
+    task = PolicyTask(cfg, out)  # collects the demonstrations, builds UNet1D + FiLM
+    train(task, cfg.train, out)  # Accelerate loop, EMA, checkpoints, rollout panels
+    policy = load_run(out).model  # the saved EMA weights and fitted normaliser
     result = evaluate_policy(policy, "reach", episodes=eval_episodes)
     summary = result.summary()
-    print(f"success {summary['success_rate']:.0%}; routes: "
-          + ", ".join(f"{k[6:]} {v:.0%}" for k, v in summary.items() if k.startswith("route_")))
+    print(
+        f"success {summary['success_rate']:.0%}; routes: "
+        + ", ".join(f"{k[6:]} {v:.0%}" for k, v in summary.items() if k.startswith("route_"))
+    )
     return summary
 
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 import math
 import platform
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -34,7 +35,7 @@ def _version_callback(value: bool) -> None:
 @app.callback()
 def _main(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show debug logging."),
-    version: Optional[bool] = typer.Option(
+    version: bool | None = typer.Option(
         None, "--version", callback=_version_callback, is_eager=True, help="Print the version and exit."
     ),
 ) -> None:
@@ -92,10 +93,10 @@ def _message(err: BaseException) -> str:
 @app.command()
 def encode(
     texts: list[str] = typer.Argument(..., help="One or more captions to encode."),
-    config: Optional[Path] = typer.Option(None, help="YAML encoder spec (see configs/encoders/)."),
+    config: Path | None = typer.Option(None, help="YAML encoder spec (see configs/encoders/)."),
     encoder: str = typer.Option("hf", help="Registered text encoder name (see `mmx info`)."),
-    model: Optional[str] = typer.Option(None, help="open_clip architecture (clip) or HF id / local folder (hf)."),
-    pretrained: Optional[str] = typer.Option(None, help="clip only: open_clip tag or local checkpoint file."),
+    model: str | None = typer.Option(None, help="open_clip architecture (clip) or HF id / local folder (hf)."),
+    pretrained: str | None = typer.Option(None, help="clip only: open_clip tag or local checkpoint file."),
 ) -> None:
     """Encode captions and show how each word maps to tokens (the spans attention maps use)."""
     from mmx.encoders import ENCODERS, read_spec
@@ -106,8 +107,11 @@ def encode(
         elif model is None:
             raise ValueError("give --config FILE, or --encoder with --model")
         else:
-            spec = {"name": "clip", "model_name": model, "pretrained": pretrained} if encoder == "clip" else \
-                {"name": encoder, "name_or_path": model}
+            spec = (
+                {"name": "clip", "model_name": model, "pretrained": pretrained}
+                if encoder == "clip"
+                else {"name": encoder, "name_or_path": model}
+            )
         enc = ENCODERS.build_from_dict(spec)
         ctx = enc(list(texts))
     except USER_ERRORS as err:  # RuntimeError: open_clip loading
@@ -129,10 +133,10 @@ _COUNT_MAX = 100_000  # --num, --steps, --beam: anything larger is a typo, not a
 _SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes 0 .. 2**64 - 1
 
 
-def _in_range(low: int, high: int) -> Callable[[Optional[int]], Optional[int]]:
+def _in_range(low: int, high: int) -> Callable[[int | None], int | None]:
     """typer callback factory: an int option must lie in ``low .. high``; the error names the value."""
 
-    def check(value: Optional[int]) -> Optional[int]:
+    def check(value: int | None) -> int | None:
         if value is not None and not low <= value <= high:
             raise typer.BadParameter(f"{value} is not in the range {low} .. {high}")
         return value
@@ -140,7 +144,7 @@ def _in_range(low: int, high: int) -> Callable[[Optional[int]], Optional[int]]:
     return check
 
 
-def _finite(value: Optional[float]) -> Optional[float]:
+def _finite(value: float | None) -> float | None:
     """typer callback: a float option (e.g. --guidance) must be a finite number, not nan or inf."""
     if value is not None and not math.isfinite(value):
         raise typer.BadParameter(f"{value} is not a finite number")
@@ -159,11 +163,13 @@ def _make_dir(path: Path) -> Path:
 @app.command()
 def train(
     config: Path = typer.Argument(..., help="Recipe YAML, e.g. configs/shapes_t2i.yaml."),
-    overrides: Optional[list[str]] = typer.Argument(None, help="key=value overrides, e.g. train.max_steps=100."),
-    out: Optional[Path] = typer.Option(None, help="Run folder (default: runs/<config name>)."),
-    resume: Optional[str] = typer.Option(
-        None, help="'latest' (the newest checkpoint that passes its manifest; a damaged one is skipped with a "
-        "warning) or a checkpoint folder to continue from."),
+    overrides: list[str] | None = typer.Argument(None, help="key=value overrides, e.g. train.max_steps=100."),
+    out: Path | None = typer.Option(None, help="Run folder (default: runs/<config name>)."),
+    resume: str | None = typer.Option(
+        None,
+        help="'latest' (the newest checkpoint that passes its manifest; a damaged one is skipped with a "
+        "warning) or a checkpoint folder to continue from.",
+    ),
 ) -> None:
     """Train a model from a recipe (runs unchanged under `accelerate launch` / `torchrun`)."""
     from accelerate import PartialState
@@ -201,7 +207,7 @@ def train(
         console.print(f"trained {result.step} steps, loss {result.loss:.4f}  {metrics}\nrun folder: {run_dir}")
 
 
-def _serve(command: str, run: Path, out: Path, overrides: Optional[list[str]] = None, **options: Any) -> None:
+def _serve(command: str, run: Path, out: Path, overrides: list[str] | None = None, **options: Any) -> None:
     """Load ``run`` with its recipe, call the recipe's ``command`` with the options given, print and save its result."""
     from mmx.recipes import load_run
 
@@ -223,20 +229,25 @@ def _serve(command: str, run: Path, out: Path, overrides: Optional[list[str]] = 
 
 RUN = typer.Argument(..., help="A run folder (from `mmx train`).")
 STEPS = typer.Option(None, callback=_in_range(1, _COUNT_MAX), help="Sampling steps (default: the recipe's).")
-SEED = typer.Option(0, callback=_in_range(0, _SEED_MAX), help="Seed of the initial noise (policy runs: of the episode).")
+SEED = typer.Option(
+    0, callback=_in_range(0, _SEED_MAX), help="Seed of the initial noise (policy runs: of the episode)."
+)
 MAX_DOWNSAMPLE = typer.Option(
-    None, callback=_in_range(0, _COUNT_MAX), help="Text-to-image runs: read attention only from layers whose maps "
-    "are at most this many times coarser than the image (0: every layer; default: eval.attention_max_downsample).")
+    None,
+    callback=_in_range(0, _COUNT_MAX),
+    help="Text-to-image runs: read attention only from layers whose maps "
+    "are at most this many times coarser than the image (0: every layer; default: eval.attention_max_downsample).",
+)
 
 
 @app.command()
 def sample(
     run: Path = RUN,
     prompt: list[str] = typer.Option(..., "--prompt", "-p", help="A caption; repeat for several."),
-    steps: Optional[int] = STEPS,
-    guidance: Optional[float] = typer.Option(None, callback=_finite, help="Classifier-free guidance scale (1.0: none)."),
+    steps: int | None = STEPS,
+    guidance: float | None = typer.Option(None, callback=_finite, help="Classifier-free guidance scale (1.0: none)."),
     seed: int = SEED,
-    scheduler: Optional[str] = typer.Option(None, help="ddpm, ddim, dpm++ or euler (default: the recipe's)."),
+    scheduler: str | None = typer.Option(None, help="ddpm, ddim, dpm++ or euler (default: the recipe's)."),
     out: Path = typer.Option(Path("samples"), help="Folder for the PNGs."),
 ) -> None:
     """Generate images for prompts with a trained text-to-image run: one PNG per prompt and a grid."""
@@ -246,15 +257,20 @@ def sample(
 @app.command()
 def eval(
     run: Path = RUN,
-    overrides: Optional[list[str]] = typer.Argument(
-        None, help="key=value changes to the run's eval settings, e.g. 'eval.metrics=[{name: fid, weights: FILE}]'."),
-    num: Optional[int] = typer.Option(None, callback=_in_range(1, _COUNT_MAX),
-                                      help="Held-out prompts, phrases, inputs or episodes (default: the recipe's)."),
-    steps: Optional[int] = STEPS,
-    out: Optional[Path] = typer.Option(None, help="Write eval.json and the pictures here (default: RUN/eval)."),
-    beam: Optional[int] = typer.Option(None, callback=_in_range(1, _COUNT_MAX),
-                                       help="Seq2seq runs: beam size (1: greedy; default: the recipe's)."),
-    max_downsample: Optional[int] = MAX_DOWNSAMPLE,
+    overrides: list[str] | None = typer.Argument(
+        None, help="key=value changes to the run's eval settings, e.g. 'eval.metrics=[{name: fid, weights: FILE}]'."
+    ),
+    num: int | None = typer.Option(
+        None,
+        callback=_in_range(1, _COUNT_MAX),
+        help="Held-out prompts, phrases, inputs or episodes (default: the recipe's).",
+    ),
+    steps: int | None = STEPS,
+    out: Path | None = typer.Option(None, help="Write eval.json and the pictures here (default: RUN/eval)."),
+    beam: int | None = typer.Option(
+        None, callback=_in_range(1, _COUNT_MAX), help="Seq2seq runs: beam size (1: greedy; default: the recipe's)."
+    ),
+    max_downsample: int | None = MAX_DOWNSAMPLE,
 ) -> None:
     """Score a run on its held-out data with its recipe's metrics; writes eval.json and pictures.
 
@@ -266,43 +282,66 @@ def eval(
     bad = [item for item in overrides or [] if not item.startswith("eval.")]
     if bad:
         _fail(f"mmx eval changes only eval.* settings of a run; got {bad}")
-    _serve("evaluate", run, out or run / "eval", overrides, num=num, steps=steps, beam=beam,
-           max_downsample=max_downsample)
+    _serve(
+        "evaluate", run, out or run / "eval", overrides, num=num, steps=steps, beam=beam, max_downsample=max_downsample
+    )
 
 
 @app.command()
 def attend(
     run: Path = RUN,
-    prompt: Optional[str] = typer.Option(
-        None, "--prompt", "-p", help="The caption whose words to map (policy runs: replaces the instruction; "
-        "translation runs: the sentence; grounding runs: the phrase)."),
-    image: Optional[Path] = typer.Option(
-        None, help="Map attention on this real image (noised) instead of a generated one (captioning runs: the image "
-        "to caption; default: held-out shapes image number --seed)."),
+    prompt: str | None = typer.Option(
+        None,
+        "--prompt",
+        "-p",
+        help="The caption whose words to map (policy runs: replaces the instruction; "
+        "translation runs: the sentence; grounding runs: the phrase).",
+    ),
+    image: Path | None = typer.Option(
+        None,
+        help="Map attention on this real image (noised) instead of a generated one (captioning runs: the image "
+        "to caption; default: held-out shapes image number --seed).",
+    ),
     out: Path = typer.Option(Path("attend"), help="Folder for overlays, grid and words.json."),
-    steps: Optional[int] = STEPS,
-    guidance: Optional[float] = typer.Option(None, callback=_finite, help="Guidance scale (default: the recipe's)."),
+    steps: int | None = STEPS,
+    guidance: float | None = typer.Option(None, callback=_finite, help="Guidance scale (default: the recipe's)."),
     seed: int = SEED,
     gif: bool = typer.Option(False, help="Also write a GIF per word across windows of denoising steps."),
-    max_downsample: Optional[int] = MAX_DOWNSAMPLE,
+    max_downsample: int | None = MAX_DOWNSAMPLE,
 ) -> None:
     """Which image region (or action step, or written word) looked at which word: overlays, a grid, statistics."""
-    _serve("attend", run, out, prompt=prompt, image=image, steps=steps, guidance=guidance, seed=seed,
-           gif=gif, max_downsample=max_downsample)
+    _serve(
+        "attend",
+        run,
+        out,
+        prompt=prompt,
+        image=image,
+        steps=steps,
+        guidance=guidance,
+        seed=seed,
+        gif=gif,
+        max_downsample=max_downsample,
+    )
 
 
 @app.command()
 def convert(
-    source: Path = typer.Argument(..., help="A Diffusion Policy checkpoint (.ckpt), or a state_dict file "
-                                            "(.safetensors, .pt) of its ConditionalUnet1D."),
+    source: Path = typer.Argument(
+        ...,
+        help="A Diffusion Policy checkpoint (.ckpt), or a state_dict file "
+        "(.safetensors, .pt) of its ConditionalUnet1D.",
+    ),
     out: Path = typer.Option(..., "--out", "-o", help="New folder for the mmx UNet1D (config.json + safetensors)."),
     trust_pickle: bool = typer.Option(
-        False, "--trust-pickle",
+        False,
+        "--trust-pickle",
         help="Allow unpickling SOURCE. Diffusion Policy .ckpt files pickle their config, and unpickling runs "
-             "code from the file: pass this only for files you trust."),
+        "code from the file: pass this only for files you trust.",
+    ),
     which: str = typer.Option("ema_model", help="The weights of a .ckpt to take: ema_model (else model) or model."),
-    prefix: str = typer.Option("model.", help="Where the UNet's keys start in the policy's state_dict "
-                                              "('' for a bare UNet state_dict)."),
+    prefix: str = typer.Option(
+        "model.", help="Where the UNet's keys start in the policy's state_dict ('' for a bare UNet state_dict)."
+    ),
 ) -> None:
     """Convert a Diffusion Policy ConditionalUnet1D checkpoint into an mmx UNet1D folder.
 
@@ -320,8 +359,15 @@ def convert(
     except OSError as err:
         _fail(f"cannot write {out}: {err.strerror or err}")
     table = Table("setting", "value", title=f"UNet1D from {source.name}")
-    for key in ("input_dim", "global_cond_dim", "diffusion_step_embed_dim", "down_dims", "kernel_size",
-                "cond_predict_scale", "n_groups"):
+    for key in (
+        "input_dim",
+        "global_cond_dim",
+        "diffusion_step_embed_dim",
+        "down_dims",
+        "kernel_size",
+        "cond_predict_scale",
+        "n_groups",
+    ):
         value = model.config[key]
         table.add_row(key, str(tuple(value) if isinstance(value, list) else value))
     table.add_row("parameters", f"{sum(p.numel() for p in model.parameters()):,}")
@@ -332,12 +378,16 @@ def convert(
 @app.command()
 def bench(
     suite: str = typer.Argument(
-        "all", help="attention, unet2d, sample, recorder, unet1d, decoding, options, scaling, or all (every suite)."),
-    json_path: Optional[Path] = typer.Option(None, "--json", help="Write every figure and raw measurement here."),
-    device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when available)."),
-    quick: bool = typer.Option(False, "--quick", help="Tiny sizes, one repeat: a smoke run of seconds, not figures to quote."),
-    out: Optional[Path] = typer.Option(
-        None, help="Folder for the scaling PNGs (default: the folder of --json, else the current folder)."),
+        "all", help="attention, unet2d, sample, recorder, unet1d, decoding, options, scaling, or all (every suite)."
+    ),
+    json_path: Path | None = typer.Option(None, "--json", help="Write every figure and raw measurement here."),
+    device: str | None = typer.Option(None, help="cpu or cuda (default: cuda when available)."),
+    quick: bool = typer.Option(
+        False, "--quick", help="Tiny sizes, one repeat: a smoke run of seconds, not figures to quote."
+    ),
+    out: Path | None = typer.Option(
+        None, help="Folder for the scaling PNGs (default: the folder of --json, else the current folder)."
+    ),
 ) -> None:
     """Time mmx against its alternatives in one run; each figure is printed as a ratio (below 1: mmx takes less).
 
@@ -383,7 +433,6 @@ def bench(
         _fail("failed: " + "; ".join(f"{name}: {message}" for name, message in report.errors.items()))
 
 
-
 DEMO_RUN = Path(__file__).parent / "assets" / "shapes_t2i"
 
 
@@ -391,9 +440,11 @@ DEMO_RUN = Path(__file__).parent / "assets" / "shapes_t2i"
 def demo(
     out: Path = typer.Option(Path("mmx-demo"), help="Folder for the sample grid, attention maps and eval.json."),
     num: int = typer.Option(32, callback=_in_range(1, _COUNT_MAX), help="Held-out captions to generate and check."),
-    steps: Optional[int] = STEPS,
-    retrain: bool = typer.Option(False, "--train", help="Retrain the shipped model from scratch first (about 25 min on 2 CPU cores)."),
-    config: Optional[Path] = typer.Option(None, hidden=True, help="Recipe for --train (default: the shipped one)."),
+    steps: int | None = STEPS,
+    retrain: bool = typer.Option(
+        False, "--train", help="Retrain the shipped model from scratch first (about 25 min on 2 CPU cores)."
+    ),
+    config: Path | None = typer.Option(None, hidden=True, help="Recipe for --train (default: the shipped one)."),
 ) -> None:
     """Generate images for captions the model never saw and print how many follow their caption.
 

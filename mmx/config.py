@@ -15,7 +15,14 @@ from typing import Any, TypeVar, Union
 import yaml
 
 __all__ = [
-    "ConfigError", "from_dict", "to_dict", "flatten", "load_config", "apply_overrides", "read_yaml", "save_config",
+    "ConfigError",
+    "from_dict",
+    "to_dict",
+    "flatten",
+    "load_config",
+    "apply_overrides",
+    "read_yaml",
+    "save_config",
 ]
 
 T = TypeVar("T")
@@ -186,7 +193,7 @@ def save_config(config: Any, path: str | Path) -> None:
 
 
 def flatten(config: Any) -> dict[str, Any]:
-    """A config as flat ``{"train.lr": 0.0003, ...}`` of scalars (anything else as its text), e.g. for tensorboard's hparams."""
+    """A config as flat ``{"train.lr": 0.0003, ...}`` scalars (anything else as text), e.g. tensorboard's hparams."""
     flat: dict[str, Any] = {}
 
     def walk(prefix: str, value: Any) -> None:

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
-from typing import Iterator, NamedTuple, Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -102,31 +103,33 @@ class Context:
     def dtype(self) -> torch.dtype:
         return self.tokens.dtype
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "Context":
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Context:
         """Move tokens and pooled to ``device`` / cast them to floating ``dtype``; the mask stays bool."""
         tokens = self.tokens.to(device=device, dtype=dtype)
         pooled = None if self.pooled is None else self.pooled.to(device=device, dtype=dtype)
         return replace(self, tokens=tokens, mask=self.mask.to(device=device), pooled=pooled)
 
-    def detach(self) -> "Context":
+    def detach(self) -> Context:
         """A copy whose tensors carry no autograd history."""
         pooled = None if self.pooled is None else self.pooled.detach()
         return replace(self, tokens=self.tokens.detach(), pooled=pooled)
 
-    def __getitem__(self, index: int | slice | Sequence[int] | torch.Tensor) -> "Context":
+    def __getitem__(self, index: int | slice | Sequence[int] | torch.Tensor) -> Context:
         """Select samples along B (int, slice, index list or bool/long tensor); B stays a dimension."""
         if isinstance(index, int):
             index = slice(index, index + 1 if index != -1 else None)
         pooled = None if self.pooled is None else self.pooled[index]
         words = None
         if self.words is not None:
-            picks = range(self.batch_size)[index] if isinstance(index, slice) else _as_index_list(index, self.batch_size)
+            picks = (
+                range(self.batch_size)[index] if isinstance(index, slice) else _as_index_list(index, self.batch_size)
+            )
             words = [self.words[i] for i in picks]
         tokens = self.tokens[index]
         return Context(tokens=tokens, mask=self.mask[index], pooled=pooled, words=words, grid=self.grid)
 
     @staticmethod
-    def cat(contexts: Sequence["Context"]) -> "Context":
+    def cat(contexts: Sequence[Context]) -> Context:
         """Join sources along S (e.g. observation tokens and instruction tokens) with their masks.
 
         ``pooled`` vectors are concatenated along their feature dimension when every source has
@@ -160,7 +163,7 @@ def _as_index_list(index: Sequence[int] | torch.Tensor, size: int) -> list[int]:
 
 
 def unpack_context(
-    context: "Context | torch.Tensor | None", mask: torch.Tensor | None
+    context: Context | torch.Tensor | None, mask: torch.Tensor | None
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Return ``(tokens, mask)`` from a Context or a plain ``[B, S, D]`` tensor.
 

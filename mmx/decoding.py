@@ -108,9 +108,9 @@ def greedy_decode(
     scores = torch.zeros(b, dtype=torch.float32, device=device)
     for step in range(max_len):
         if cache is not None:
-            logits = model.decode(tokens[:, step:step + 1], memory, cache=cache)[:, -1]  # (B, V)
+            logits = model.decode(tokens[:, step : step + 1], memory, cache=cache)[:, -1]  # (B, V)
         else:
-            logits = model.decode(tokens[:, :step + 1], memory)[:, -1]
+            logits = model.decode(tokens[:, : step + 1], memory)[:, -1]
         logp = logits.float().log_softmax(dim=-1)
         best_logp, best = logp.max(dim=-1)  # (B,)
         if stop_at_eos:

@@ -25,7 +25,9 @@ from mmx.bench.decoding import DecodingConfig, measure
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["translation", "captioning"], choices=["translation", "captioning"])
+    parser.add_argument(
+        "--models", nargs="+", default=["translation", "captioning"], choices=["translation", "captioning"]
+    )
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=32, help="output tokens per input (END does not stop decoding)")
     parser.add_argument("--beam", type=int, default=4, help="beam size of the beam-search rows (0: skip them)")

@@ -21,8 +21,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", type=Path, help="RUN/checkpoints/step_N")
     parser.add_argument("--out", type=Path, required=True, help="new run folder (must not exist)")
-    parser.add_argument("--weights", choices=("ema", "raw"), default="ema",
-                        help="the EMA weights (default, what a finished run saves) or the raw optimised ones")
+    parser.add_argument(
+        "--weights",
+        choices=("ema", "raw"),
+        default="ema",
+        help="the EMA weights (default, what a finished run saves) or the raw optimised ones",
+    )
     args = parser.parse_args()
     from mmx.models import UNet2D
 
@@ -63,7 +67,9 @@ def _load_ema(unet, ema_file: Path) -> None:
         for i, p in enumerate(params):
             saved = f.get_tensor(f"shadow_params.{i}")
             if saved.shape != p.shape:
-                sys.exit(f"error: EMA tensor {i} has shape {tuple(saved.shape)}; the model's parameter has {tuple(p.shape)}")
+                sys.exit(
+                    f"error: EMA tensor {i} has shape {tuple(saved.shape)}; the model's parameter has {tuple(p.shape)}"
+                )
             p.data.copy_(saved)
 
 

@@ -1,6 +1,6 @@
 """Copy a finished shapes run into the package as the `mmx demo` model (weights stored as float16).
 
-    python scripts/export_demo_model.py runs/shapes_t2i
+python scripts/export_demo_model.py runs/shapes_t2i
 """
 
 from __future__ import annotations

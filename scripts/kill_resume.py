@@ -141,9 +141,21 @@ def child(args: argparse.Namespace) -> None:
         print(f"step {step} {float(loss).hex()}", flush=True)
         time.sleep(args.step_delay)
 
-    cfg = trainer.TrainConfig(max_steps=STEPS, batch_size=8, lr=1e-2, warmup_steps=3, checkpoint_every=EVERY,
-                              checkpoints_total_limit=KEEP, validate_every=1000, log_every=5, ema=args.ema,
-                              ema_decay=0.9, progress=False, tensorboard=False, seed=0)
+    cfg = trainer.TrainConfig(
+        max_steps=STEPS,
+        batch_size=8,
+        lr=1e-2,
+        warmup_steps=3,
+        checkpoint_every=EVERY,
+        checkpoints_total_limit=KEEP,
+        validate_every=1000,
+        log_every=5,
+        ema=args.ema,
+        ema_decay=0.9,
+        progress=False,
+        tensorboard=False,
+        seed=0,
+    )
     trainer.train(TinyTask(), cfg, args.run_dir, resume=args.resume, on_step=on_step)
     print("done", flush=True)
 
@@ -152,8 +164,17 @@ def child(args: argparse.Namespace) -> None:
 
 
 def child_command(run_dir: Path, args: argparse.Namespace, resume: bool) -> list[str]:
-    cmd = [sys.executable, str(SCRIPT), "--child", "--run-dir", str(run_dir), "--save-delay", str(args.save_delay),
-           "--step-delay", str(args.step_delay)]
+    cmd = [
+        sys.executable,
+        str(SCRIPT),
+        "--child",
+        "--run-dir",
+        str(run_dir),
+        "--save-delay",
+        str(args.save_delay),
+        "--step-delay",
+        str(args.step_delay),
+    ]
     return cmd + (["--resume", "latest"] if resume else []) + ([] if args.ema else ["--no-ema"])
 
 
@@ -165,15 +186,17 @@ def child_env() -> dict[str, str]:
 
 def run_to_end(run_dir: Path, args: argparse.Namespace, resume: bool) -> tuple[list[str], str]:
     """Run a child to completion; its event lines and its stderr."""
-    proc = subprocess.run(child_command(run_dir, args, resume), capture_output=True, text=True, env=child_env(),
-                          timeout=600)
+    proc = subprocess.run(
+        child_command(run_dir, args, resume), capture_output=True, text=True, env=child_env(), timeout=600
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"training in {run_dir} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     return proc.stdout.splitlines(), proc.stderr
 
 
-def kill_run(run_dir: Path, args: argparse.Namespace, resume: bool, reference: list[str], kinds: list[str],
-             rng: random.Random) -> dict:
+def kill_run(
+    run_dir: Path, args: argparse.Namespace, resume: bool, reference: list[str], kinds: list[str], rng: random.Random
+) -> dict:
     """Start a child; once its first step shows, pick a later event and SIGKILL the child there.
 
     The event is of the first kind in ``kinds`` (``step``, or a save stage such as ``hashed`` or
@@ -181,8 +204,9 @@ def kill_run(run_dir: Path, args: argparse.Namespace, resume: bool, reference: l
     Returns what happened (``completed`` when the child finished first).
     """
     start = time.perf_counter()
-    proc = subprocess.Popen(child_command(run_dir, args, resume), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=child_env())
+    proc = subprocess.Popen(
+        child_command(run_dir, args, resume), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env()
+    )
     seen: list[str] = []
     target = None
     for line in proc.stdout:  # type: ignore[union-attr]
@@ -192,16 +216,28 @@ def kill_run(run_dir: Path, args: argparse.Namespace, resume: bool, reference: l
             first_step = int(line.split()[1])
             here = reference.index(next(e for e in reference if e.startswith(f"step {first_step} ")))
             horizon = first_step - 1 + 2 * EVERY  # within the next two checkpoints: several kills per chain
-            later = [i for i in range(here + 1, len(reference)) if reference[i] != "done"
-                     and _step_at(reference[i]) <= horizon]
-            wanted = next(([i for i in later if _kind(reference[i]) == kind] for kind in kinds
-                           if any(_kind(reference[i]) == kind for i in later)), later)
+            later = [
+                i
+                for i in range(here + 1, len(reference))
+                if reference[i] != "done" and _step_at(reference[i]) <= horizon
+            ]
+            wanted = next(
+                (
+                    [i for i in later if _kind(reference[i]) == kind]
+                    for kind in kinds
+                    if any(_kind(reference[i]) == kind for i in later)
+                ),
+                later,
+            )
             target = rng.choice(wanted)
             target_key = _key(reference[target])
         if target is not None and _key(line) == target_key:
             # save phase: inside the child's pause after the event; train phase: anywhere in the next steps
-            time.sleep(rng.uniform(0.0, 0.9 * args.save_delay) if _phase(line) == "save"
-                       else rng.uniform(0.0, 2.5 * args.step_delay))
+            time.sleep(
+                rng.uniform(0.0, 0.9 * args.save_delay)
+                if _phase(line) == "save"
+                else rng.uniform(0.0, 2.5 * args.step_delay)
+            )
             proc.send_signal(signal.SIGKILL)
             break
     rest, stderr = proc.communicate()
@@ -209,13 +245,21 @@ def kill_run(run_dir: Path, args: argparse.Namespace, resume: bool, reference: l
     if proc.returncode == 0:
         return {"completed": True, "events": seen}
     if proc.returncode != -signal.SIGKILL or target is None:
-        raise RuntimeError(f"the child was not killed (exit {proc.returncode}) waiting for {reference[target]!r}:\n"
-                           f"{stderr[-3000:]}")
+        raise RuntimeError(
+            f"the child was not killed (exit {proc.returncode}) waiting for {reference[target]!r}:\n{stderr[-3000:]}"
+        )
     steps = [int(e.split()[1]) for e in seen if e.startswith("step ")]
-    return {"target": _key(reference[target]), "phase": _phase(reference[target]), "kind": _kind(reference[target]),
-            "last_event": _key(seen[-1]),
-            "resumed_at": steps[0] - 1, "killed_at_step": steps[-1], "events": seen, "stderr": stderr,
-            "seconds": round(time.perf_counter() - start, 2)}
+    return {
+        "target": _key(reference[target]),
+        "phase": _phase(reference[target]),
+        "kind": _kind(reference[target]),
+        "last_event": _key(seen[-1]),
+        "resumed_at": steps[0] - 1,
+        "killed_at_step": steps[-1],
+        "events": seen,
+        "stderr": stderr,
+        "seconds": round(time.perf_counter() - start, 2),
+    }
 
 
 def _phase(line: str) -> str:
@@ -326,26 +370,47 @@ def harness(args: argparse.Namespace) -> dict:
             points.append(point)
             kills += 1
             resume = True
-            print(f"  kill {len(points):2d}: chain {chain}, target {point['target']!r:32} "
-                  f"landed after {point['last_event']!r:32} resumed at {point['resumed_at']:2d}, "
-                  f"latest now {point['latest']}, bad folders {len(point['bad'])}", flush=True)
+            print(
+                f"  kill {len(points):2d}: chain {chain}, target {point['target']!r:32} "
+                f"landed after {point['last_event']!r:32} resumed at {point['resumed_at']:2d}, "
+                f"latest now {point['latest']}, bad folders {len(point['bad'])}",
+                flush=True,
+            )
         if not finished:
             lines, _ = run_to_end(run_dir, args, resume=resume)
             losses_of(lines, losses)
         identical, detail = same(final_state(run_dir), expected)
-        chains.append({"chain": chain, "kills": kills, "weights": detail, "weights_identical": identical,
-                       "losses_identical": losses == reference_losses})
+        chains.append(
+            {
+                "chain": chain,
+                "kills": kills,
+                "weights": detail,
+                "weights_identical": identical,
+                "losses_identical": losses == reference_losses,
+            }
+        )
     if not args.keep:
         shutil.rmtree(root, ignore_errors=True)
     ok = all(c["weights_identical"] and c["losses_identical"] for c in chains) and not any(p["bad"] for p in points)
     return {
-        "date": dt.datetime.now().isoformat(timespec="seconds"), "command": " ".join(sys.argv),
-        "machine": _machine(), "steps": STEPS, "checkpoint_every": EVERY, "keep": KEEP, "ema": args.ema,
-        "save_delay_s": args.save_delay, "step_delay_s": args.step_delay, "seed": args.seed,
-        "kill_points": len(points), "save_phase": sum(p["phase"] == "save" for p in points),
+        "date": dt.datetime.now().isoformat(timespec="seconds"),
+        "command": " ".join(sys.argv),
+        "machine": _machine(),
+        "steps": STEPS,
+        "checkpoint_every": EVERY,
+        "keep": KEEP,
+        "ema": args.ema,
+        "save_delay_s": args.save_delay,
+        "step_delay_s": args.step_delay,
+        "seed": args.seed,
+        "kill_points": len(points),
+        "save_phase": sum(p["phase"] == "save" for p in points),
         "train_phase": sum(p["phase"] == "train" for p in points),
-        "save_stages": {k: sum(p["kind"] == k for p in points) for k in save_kinds}, "chains": chains, "points": points,
-        "seconds": round(time.perf_counter() - t0, 1), "ok": ok,
+        "save_stages": {k: sum(p["kind"] == k for p in points) for k in save_kinds},
+        "chains": chains,
+        "points": points,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "ok": ok,
     }
 
 
@@ -359,23 +424,30 @@ def _machine() -> str:
 
 
 def print_table(result: dict) -> None:
-    print("\n| # | chain | phase | kill target | child's last event | step at kill | resumed from "
-          "| bad step_N folders |")
+    print(
+        "\n| # | chain | phase | kill target | child's last event | step at kill | resumed from | bad step_N folders |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for i, p in enumerate(result["points"], 1):
-        print(f"| {i} | {p['chain']} | {p['phase']} | `{p['target']}` | `{p['last_event']}` | {p['killed_at_step']} "
-              f"| {p['resumed_at']} | {len(p['bad'])} |")
+        print(
+            f"| {i} | {p['chain']} | {p['phase']} | `{p['target']}` | `{p['last_event']}` | {p['killed_at_step']} "
+            f"| {p['resumed_at']} | {len(p['bad'])} |"
+        )
     print("\n| chain | kills | final weights, EMA, Adam state vs uninterrupted | every step's loss |")
     print("|---|---|---|---|")
     for c in result["chains"]:
         losses = "identical" if c["losses_identical"] else "DIFFERENT"
         print(f"| {c['chain']} | {c['kills']} | {c['weights']} | {losses} |")
     stages = result["save_stages"]
-    print(f"\nsave stages targeted: {sum(v > 0 for v in stages.values())} of {len(stages)}: "
-          + ", ".join(f"{k} {v}" for k, v in stages.items()))
-    print(f"{result['kill_points']} kill points ({result['save_phase']} in the save phase, {result['train_phase']} "
-          f"in the train phase), {len(result['chains'])} chains, {result['seconds']} s: "
-          + ("PASS" if result["ok"] else "FAIL"))
+    print(
+        f"\nsave stages targeted: {sum(v > 0 for v in stages.values())} of {len(stages)}: "
+        + ", ".join(f"{k} {v}" for k, v in stages.items())
+    )
+    print(
+        f"{result['kill_points']} kill points ({result['save_phase']} in the save phase, {result['train_phase']} "
+        f"in the train phase), {len(result['chains'])} chains, {result['seconds']} s: "
+        + ("PASS" if result["ok"] else "FAIL")
+    )
 
 
 def main() -> None:

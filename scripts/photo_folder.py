@@ -48,7 +48,7 @@ def _photo(name: str) -> Image.Image:
 
 
 def write_photo_folder(root: str | Path, side: int = 96, crops: int = 1, seed: int = 0) -> Path:
-    """Write the photos of :data:`PHOTOS` into ``root`` (with ``crops - 1`` random crops of each) and their metadata.jsonl."""
+    """Write the photos of :data:`PHOTOS` (and ``crops - 1`` random crops of each) and metadata.jsonl into ``root``."""
     if side < 8:
         raise ValueError(f"side must be at least 8 pixels; got {side}")
     if crops < 1:
@@ -60,8 +60,9 @@ def write_photo_folder(root: str | Path, side: int = 96, crops: int = 1, seed: i
     for name, caption in PHOTOS.items():
         photo = _photo(name)
         scale = side / min(photo.size)
-        photo = photo.resize((max(side, round(photo.width * scale)), max(side, round(photo.height * scale))),
-                             Image.Resampling.LANCZOS)
+        photo = photo.resize(
+            (max(side, round(photo.width * scale)), max(side, round(photo.height * scale))), Image.Resampling.LANCZOS
+        )
         for k in range(crops):
             image = photo
             if k:  # a random crop of 60-90% of the shorter side, anywhere in the photo

@@ -24,13 +24,18 @@ def main() -> None:
         path = run / "metrics.jsonl"
         if not path.is_file():
             raise SystemExit(f"error: {path} not found (validation writes it during `mmx train`)")
-        rows = curves[run.name if names.count(run.name) == 1 else str(run)] = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rows = curves[run.name if names.count(run.name) == 1 else str(run)] = [
+            json.loads(line) for line in path.read_text().splitlines() if line.strip()
+        ]
         print(f"{run}:\n| step | training time (min) | held-out caption accuracy |\n|---:|---:|---:|")
         for r in rows:
             print(f"| {r['step']} | {r['train_seconds'] / 60:.1f} | {r['caption_accuracy']:.1%} |")
         first = next((r for r in rows if r["caption_accuracy"] >= args.target), None)
-        print(f"\nfirst >= {args.target:.0%}: "
-              + (f"step {first['step']} after {first['train_seconds'] / 60:.1f} min" if first else "not reached") + "\n")
+        print(
+            f"\nfirst >= {args.target:.0%}: "
+            + (f"step {first['step']} after {first['train_seconds'] / 60:.1f} min" if first else "not reached")
+            + "\n"
+        )
     if args.out:
         import matplotlib
 
@@ -39,7 +44,9 @@ def main() -> None:
 
         fig, ax = plt.subplots(figsize=(6, 3.6))
         for name, rows in curves.items():
-            ax.plot([r["train_seconds"] / 60 for r in rows], [100 * r["caption_accuracy"] for r in rows], "o-", label=name)
+            ax.plot(
+                [r["train_seconds"] / 60 for r in rows], [100 * r["caption_accuracy"] for r in rows], "o-", label=name
+            )
         ax.axhline(100 * args.target, color="grey", ls="--", lw=1, label=f"target {args.target:.0%}")
         ax.set_xlabel("training time (minutes, validation excluded)")
         ax.set_ylabel("held-out caption accuracy (%)")

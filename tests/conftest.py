@@ -28,15 +28,9 @@ def minilm_path() -> str:
 
 
 @pytest.fixture(scope="session")
-def dp_reference_keys():
-    """shared/reference/diffusion_policy_unet1d_keys.tsv beside the checkout (CI clones the repo with shared/ next to it)."""
-    from pathlib import Path
-
-    for parent in Path(__file__).resolve().parents:
-        candidate = parent / "shared" / "reference" / "diffusion_policy_unet1d_keys.tsv"
-        if candidate.is_file():
-            return candidate
-    pytest.skip("shared/reference/diffusion_policy_unet1d_keys.tsv is not beside this checkout")
+def dp_reference_keys() -> Path:
+    """The published Diffusion Policy ConditionalUnet1D state_dict keys and shapes (a list of facts, vendored)."""
+    return Path(__file__).parent / "reference" / "diffusion_policy_unet1d_keys.tsv"
 
 
 @pytest.fixture(scope="session")
@@ -55,7 +49,10 @@ def tiny_clip_names(tmp_path_factory: pytest.TempPathFactory, minilm_path: str) 
     }
     configs = {
         "clip": ("mmx-test-tiny", {"embed_dim": 24, "vision_cfg": vision, "text_cfg": text}),
-        "custom": ("mmx-test-tiny-custom", {"embed_dim": 24, "custom_text": True, "vision_cfg": vision, "text_cfg": text}),
+        "custom": (
+            "mmx-test-tiny-custom",
+            {"embed_dim": 24, "custom_text": True, "vision_cfg": vision, "text_cfg": text},
+        ),
         "hf": ("mmx-test-tiny-hf", {"embed_dim": 24, "vision_cfg": vision, "text_cfg": hf_text}),
     }
     for name, config in configs.values():
@@ -66,7 +63,7 @@ def tiny_clip_names(tmp_path_factory: pytest.TempPathFactory, minilm_path: str) 
 
 @pytest.fixture(scope="session")
 def photo_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """15 real photos (scikit-image's) with free-form captions in the imagefolder layout, 48 pixels on the short side."""
+    """15 real photos (scikit-image's) with free-form captions in the imagefolder layout, 48 pixels short side."""
     pytest.importorskip("skimage")
     import importlib.util
 
@@ -85,8 +82,10 @@ def inception_weights(tmp_path_factory):
     import torch
 
     fe = pytest.importorskip("torch_fidelity.feature_extractor_inceptionv3")
-    with mock.patch.object(fe, "load_state_dict_from_url", return_value=None), \
-            mock.patch.object(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None):
+    with (
+        mock.patch.object(fe, "load_state_dict_from_url", return_value=None),
+        mock.patch.object(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None),
+    ):
         net = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])  # the architecture, no download
     for module in net.modules():
         if isinstance(module, torch.nn.BatchNorm2d):

@@ -18,8 +18,11 @@ def test_bench_all_quick_writes_every_suite_with_finite_ratios(tmp_path):
     assert result.exit_code == 0, result.output
     data = json.loads(out.read_text())
     assert data["errors"] == {}
-    assert list(data["suites"]) == list(ORDER) == ["attention", "unet2d", "sample", "recorder", "unet1d", "decoding",
-                                                   "options", "scaling"]
+    assert (
+        list(data["suites"])
+        == list(ORDER)
+        == ["attention", "unet2d", "sample", "recorder", "unet1d", "decoding", "options", "scaling"]
+    )
     for name, suite in data["suites"].items():
         assert suite["figures"], f"{name} reported no figures"
         for figure in suite["figures"]:
@@ -35,13 +38,23 @@ def test_bench_all_quick_writes_every_suite_with_finite_ratios(tmp_path):
     # options: every option against fp32 (UNet1D has no channels_last); TF32 is a note on the CPU, not a figure.
     options = data["suites"]["options"]
     labels = [f["label"] for f in options["figures"]]
-    for option in ("gradient checkpointing step", "gradient checkpointing peak memory", "torch.compile step (steady)",
-                   "torch.compile compile time", "bf16 autocast step"):
+    for option in (
+        "gradient checkpointing step",
+        "gradient checkpointing peak memory",
+        "torch.compile step (steady)",
+        "torch.compile compile time",
+        "bf16 autocast step",
+    ):
         assert sum(option in label for label in labels) == 2, option
     assert sum("channels_last" in label for label in labels) == 1
     assert not any("TF32" in label for label in labels) and "TF32: not applicable on the CPU" in options["notes"][0]
-    assert set(options["details"]["unet2d"]["variants"]) == {"fp32", "gradient checkpointing", "channels_last",
-                                                             "torch.compile", "bf16 autocast"}
+    assert set(options["details"]["unet2d"]["variants"]) == {
+        "fp32",
+        "gradient checkpointing",
+        "channels_last",
+        "torch.compile",
+        "bf16 autocast",
+    }
     assert "diffusers" in result.output and "ratio" in result.output
 
 

@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-
 from typer.testing import CliRunner
 
 from mmx.cli import app
@@ -55,13 +54,27 @@ def test_encode_missing_config_names_the_path():
 
 def test_train_sample_eval_on_the_tiny_recipe(tmp_path):
     run = tmp_path / "run"
-    result = runner.invoke(app, ["train", "configs/shapes_t2i_tiny.yaml", "train.max_steps=2", "train.validate_every=2",
-                                 "--out", str(run)])
+    result = runner.invoke(
+        app, ["train", "configs/shapes_t2i_tiny.yaml", "train.max_steps=2", "train.validate_every=2", "--out", str(run)]
+    )
     assert result.exit_code == 0, result.output
     assert "trained 2 steps" in result.output and (run / "model" / "unet" / "config.json").is_file()
     assert any((run / "logs").rglob("events.out.tfevents*")), "loss and learning rate go to tensorboard"
-    result = runner.invoke(app, ["sample", str(run), "-p", "a red circle on the left", "-p", "a green square",
-                                 "--steps", "2", "--out", str(tmp_path / "s")])
+    result = runner.invoke(
+        app,
+        [
+            "sample",
+            str(run),
+            "-p",
+            "a red circle on the left",
+            "-p",
+            "a green square",
+            "--steps",
+            "2",
+            "--out",
+            str(tmp_path / "s"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert (tmp_path / "s" / "grid.png").is_file() and (tmp_path / "s" / "001.png").is_file()
     result = runner.invoke(app, ["eval", str(run), "--num", "4", "--steps", "2"])
@@ -78,25 +91,44 @@ def test_train_sample_eval_on_the_tiny_recipe(tmp_path):
 
 
 def test_own_photos_with_free_form_captions_train_validate_save_sample_eval_and_attend(
-        photo_folder, tmp_path, tiny_clip_file, inception_weights):
+    photo_folder, tmp_path, tiny_clip_file, inception_weights
+):
     """The own-images config on a folder of real photos, through the command line as a user runs it."""
     run = tmp_path / "run"
-    result = runner.invoke(app, ["train", "configs/imagefolder_t2i.yaml", f"data.root={photo_folder}", "image_size=[3, 16, 16]",
-                                 "model.channels=[16, 32, 32]", "train.max_steps=4", "train.validate_every=2",
-                                 "train.checkpoint_every=4", "train.progress=false", "diffusion.sample_steps=2",
-                                 "eval.num_prompts=2", "--out", str(run)])
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "configs/imagefolder_t2i.yaml",
+            f"data.root={photo_folder}",
+            "image_size=[3, 16, 16]",
+            "model.channels=[16, 32, 32]",
+            "train.max_steps=4",
+            "train.validate_every=2",
+            "train.checkpoint_every=4",
+            "train.progress=false",
+            "diffusion.sample_steps=2",
+            "eval.num_prompts=2",
+            "--out",
+            str(run),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "denoising_loss" in result.output and (run / "model" / "unet" / "config.json").is_file()
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [2, 4] and all(r["denoising_loss"] > 0 for r in rows)
     assert (run / "samples" / "step_0000004.png").is_file()
-    result = runner.invoke(app, ["sample", str(run), "-p", "a ginger cat asleep on a sofa", "--steps", "2",
-                                 "--out", str(tmp_path / "s")])
+    result = runner.invoke(
+        app, ["sample", str(run), "-p", "a ginger cat asleep on a sofa", "--steps", "2", "--out", str(tmp_path / "s")]
+    )
     assert result.exit_code == 0, result.output
     assert (tmp_path / "s" / "grid.png").is_file()
     clip_name, clip_file, _ = tiny_clip_file
-    metrics = (f"eval.metrics=[{{name: denoising_loss}}, {{name: clip_score, model_name: {clip_name}, pretrained: {clip_file}}},"
-               f" {{name: fid, weights: {inception_weights}}}]")
+    metrics = (
+        f"eval.metrics=[{{name: denoising_loss}}, "
+        f"{{name: clip_score, model_name: {clip_name}, pretrained: {clip_file}}},"
+        f" {{name: fid, weights: {inception_weights}}}]"
+    )
     result = runner.invoke(app, ["eval", str(run), metrics])
     assert result.exit_code == 0, result.output
     for line in ("held-out denoising loss:", "CLIP score:", "FID:"):
@@ -105,8 +137,9 @@ def test_own_photos_with_free_form_captions_train_validate_save_sample_eval_and_
     assert report["denoising_loss"] == pytest.approx(rows[-1]["denoising_loss"])  # the last validation's number
     assert len(report["clip_scores"]) == report["num_prompts"] == 2 and report["fid_images"] == 2
     assert (run / "eval" / "heldout_grid.png").is_file()
-    result = runner.invoke(app, ["attend", str(run), "-p", "a ginger cat asleep on a sofa", "--steps", "2",
-                                 "--out", str(tmp_path / "att")])
+    result = runner.invoke(
+        app, ["attend", str(run), "-p", "a ginger cat asleep on a sofa", "--steps", "2", "--out", str(tmp_path / "att")]
+    )
     assert result.exit_code == 0, result.output
     assert (tmp_path / "att" / "word_01_ginger.png").is_file()
     result = runner.invoke(app, ["eval", str(run), "train.max_steps=3"])
@@ -114,8 +147,18 @@ def test_own_photos_with_free_form_captions_train_validate_save_sample_eval_and_
 
 
 def test_train_refuses_a_data_size_that_differs_from_the_image_size(photo_folder, tmp_path):
-    result = runner.invoke(app, ["train", "configs/imagefolder_t2i.yaml", f"data.root={photo_folder}", "data.size=64",
-                                 "image_size=[3, 32, 32]", "--out", str(tmp_path / "run")])
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "configs/imagefolder_t2i.yaml",
+            f"data.root={photo_folder}",
+            "data.size=64",
+            "image_size=[3, 32, 32]",
+            "--out",
+            str(tmp_path / "run"),
+        ],
+    )
     assert result.exit_code == 2
     assert "data.size = 64 but image_size = [3, 32, 32]" in " ".join(result.output.split())
     assert not (tmp_path / "run" / "checkpoints").exists()
@@ -130,8 +173,18 @@ def test_train_seed_fixes_the_initial_weights(tmp_path):
 
     def weights(name: str, *overrides: str) -> dict:
         torch.rand(7)  # the process's random state differs from run to run
-        result = runner.invoke(app, ["train", "configs/shapes_t2i_tiny.yaml", "train.max_steps=1",
-                                     "train.validate_every=100", *overrides, "--out", str(tmp_path / name)])
+        result = runner.invoke(
+            app,
+            [
+                "train",
+                "configs/shapes_t2i_tiny.yaml",
+                "train.max_steps=1",
+                "train.validate_every=100",
+                *overrides,
+                "--out",
+                str(tmp_path / name),
+            ],
+        )
         assert result.exit_code == 0, result.output
         return UNet2D.from_pretrained(tmp_path / name / "model" / "unet").state_dict()
 
@@ -152,8 +205,21 @@ def test_sample_from_a_folder_that_is_no_run(tmp_path):
 
 def test_demo_retrains_the_tiny_recipe_and_reports_accuracy(tmp_path):
     """`mmx demo --train` end to end on the tiny recipe (the shipped model is checked in test_demo_asset)."""
-    result = runner.invoke(app, ["demo", "--train", "--config", "configs/shapes_t2i_tiny.yaml", "--num", "4",
-                                 "--steps", "2", "--out", str(tmp_path)])
+    result = runner.invoke(
+        app,
+        [
+            "demo",
+            "--train",
+            "--config",
+            "configs/shapes_t2i_tiny.yaml",
+            "--num",
+            "4",
+            "--steps",
+            "2",
+            "--out",
+            str(tmp_path),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "held-out caption accuracy" in result.output
     assert (tmp_path / "heldout_grid.png").is_file() and (tmp_path / "run" / "model" / "unet").is_dir()
@@ -161,10 +227,14 @@ def test_demo_retrains_the_tiny_recipe_and_reports_accuracy(tmp_path):
 
 def test_attend_writes_overlays_grid_and_word_statistics(tmp_path):
     run = tmp_path / "run"
-    assert runner.invoke(app, ["train", "configs/shapes_t2i_tiny.yaml", "train.max_steps=1", "--out", str(run)]).exit_code == 0
+    assert (
+        runner.invoke(app, ["train", "configs/shapes_t2i_tiny.yaml", "train.max_steps=1", "--out", str(run)]).exit_code
+        == 0
+    )
     out = tmp_path / "att"
-    result = runner.invoke(app, ["attend", str(run), "-p", "a red circle on the left", "--steps", "2", "--gif",
-                                 "--out", str(out)])
+    result = runner.invoke(
+        app, ["attend", str(run), "-p", "a red circle on the left", "--steps", "2", "--gif", "--out", str(out)]
+    )
     assert result.exit_code == 0, result.output
     import json
 
@@ -174,12 +244,36 @@ def test_attend_writes_overlays_grid_and_word_statistics(tmp_path):
     from PIL import Image
 
     Image.new("RGB", (20, 10), (255, 0, 0)).save(tmp_path / "real.png")
-    result = runner.invoke(app, ["attend", str(run), "-p", "a red square in the middle", "--image",
-                                 str(tmp_path / "real.png"), "--out", str(tmp_path / "att2")])
+    result = runner.invoke(
+        app,
+        [
+            "attend",
+            str(run),
+            "-p",
+            "a red square in the middle",
+            "--image",
+            str(tmp_path / "real.png"),
+            "--out",
+            str(tmp_path / "att2"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert (tmp_path / "att2" / "word_01_red.png").is_file()
-    result = runner.invoke(app, ["attend", str(run), "-p", "a red circle", "--steps", "2", "--max-downsample", "1",
-                                 "--out", str(tmp_path / "att3")])
+    result = runner.invoke(
+        app,
+        [
+            "attend",
+            str(run),
+            "-p",
+            "a red circle",
+            "--steps",
+            "2",
+            "--max-downsample",
+            "1",
+            "--out",
+            str(tmp_path / "att3"),
+        ],
+    )
     assert result.exit_code == 2 and "max_downsample=1 allows" in " ".join(result.output.split())
 
 
@@ -189,8 +283,9 @@ def test_shipped_demo_model_is_the_committed_recipe_and_runs(tmp_path):
     from mmx.recipes.text_to_image import TextToImageConfig
 
     shipped = load_config(DEMO_RUN / "config.yaml", TextToImageConfig)
-    assert shipped == load_config("configs/shapes_t2i.yaml", TextToImageConfig), \
+    assert shipped == load_config("configs/shapes_t2i.yaml", TextToImageConfig), (
         "the demo model must be the one configs/shapes_t2i.yaml trains (retrain and export it after a recipe change)"
+    )
     result = runner.invoke(app, ["demo", "--num", "4", "--steps", "4", "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
     assert "held-out caption accuracy" in result.output
@@ -257,8 +352,9 @@ def test_seq2seq_captioning_train_eval_attend(tmp_path):
 
 
 def test_seq2seq_config_needs_the_model_of_its_data(tmp_path):
-    result = runner.invoke(app, ["train", "configs/seq2seq_captioning_tiny.yaml", "model.name=seq2seq",
-                                 "--out", str(tmp_path)])
+    result = runner.invoke(
+        app, ["train", "configs/seq2seq_captioning_tiny.yaml", "model.name=seq2seq", "--out", str(tmp_path)]
+    )
     assert result.exit_code != 0 and "model.name: captioner" in result.output
 
 
@@ -273,8 +369,13 @@ def test_convert_refuses_a_pickled_checkpoint_unless_trusted(tmp_path):
     unet = UNet1D(input_dim=2, global_cond_dim=4, diffusion_step_embed_dim=16, down_dims=(16, 32)).eval()
     state = {f"model.{k}": v for k, v in unet.state_dict().items()}
     ckpt = tmp_path / "epoch=0100.ckpt"
-    torch.save({"cfg": types.SimpleNamespace(name="train_diffusion_unet_lowdim"),  # a pickled object, as upstream
-                "state_dicts": {"model": state, "ema_model": state}}, ckpt)
+    torch.save(
+        {
+            "cfg": types.SimpleNamespace(name="train_diffusion_unet_lowdim"),  # a pickled object, as upstream
+            "state_dicts": {"model": state, "ema_model": state},
+        },
+        ckpt,
+    )
     out = tmp_path / "unet1d"
     refused = runner.invoke(app, ["convert", str(ckpt), "--out", str(out)])
     assert refused.exit_code == 2 and "--trust-pickle" in refused.output and not out.exists()

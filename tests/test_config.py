@@ -33,7 +33,9 @@ def test_round_trip_and_conversions(tmp_path):
 
 
 def test_unknown_key_lists_valid_keys():
-    with pytest.raises(ConfigError, match=r"unknown key\(s\) inner.stpes in Inner; valid keys: inner.steps, inner.lr, inner.mode"):
+    with pytest.raises(
+        ConfigError, match=r"unknown key\(s\) inner.stpes in Inner; valid keys: inner.steps, inner.lr, inner.mode"
+    ):
         from_dict(Outer, {"inner": {"stpes": 3}})
 
 

@@ -23,8 +23,9 @@ def _model(kind: str):
     """A tiny random model in eval mode and a batch of its inputs."""
     torch.manual_seed(0)
     if kind == "seq2seq":
-        model = Seq2SeqTransformer(11, 13, d_model=32, heads=2, encoder_layers=1, decoder_layers=2, ff_mult=2,
-                                   tie_output=False)
+        model = Seq2SeqTransformer(
+            11, 13, d_model=32, heads=2, encoder_layers=1, decoder_layers=2, ff_mult=2, tie_output=False
+        )
         src = torch.tensor([[5, 3, 9, 0, 0, 0], [4, 4, 7, 8, 10, 6], [10, 3, 3, 5, 6, 0], [7, 0, 0, 0, 0, 0]])
         return _lively(model).eval(), src
     model = ImageCaptioner(13, d_model=32, heads=2, decoder_layers=2, ff_mult=2, input_size=32, tie_output=False)

@@ -11,7 +11,8 @@ seen from the image, each position inside an object should read that object's wo
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +37,7 @@ class AttentionCapture:
         self.calls: list[tuple[torch.Tensor, torch.Tensor, Any, float]] = []
         self._undo: list = []
 
-    def __enter__(self) -> "AttentionCapture":
+    def __enter__(self) -> AttentionCapture:
         for module in self.model.modules():
             if isinstance(module, CrossAttention) and module.is_cross:
                 self._undo.append(module.add_hook(lambda m, q, k, mask: self.calls.append((q, k, mask, m.scale))))
@@ -52,10 +53,14 @@ class AttentionCapture:
         (differentiable; all calls must share L and S, e.g. the cross-attention layers of a decoder)."""
         if not self.calls:
             raise RuntimeError("no cross-attention ran inside the AttentionCapture")
-        return torch.stack([attention_probs(q, k, mask, scale=scale).mean(1) for q, k, mask, scale in self.calls]).mean(0)
+        return torch.stack([attention_probs(q, k, mask, scale=scale).mean(1) for q, k, mask, scale in self.calls]).mean(
+            0
+        )
 
 
-def mask_kl(maps: torch.Tensor, masks: torch.Tensor, grid: tuple[int, int], valid: torch.Tensor | None = None) -> torch.Tensor:
+def mask_kl(
+    maps: torch.Tensor, masks: torch.Tensor, grid: tuple[int, int], valid: torch.Tensor | None = None
+) -> torch.Tensor:
     """Mean over rows of KL(mask || map): how far each attention map is from covering its mask evenly.
 
     Args:
@@ -79,8 +84,11 @@ def mask_kl(maps: torch.Tensor, masks: torch.Tensor, grid: tuple[int, int], vali
 
 
 def token_targets(
-    words: Sequence[Sequence[WordSpan]], word_masks: Sequence[dict[int, torch.Tensor]], tokens: int,
-    size: tuple[int, int], device: torch.device | str | None = None,
+    words: Sequence[Sequence[WordSpan]],
+    word_masks: Sequence[dict[int, torch.Tensor]],
+    tokens: int,
+    size: tuple[int, int],
+    device: torch.device | str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per token, the mask of the object its word names: ``targets [B, S, H, W]`` float, ``valid [B, S]`` bool."""
     b = len(words)
@@ -108,9 +116,16 @@ class TokenTargets:
             positions over (default ``word_masks``; the shapes task adds each object's place word).
     """
 
-    def __init__(self, words: Sequence[Sequence[WordSpan]], word_masks: Sequence[dict[int, torch.Tensor]], tokens: int,
-                 size: tuple[int, int], device: torch.device | str | None = None, keep: torch.Tensor | None = None,
-                 reading_masks: Sequence[dict[int, torch.Tensor]] | None = None) -> None:
+    def __init__(
+        self,
+        words: Sequence[Sequence[WordSpan]],
+        word_masks: Sequence[dict[int, torch.Tensor]],
+        tokens: int,
+        size: tuple[int, int],
+        device: torch.device | str | None = None,
+        keep: torch.Tensor | None = None,
+        reading_masks: Sequence[dict[int, torch.Tensor]] | None = None,
+    ) -> None:
         self.words, self.word_masks, self.tokens, self.size, self.device = words, word_masks, tokens, size, device
         self.keep, self.reading_masks = keep, reading_masks
 
@@ -144,8 +159,10 @@ class GroundingCapture(AttentionCapture):
         """Per captured call: ``(probs [B, L, S], grid (h, w) of its L query positions)``."""
         cached = getattr(self, "_maps", None)
         if cached is None or cached[0] != (len(self.calls), tuple(image_size)):
-            maps = [(probs := attention_probs(q, k, mask, scale=scale).mean(1), query_grid(image_size, probs.shape[1]))
-                    for q, k, mask, scale in self.calls]
+            maps = [
+                (probs := attention_probs(q, k, mask, scale=scale).mean(1), query_grid(image_size, probs.shape[1]))
+                for q, k, mask, scale in self.calls
+            ]
             cached = self._maps = ((len(self.calls), tuple(image_size)), maps)
         return cached[1]
 
@@ -174,13 +191,18 @@ class GroundingCapture(AttentionCapture):
 
         Args: as for :meth:`grounding_loss` (``targets [B, S, H, W]``, ``valid [B, S]``).
         """
-        return self._mean([  # each token's map over the query positions
-            mask_kl(probs.transpose(1, 2), targets[:, : probs.shape[2]], grid, valid[:, : probs.shape[2]])
-            for probs, grid in self._layer_maps(image_size)
-        ])
+        return self._mean(
+            [  # each token's map over the query positions
+                mask_kl(probs.transpose(1, 2), targets[:, : probs.shape[2]], grid, valid[:, : probs.shape[2]])
+                for probs, grid in self._layer_maps(image_size)
+            ]
+        )
 
     def reading_loss(
-        self, targets: torch.Tensor, valid: torch.Tensor, image_size: tuple[int, int],
+        self,
+        targets: torch.Tensor,
+        valid: torch.Tensor,
+        image_size: tuple[int, int],
         min_cover: float | torch.Tensor = 0.0,
     ) -> torch.Tensor:
         """Mean over layers of KL(the object's words || a position's attention over the tokens), at the

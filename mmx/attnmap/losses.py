@@ -13,7 +13,7 @@ these it can feed (:func:`build_attention_losses` checks that, and names the val
 from __future__ import annotations
 
 import numbers
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -98,8 +98,9 @@ class MaskKL(AttentionLoss):
 
     name = "mask_kl"
 
-    def __call__(self, maps: torch.Tensor, masks: torch.Tensor, grid: tuple[int, int],
-                 valid: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(
+        self, maps: torch.Tensor, masks: torch.Tensor, grid: tuple[int, int], valid: torch.Tensor | None = None
+    ) -> torch.Tensor:
         return self.weight * mask_kl(maps, masks, grid, valid)
 
 
@@ -112,8 +113,10 @@ def build_attention_losses(specs: Sequence[dict], supported: Sequence[str], reci
     for spec in specs or ():
         name = spec.get("name") if isinstance(spec, dict) else None
         if name not in supported:
-            raise ValueError(f"attention_losses: the {recipe} recipe takes {', '.join(supported)}; got {spec!r} "
-                             f"(every attention loss: {', '.join(ATTENTION_LOSSES.names())})")
+            raise ValueError(
+                f"attention_losses: the {recipe} recipe takes {', '.join(supported)}; got {spec!r} "
+                f"(every attention loss: {', '.join(ATTENTION_LOSSES.names())})"
+            )
         if "weight" not in spec:
             raise ValueError(f"attention_losses: {name!r} needs a weight, e.g. {{name: {name}, weight: 0.1}}")
         losses.append(ATTENTION_LOSSES.build_from_dict(dict(spec)))

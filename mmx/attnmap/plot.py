@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import textwrap
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -29,8 +29,9 @@ def _rgb(image: torch.Tensor):
 
 def _draw(ax, image: torch.Tensor, heat: torch.Tensor, title: str, alpha: float):
     ax.imshow(_rgb(image), interpolation="nearest")
-    shown = ax.imshow(heat.detach().float().cpu().numpy(), cmap="jet", alpha=alpha, vmin=0.0, vmax=1.0,
-                      interpolation="bilinear")
+    shown = ax.imshow(
+        heat.detach().float().cpu().numpy(), cmap="jet", alpha=alpha, vmin=0.0, vmax=1.0, interpolation="bilinear"
+    )
     ax.set_title(title, fontsize=9)
     ax.axis("off")
     return shown
@@ -55,7 +56,11 @@ def save_overlay(image: torch.Tensor, word_map: WordMap, path: str | Path, alpha
 
 
 def save_word_grid(
-    image: torch.Tensor, maps: Sequence[WordMap], caption: str, path: str | Path, alpha: float = 0.5,
+    image: torch.Tensor,
+    maps: Sequence[WordMap],
+    caption: str,
+    path: str | Path,
+    alpha: float = 0.5,
     scores: dict[int, float] | None = None,
 ) -> Path:
     """One PNG per prompt: the image, then every word's overlay; ``scores`` (word index -> IoU) in titles."""
@@ -80,8 +85,14 @@ def save_word_grid(
     return _save(fig, Path(path))
 
 
-def save_steps_gif(image: torch.Tensor, frames: Sequence[torch.Tensor], word: str, path: str | Path,
-                   labels: Sequence[str] | None = None, duration_ms: int = 400) -> Path:
+def save_steps_gif(
+    image: torch.Tensor,
+    frames: Sequence[torch.Tensor],
+    word: str,
+    path: str | Path,
+    labels: Sequence[str] | None = None,
+    duration_ms: int = 400,
+) -> Path:
     """A GIF of one word's map across windows of denoising steps (``frames``: ``[H, W]`` in [0, 1])."""
     import io
 

@@ -7,9 +7,10 @@ row is normalised to sum to 1 over the observation tokens (the average attention
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -74,17 +75,27 @@ class PolicyAttention:
 
 
 def attend_policy(
-    policy: Any, obs: Mapping[str, Any], generator: torch.Generator | None = None, num_inference_steps: int | None = None
+    policy: Any,
+    obs: Mapping[str, Any],
+    generator: torch.Generator | None = None,
+    num_inference_steps: int | None = None,
 ) -> tuple[dict[str, torch.Tensor], PolicyAttention]:
     """Predict one action chunk per observation history while recording cross-attention."""
     if getattr(policy.unet, "config", None) is None or policy.unet.config.context_dim is None:
-        raise ValueError("this policy has no cross-attention (conditioning: film): there is no attention to show; "
-                         "train with model.conditioning=cross_attention or both")
+        raise ValueError(
+            "this policy has no cross-attention (conditioning: film): there is no attention to show; "
+            "train with model.conditioning=cross_attention or both"
+        )
     with torch.no_grad():
         context, segments = policy.obs_encoder.encode(policy.prepare_obs(obs))
     with AttentionRecorder(policy.unet, image_size=policy.horizon) as recorder:
-        out = policy.predict_action(obs, generator=generator, num_inference_steps=num_inference_steps,
-                                    callback=recorder.callback, context=context)
+        out = policy.predict_action(
+            obs,
+            generator=generator,
+            num_inference_steps=num_inference_steps,
+            callback=recorder.callback,
+            context=context,
+        )
     maps = recorder.maps()[:, :, 0, :]  # (B, S, T)
     weights = maps.transpose(1, 2)  # (B, T, S)
     weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-12)
@@ -92,7 +103,11 @@ def attend_policy(
 
 
 def save_token_heatmap(
-    matrix: torch.Tensor, columns: Sequence[str], path: str | Path, title: str = "", executed: tuple[int, int] | None = None
+    matrix: torch.Tensor,
+    columns: Sequence[str],
+    path: str | Path,
+    title: str = "",
+    executed: tuple[int, int] | None = None,
 ) -> Path:
     """A heat map ``[T, G]``: rows are action steps, columns observation groups / tokens.
 

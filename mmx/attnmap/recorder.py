@@ -13,14 +13,15 @@ original processor, so outputs stay bit-identical).
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmx.context import current_conditional_rows
 from mmx.attnmap.grid import query_grid
+from mmx.context import current_conditional_rows
 from mmx.nn.attention import CrossAttention, attention_probs
 
 __all__ = ["AttentionRecorder"]
@@ -88,7 +89,9 @@ class AttentionRecorder:
         if window is not None and window < 1:
             raise ValueError(f"window must be a positive number of steps; got {window}")
         if max_downsample is not None and not max_downsample >= 1:
-            raise ValueError(f"max_downsample must be >= 1 (1: only maps at the image's own resolution); got {max_downsample}")
+            raise ValueError(
+                f"max_downsample must be >= 1 (1: only maps at the image's own resolution); got {max_downsample}"
+            )
         self.model = model
         self.sequence = isinstance(image_size, int)
         self.image_size = (1, int(image_size)) if self.sequence else (int(image_size[0]), int(image_size[1]))
@@ -110,7 +113,7 @@ class AttentionRecorder:
         self._undo: list[Callable[[], None]] = []
 
     # -- attaching -------------------------------------------------------------------------------
-    def __enter__(self) -> "AttentionRecorder":
+    def __enter__(self) -> AttentionRecorder:
         found = 0
         for name, module in self.model.named_modules():
             if not self.keep_layer(name):
@@ -167,7 +170,10 @@ class AttentionRecorder:
         if not self.keep_step(self.step):
             return
         h, w = (1, q.shape[2]) if self.sequence else query_grid(self.image_size, q.shape[2])
-        if self.max_downsample is not None and max(self.image_size[0] / h, self.image_size[1] / w) > self.max_downsample:
+        if (
+            self.max_downsample is not None
+            and max(self.image_size[0] / h, self.image_size[1] / w) > self.max_downsample
+        ):
             self.skipped_layers[name] = (h, w)
             return
         rows = self._rows(q.shape[0])
@@ -234,8 +240,14 @@ class _RecordingProcessor:
     def __init__(self, recorder: AttentionRecorder, name: str, original: Any) -> None:
         self.recorder, self.name, self.original = recorder, name, original
 
-    def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
+    def __call__(
+        self,
+        attn: Any,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
         if encoder_hidden_states is not None and hidden_states.ndim == 3:
             b, l, _ = hidden_states.shape
             context = encoder_hidden_states

@@ -14,8 +14,8 @@ makes that pass compute exactly the probabilities of the decoding steps.
 from __future__ import annotations
 
 import textwrap
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -66,13 +66,25 @@ def region_maps(attention: torch.Tensor, grid: tuple[int, int], image_size: tupl
 
 def caption_word_maps(words: Sequence[str], maps: torch.Tensor, normalization: str = "minmax") -> list[WordMap]:
     """One :class:`WordMap` per generated word of one caption (``maps``: ``[T, H, W]``, T >= len(words))."""
-    return [WordMap(word, i, WordSpan(word, i, i + 1), normalize_map(maps[i], normalization))
-            for i, word in enumerate(words)]
+    return [
+        WordMap(word, i, WordSpan(word, i, i + 1), normalize_map(maps[i], normalization))
+        for i, word in enumerate(words)
+    ]
 
 
 # Fonts that draw Chinese characters, tried in order; without one, non-ASCII words use ``fallback_labels``.
-CJK_FONTS = ("Noto Sans CJK SC", "Noto Sans SC", "Source Han Sans SC", "WenQuanYi Zen Hei", "WenQuanYi Micro Hei",
-             "SimHei", "Microsoft YaHei", "PingFang SC", "Heiti SC", "Arial Unicode MS")
+CJK_FONTS = (
+    "Noto Sans CJK SC",
+    "Noto Sans SC",
+    "Source Han Sans SC",
+    "WenQuanYi Zen Hei",
+    "WenQuanYi Micro Hei",
+    "SimHei",
+    "Microsoft YaHei",
+    "PingFang SC",
+    "Heiti SC",
+    "Arial Unicode MS",
+)
 
 
 def _cjk_font() -> str | None:
@@ -83,8 +95,12 @@ def _cjk_font() -> str | None:
 
 
 def save_alignment(
-    attention: torch.Tensor, source_words: Sequence[str], target_words: Sequence[str], path: str | Path,
-    title: str | None = None, fallback_labels: dict[str, str] | None = None,
+    attention: torch.Tensor,
+    source_words: Sequence[str],
+    target_words: Sequence[str],
+    path: str | Path,
+    title: str | None = None,
+    fallback_labels: dict[str, str] | None = None,
 ) -> Path:
     """A word-alignment picture: generated words (rows) x source words (columns), shaded by attention.
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -74,7 +74,13 @@ def word_maps(
         if special_tokens:
             last = int(mask[b].sum()) - 1
             for index, (label, position) in zip((-1, -2), (("<start>", 0), ("<end>", last))):
-                row.append(WordMap(label, index, WordSpan(label, position, position + 1),
-                                   normalize_map(maps[b, position], normalize)))
+                row.append(
+                    WordMap(
+                        label,
+                        index,
+                        WordSpan(label, position, position + 1),
+                        normalize_map(maps[b, position], normalize),
+                    )
+                )
         out.append(row)
     return out

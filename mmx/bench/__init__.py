@@ -23,8 +23,8 @@ import importlib
 import inspect
 import os
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 
@@ -82,9 +82,15 @@ def resolve(names: str | Sequence[str]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def run_suites(names: str | Sequence[str] = ALL, device: str | torch.device | None = None, quick: bool = False,
-               out: str | Path | None = None, log: Log = quiet, command: str | None = None,
-               keep_going: bool = True) -> BenchReport:
+def run_suites(
+    names: str | Sequence[str] = ALL,
+    device: str | torch.device | None = None,
+    quick: bool = False,
+    out: str | Path | None = None,
+    log: Log = quiet,
+    command: str | None = None,
+    keep_going: bool = True,
+) -> BenchReport:
     """Run the named suites (``"all"``: every one) and collect their figures.
 
     Args:

@@ -15,7 +15,8 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -56,7 +57,9 @@ def build(cross: bool, device: torch.device) -> dict[str, Any]:
 
     torch.manual_seed(0)
     mmx_attn = CrossAttention(QUERY_DIM, CONTEXT_DIM if cross else None, heads=HEADS, dim_head=DIM_HEAD).to(device)
-    theirs = Attention(QUERY_DIM, CONTEXT_DIM if cross else None, heads=HEADS, dim_head=DIM_HEAD, bias=False, out_bias=True)
+    theirs = Attention(
+        QUERY_DIM, CONTEXT_DIM if cross else None, heads=HEADS, dim_head=DIM_HEAD, bias=False, out_bias=True
+    )
     theirs.load_state_dict(mmx_attn.state_dict())
     theirs.to(device)
 
@@ -138,7 +141,7 @@ def time_all(impls: dict, case: Case, device: torch.device, backward: bool, repe
         _sync(device)
         inner[n] = max(1, min(20, int(0.05 / max(time.perf_counter() - start, 1e-6))))
     for r in range(repeats):
-        for n in names[r % len(names):] + names[: r % len(names)]:
+        for n in names[r % len(names) :] + names[: r % len(names)]:
             start = time.perf_counter()
             for _ in range(inner[n]):
                 run_once(impls[n], x, ctx, mask, backward)
@@ -160,8 +163,17 @@ def peak_memory_here(impl: str, case_name: str, backward: bool, quick: bool, dev
 
 def peak_memory(impl: str, case_name: str, backward: bool, quick: bool, device: torch.device) -> float | None:
     """Measure in a fresh process, so no earlier allocation hides or inflates the peak."""
-    cmd = [sys.executable, "-m", "mmx.bench.attention", "--_memory", impl, case_name, str(int(backward)),
-           "--device", device.type] + (["--quick"] if quick else [])
+    cmd = [
+        sys.executable,
+        "-m",
+        "mmx.bench.attention",
+        "--_memory",
+        impl,
+        case_name,
+        str(int(backward)),
+        "--device",
+        device.type,
+    ] + (["--quick"] if quick else [])
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"the memory probe {' '.join(cmd[1:])} failed: {out.stderr.strip()[-1000:]}")
@@ -169,8 +181,14 @@ def peak_memory(impl: str, case_name: str, backward: bool, quick: bool, device: 
     return None if last == "none" else float(last)
 
 
-def measure(quick: bool = False, repeats: int | None = None, device: torch.device | None = None,
-            memory: bool = True, command: str | None = None, log: Log = log_info) -> dict[str, Any]:
+def measure(
+    quick: bool = False,
+    repeats: int | None = None,
+    device: torch.device | None = None,
+    memory: bool = True,
+    command: str | None = None,
+    log: Log = log_info,
+) -> dict[str, Any]:
     """Time (and measure the memory of) the four implementations on every case.
 
     Args:
@@ -201,7 +219,9 @@ def measure(quick: bool = False, repeats: int | None = None, device: torch.devic
         "peak_memory_method": memory_method(device) if memory else None,
         "command": command or " ".join(["python", *sys.argv]),
     }
-    log(f"# attention benchmark: {meta['device']}, torch {meta['torch']}, diffusers {meta['diffusers']}, {meta['date']}")
+    log(
+        f"# attention benchmark: {meta['device']}, torch {meta['torch']}, diffusers {meta['diffusers']}, {meta['date']}"
+    )
     log(f"# heads={HEADS} dim_head={DIM_HEAD} query_dim={QUERY_DIM} context_dim={CONTEXT_DIM}; median of {repeats}")
     results = []
     for case_name, case in cases.items():
@@ -216,17 +236,24 @@ def measure(quick: bool = False, repeats: int | None = None, device: torch.devic
         mem_case = memory and (case_name.startswith("self L=S=4096") or device.type == "cuda")
         for n in fwd:
             row = {
-                "case": case_name, "impl": n, "name": IMPLS[n],
-                "B": case[0], "L": case[1], "S": case[2],
+                "case": case_name,
+                "impl": n,
+                "name": IMPLS[n],
+                "B": case[0],
+                "L": case[1],
+                "S": case[2],
                 "max_abs_diff_vs_a": diffs.get(n, 0.0),
-                "fwd_ms": fwd[n] * 1e3, "fwd_bwd_ms": fwdbwd[n] * 1e3,
+                "fwd_ms": fwd[n] * 1e3,
+                "fwd_bwd_ms": fwdbwd[n] * 1e3,
                 "peak_fwd_mib": peak_memory(n, case_name, False, quick, device) if mem_case else None,
                 "peak_fwd_bwd_mib": peak_memory(n, case_name, True, quick, device) if mem_case else None,
             }
             results.append(row)
             mem = "" if row["peak_fwd_mib"] is None else f"{row['peak_fwd_mib']:10.1f} {row['peak_fwd_bwd_mib']:10.1f}"
-            log(f"{case_name:26s} ({n}) {IMPLS[n]:26s} diff {row['max_abs_diff_vs_a']:.1e} "
-                f"fwd {row['fwd_ms']:9.2f} ms  fwd+bwd {row['fwd_bwd_ms']:9.2f} ms  {mem}")
+            log(
+                f"{case_name:26s} ({n}) {IMPLS[n]:26s} diff {row['max_abs_diff_vs_a']:.1e} "
+                f"fwd {row['fwd_ms']:9.2f} ms  fwd+bwd {row['fwd_bwd_ms']:9.2f} ms  {mem}"
+            )
     summary = _targets(results, list(cases))
     log("\n# targets")
     for t in summary:
@@ -249,8 +276,18 @@ def _targets(results: list[dict], names: list[str]) -> list[dict[str, Any]]:
     """The issue's targets for the attention, each with its measured value and whether it is met."""
     cross, self_, big = names[0], names[2], names[3]
     targets = [
-        ("(a) within 1.10x of (d), fwd, every case", max(_ratio(results, c, "a", "d", "fwd_ms") for c in names), "<=", 1.10),
-        ("(a) within 1.10x of (d), fwd+bwd, every case", max(_ratio(results, c, "a", "d", "fwd_bwd_ms") for c in names), "<=", 1.10),
+        (
+            "(a) within 1.10x of (d), fwd, every case",
+            max(_ratio(results, c, "a", "d", "fwd_ms") for c in names),
+            "<=",
+            1.10,
+        ),
+        (
+            "(a) within 1.10x of (d), fwd+bwd, every case",
+            max(_ratio(results, c, "a", "d", "fwd_bwd_ms") for c in names),
+            "<=",
+            1.10,
+        ),
         ("(b)/(a) fwd time, self L=S=1024", _ratio(results, self_, "b", "a", "fwd_ms"), ">=", 2.0),
         ("(b)/(a) fwd+bwd time, self L=S=1024", _ratio(results, self_, "b", "a", "fwd_bwd_ms"), ">=", 2.0),
         ("(a)/(b) peak fwd memory, L=S=4096", _ratio(results, big, "a", "b", "peak_fwd_mib"), "<=", 0.5),
@@ -271,22 +308,40 @@ def suite(device: torch.device, quick: bool = False, log: Log = log_info) -> Sui
     data = measure(quick=quick, repeats=1 if quick else 5, device=device, memory=not quick, command="", log=log)
     rows = data["results"]
     figures = []
-    for case in (QUICK if quick else CASES):
+    for case in QUICK if quick else CASES:
         for other in "cbd":
             if any(r["case"] == case and r["impl"] == other for r in rows):
-                figures.append(Figure(f"fwd, {case}", _get(rows, case, "a", "fwd_ms"), IMPLS[other],
-                                      _get(rows, case, other, "fwd_ms"), "ms"))
+                figures.append(
+                    Figure(
+                        f"fwd, {case}",
+                        _get(rows, case, "a", "fwd_ms"),
+                        IMPLS[other],
+                        _get(rows, case, other, "fwd_ms"),
+                        "ms",
+                    )
+                )
     self_ = list(QUICK if quick else CASES)[2]
     for other in "cbd":
-        figures.append(Figure(f"fwd+bwd, {self_}", _get(rows, self_, "a", "fwd_bwd_ms"), IMPLS[other],
-                              _get(rows, self_, other, "fwd_bwd_ms"), "ms"))
+        figures.append(
+            Figure(
+                f"fwd+bwd, {self_}",
+                _get(rows, self_, "a", "fwd_bwd_ms"),
+                IMPLS[other],
+                _get(rows, self_, other, "fwd_bwd_ms"),
+                "ms",
+            )
+        )
     big = list(QUICK if quick else CASES)[3]
     for key, what in (("peak_fwd_mib", "peak memory fwd"), ("peak_fwd_bwd_mib", "peak memory fwd+bwd")):
         if _get(rows, big, "a", key) is not None and _get(rows, big, "b", key):
-            figures.append(Figure(f"{what}, {big}", _get(rows, big, "a", key), IMPLS["b"], _get(rows, big, "b", key), "MiB"))
+            figures.append(
+                Figure(f"{what}, {big}", _get(rows, big, "a", key), IMPLS["b"], _get(rows, big, "b", key), "MiB")
+            )
     worst = max(r["max_abs_diff_vs_a"] for r in rows)
-    notes = [f"heads={HEADS} dim_head={DIM_HEAD} query_dim={QUERY_DIM} context_dim={CONTEXT_DIM}; all four agree "
-             f"to {worst:.1e}; diffusers' mask convention differs, so it is left out of the masked case"]
+    notes = [
+        f"heads={HEADS} dim_head={DIM_HEAD} query_dim={QUERY_DIM} context_dim={CONTEXT_DIM}; all four agree "
+        f"to {worst:.1e}; diffusers' mask convention differs, so it is left out of the masked case"
+    ]
     return SuiteResult("attention", "CrossAttention against its alternatives", figures, details=data, notes=notes)
 
 
@@ -299,7 +354,7 @@ def _memory_child(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     impl, case_name, backward = args._memory
     mib = peak_memory_here(impl, case_name, bool(int(backward)), args.quick, torch.device(args.device))
-    print("none" if mib is None else mib)
+    print("none" if mib is None else mib)  # noqa: T201 (the parent process reads this line)
 
 
 if __name__ == "__main__":

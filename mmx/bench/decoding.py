@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import datetime as dt
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -63,8 +64,14 @@ def build(kind: str, c: DecodingConfig, device: torch.device) -> tuple[torch.nn.
     return model, lambda: model.encode(*inputs)
 
 
-def measure(config: DecodingConfig | None = None, warmup: int = 1, repeats: int = 5,
-            device: torch.device | None = None, command: str | None = None, log: Log = log_info) -> dict[str, Any]:
+def measure(
+    config: DecodingConfig | None = None,
+    warmup: int = 1,
+    repeats: int = 5,
+    device: torch.device | None = None,
+    command: str | None = None,
+    log: Log = log_info,
+) -> dict[str, Any]:
     """Time cached against re-run decoding for each model and search.
 
     Raises:
@@ -78,16 +85,22 @@ def measure(config: DecodingConfig | None = None, warmup: int = 1, repeats: int 
     c = config or DecodingConfig()
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rows = []
-    log(f"# decoding {c.tokens} tokens, batch {c.batch}, d_model {c.d_model}, {c.layers} decoder layers; "
-        f"{device_name(device)}; median of {repeats}")
+    log(
+        f"# decoding {c.tokens} tokens, batch {c.batch}, d_model {c.d_model}, {c.layers} decoder layers; "
+        f"{device_name(device)}; median of {repeats}"
+    )
     log(f"{'model':12s} {'search':8s} {'cached ms':>10s} {'re-run ms':>10s} {'speed-up':>9s}  identical")
     for kind in c.models:
         model, encode = build(kind, c, device)
-        searches = {"greedy": lambda memory, cache: greedy_decode(model, memory, max_len=c.tokens, use_cache=cache,
-                                                                  stop_at_eos=False)}
+        searches = {
+            "greedy": lambda memory, cache, model=model: greedy_decode(
+                model, memory, max_len=c.tokens, use_cache=cache, stop_at_eos=False
+            )
+        }
         if c.beam > 0:
-            searches[f"beam {c.beam}"] = lambda memory, cache: beam_search(
-                model, memory, beam_size=c.beam, max_len=c.tokens, use_cache=cache)
+            searches[f"beam {c.beam}"] = lambda memory, cache, model=model: beam_search(
+                model, memory, beam_size=c.beam, max_len=c.tokens, use_cache=cache
+            )
         with torch.no_grad():
             memory = encode()  # encoded once: both ways decode the same memory, only decoding is timed
         for name, search in searches.items():
@@ -96,17 +109,35 @@ def measure(config: DecodingConfig | None = None, warmup: int = 1, repeats: int 
             if not identical:
                 raise ValueError(f"{kind} {name}: cached and re-run decoding differ")
 
-            def run(cache: bool, search=search) -> None:
+            def run(cache: bool, search=search, memory=memory) -> None:
                 search(memory, cache)
 
             times = time_calls({"cached": lambda: run(True), "rerun": lambda: run(False)}, warmup, repeats, device)
             speedup = times["rerun"] / times["cached"]
-            rows.append({"model": kind, "search": name, "tokens_generated": int(cached.tokens.shape[1]),
-                         "cached_ms": times["cached"] * 1e3, "rerun_ms": times["rerun"] * 1e3,
-                         "speedup": speedup, "identical": identical})
-            log(f"{kind:12s} {name:8s} {times['cached'] * 1e3:10.1f} {times['rerun'] * 1e3:10.1f} {speedup:8.2f}x  {identical}")
-    meta = {"date": dt.date.today().isoformat(), "torch": torch.__version__, "device": device_name(device),
-            "command": command or " ".join(["python", *sys.argv]), **asdict(c), "warmup": warmup, "repeats": repeats}
+            rows.append(
+                {
+                    "model": kind,
+                    "search": name,
+                    "tokens_generated": int(cached.tokens.shape[1]),
+                    "cached_ms": times["cached"] * 1e3,
+                    "rerun_ms": times["rerun"] * 1e3,
+                    "speedup": speedup,
+                    "identical": identical,
+                }
+            )
+            log(
+                f"{kind:12s} {name:8s} {times['cached'] * 1e3:10.1f} {times['rerun'] * 1e3:10.1f} "
+                f"{speedup:8.2f}x  {identical}"
+            )
+    meta = {
+        "date": dt.date.today().isoformat(),
+        "torch": torch.__version__,
+        "device": device_name(device),
+        "command": command or " ".join(["python", *sys.argv]),
+        **asdict(c),
+        "warmup": warmup,
+        "repeats": repeats,
+    }
     meta["device"] = str(device)  # as the script always wrote it: the --device option
     meta["machine"] = device_name(device)
     return {"meta": meta, "results": rows}
@@ -115,12 +146,25 @@ def measure(config: DecodingConfig | None = None, warmup: int = 1, repeats: int 
 def suite(device: torch.device, quick: bool = False, log: Log = log_info) -> SuiteResult:
     """``mmx bench decoding``: greedy and beam-search decoding with caches against re-running the prefix."""
     if quick:
-        config, warmup, repeats = DecodingConfig(batch=2, tokens=5, beam=2, d_model=16, heads=2, layers=1,
-                                                 image_size=32), 0, 1
+        config, warmup, repeats = (
+            DecodingConfig(batch=2, tokens=5, beam=2, d_model=16, heads=2, layers=1, image_size=32),
+            0,
+            1,
+        )
     else:
         config, warmup, repeats = DecodingConfig(), 1, 3
     data = measure(config, warmup, repeats, device, command="", log=log)
-    figures = [Figure(f"{r['model']} {r['search']}, {config.tokens} tokens x {config.batch}, with caches",
-                      r["cached_ms"], "re-running the prefix", r["rerun_ms"], "ms") for r in data["results"]]
-    notes = [f"d_model {config.d_model}, {config.layers} decoder layers; identical tokens both ways; median of {repeats}"]
+    figures = [
+        Figure(
+            f"{r['model']} {r['search']}, {config.tokens} tokens x {config.batch}, with caches",
+            r["cached_ms"],
+            "re-running the prefix",
+            r["rerun_ms"],
+            "ms",
+        )
+        for r in data["results"]
+    ]
+    notes = [
+        f"d_model {config.d_model}, {config.layers} decoder layers; identical tokens both ways; median of {repeats}"
+    ]
     return SuiteResult("decoding", "decoding with key/value caches", figures, details=data, notes=notes)

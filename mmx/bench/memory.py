@@ -28,8 +28,12 @@ CUDA = "torch.cuda.max_memory_allocated after reset_peak_memory_stats (tensor me
 VMHWM = "peak RSS growth: Linux VmHWM reset via /proc/self/clear_refs, after glibc malloc_trim"
 PSUTIL = "peak RSS growth: psutil RSS sampled every 1 ms"
 NONE = "n/a (no CUDA, no /proc/self/clear_refs, no psutil)"
-_SHORT = {CUDA: "torch.cuda.max_memory_allocated", VMHWM: "peak RSS growth (Linux VmHWM)",
-          PSUTIL: "peak RSS growth (psutil, sampled)", NONE: "n/a"}
+_SHORT = {
+    CUDA: "torch.cuda.max_memory_allocated",
+    VMHWM: "peak RSS growth (Linux VmHWM)",
+    PSUTIL: "peak RSS growth (psutil, sampled)",
+    NONE: "n/a",
+}
 
 
 def _status_kib(field: str) -> int:
@@ -46,7 +50,7 @@ def _reset_hwm() -> None:
         f.write("5")  # resets VmHWM to the current VmRSS
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _libc_trim():
     """glibc's ``malloc_trim``, or None where there is no glibc."""
     name = ctypes.util.find_library("c")
@@ -56,7 +60,7 @@ def _libc_trim():
         return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cpu_method() -> str:
     try:
         _reset_hwm()
@@ -92,7 +96,7 @@ class PeakMemory:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         gc.collect()
         if self.method == CUDA:
             torch.cuda.synchronize(self.device)
@@ -118,8 +122,9 @@ class PeakMemory:
             self._thread.start()
         return self
 
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
-                 trace: TracebackType | None) -> None:
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
         if self.method == CUDA:
             torch.cuda.synchronize(self.device)
             peak = torch.cuda.max_memory_allocated(self.device)

@@ -30,8 +30,9 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -44,16 +45,35 @@ from mmx.bench.unet2d import CONTEXT_DIM, TOKENS, ddpm_schedule, make_inputs
 
 __all__ = ["UNET1D", "UNET2D", "Variant", "measure_variants", "suite", "unet1d_variants", "unet2d_variants"]
 
-UNET2D = dict(channels=(64, 96, 128), layers_per_block=1, attention_levels=(False, True, True),
-              attention={"heads": 4, "dim_head": 32}, patch_size=2)
+UNET2D = dict(
+    channels=(64, 96, 128),
+    layers_per_block=1,
+    attention_levels=(False, True, True),
+    attention={"heads": 4, "dim_head": 32},
+    patch_size=2,
+)
 UNET2D_BATCH, UNET2D_SIZE = 64, 32
-UNET1D = dict(input_dim=2, diffusion_step_embed_dim=64, down_dims=(64, 128, 256), kernel_size=5, n_groups=8,
-              cond_predict_scale=True, context_dim=128, heads=4, dim_head=32)
+UNET1D = dict(
+    input_dim=2,
+    diffusion_step_embed_dim=64,
+    down_dims=(64, 128, 256),
+    kernel_size=5,
+    n_groups=8,
+    cond_predict_scale=True,
+    context_dim=128,
+    heads=4,
+    dim_head=32,
+)
 UNET1D_BATCH, HORIZON, OBS_TOKENS = 64, 16, 136
 
 BASELINE = "fp32"
 CHECKPOINTING, CHANNELS_LAST, COMPILE, BF16, TF32 = (
-    "gradient checkpointing", "channels_last", "torch.compile", "bf16 autocast", "TF32")
+    "gradient checkpointing",
+    "channels_last",
+    "torch.compile",
+    "bf16 autocast",
+    "TF32",
+)
 
 
 @dataclass
@@ -113,8 +133,9 @@ def _train_step(variant: Variant, ctx: Context, scheduler: Any, device: torch.de
     return step
 
 
-def _options(model: nn.Module, x0: torch.Tensor, device: torch.device, compile_backend: str,
-             channels_last: bool) -> dict[str, Variant]:
+def _options(
+    model: nn.Module, x0: torch.Tensor, device: torch.device, compile_backend: str, channels_last: bool
+) -> dict[str, Variant]:
     """The baseline and one copy of ``model`` per option (channels-last only where asked: 2-D models)."""
     model.train()
 
@@ -138,8 +159,13 @@ def _options(model: nn.Module, x0: torch.Tensor, device: torch.device, compile_b
     return variants
 
 
-def unet2d_variants(device: torch.device, arch: dict | None = None, batch: int = UNET2D_BATCH, size: int = UNET2D_SIZE,
-                    compile_backend: str = "inductor") -> tuple[dict[str, Variant], Context]:
+def unet2d_variants(
+    device: torch.device,
+    arch: dict | None = None,
+    batch: int = UNET2D_BATCH,
+    size: int = UNET2D_SIZE,
+    compile_backend: str = "inductor",
+) -> tuple[dict[str, Variant], Context]:
     """The UNet2D variants (shapes recipe model unless ``arch``) and their text context."""
     from mmx.models import UNet2D
 
@@ -149,8 +175,14 @@ def unet2d_variants(device: torch.device, arch: dict | None = None, batch: int =
     return _options(model, x0, device, compile_backend, channels_last=True), ctx
 
 
-def unet1d_variants(device: torch.device, arch: dict | None = None, batch: int = UNET1D_BATCH, horizon: int = HORIZON,
-                    tokens: int = OBS_TOKENS, compile_backend: str = "inductor") -> tuple[dict[str, Variant], Context]:
+def unet1d_variants(
+    device: torch.device,
+    arch: dict | None = None,
+    batch: int = UNET1D_BATCH,
+    horizon: int = HORIZON,
+    tokens: int = OBS_TOKENS,
+    compile_backend: str = "inductor",
+) -> tuple[dict[str, Variant], Context]:
     """The UNet1D variants (policy_targets recipe model unless ``arch``; no channels-last: no 2-D convolution)."""
     from mmx.models import UNet1D
 
@@ -158,13 +190,22 @@ def unet1d_variants(device: torch.device, arch: dict | None = None, batch: int =
     torch.manual_seed(0)
     model = UNet1D(**arch).to(device)
     x0 = torch.randn(batch, horizon, arch["input_dim"], device=device)
-    ctx = Context(tokens=torch.randn(batch, tokens, arch["context_dim"], device=device),
-                  mask=torch.ones(batch, tokens, dtype=torch.bool, device=device))
+    ctx = Context(
+        tokens=torch.randn(batch, tokens, arch["context_dim"], device=device),
+        mask=torch.ones(batch, tokens, dtype=torch.bool, device=device),
+    )
     return _options(model, x0, device, compile_backend, channels_last=False), ctx
 
 
-def measure_variants(variants: dict[str, Variant], ctx: Context, device: torch.device, warmup: int, repeats: int,
-                     what: str, log: Log = log_info) -> tuple[dict[str, dict[str, float | None]], list[str]]:
+def measure_variants(
+    variants: dict[str, Variant],
+    ctx: Context,
+    device: torch.device,
+    warmup: int,
+    repeats: int,
+    what: str,
+    log: Log = log_info,
+) -> tuple[dict[str, dict[str, float | None]], list[str]]:
     """Per variant ``{"step_ms", "first_step_ms", "peak_mib"}`` (median step; the first step on its own), and notes.
 
     A variant whose first step fails (torch.compile without a working compiler) is dropped with a note.
@@ -192,8 +233,10 @@ def measure_variants(variants: dict[str, Variant], ctx: Context, device: torch.d
         with PeakMemory(device) as peak:
             step()
         rows[name] = {"step_ms": seconds[name] * 1e3, "first_step_ms": first[name] * 1e3, "peak_mib": peak.mib}
-        log(f"{what} {name}: step {seconds[name] * 1e3:.1f} ms, peak "
-            + ("n/a" if peak.mib is None else f"{peak.mib:.1f} MiB"))
+        log(
+            f"{what} {name}: step {seconds[name] * 1e3:.1f} ms, peak "
+            + ("n/a" if peak.mib is None else f"{peak.mib:.1f} MiB")
+        )
     return rows, notes
 
 
@@ -209,12 +252,20 @@ def _figures(what: str, rows: dict[str, dict[str, float | None]]) -> list[Figure
         label = f"{what}: {name} step" + (" (steady)" if name == COMPILE else "")
         figures.append(Figure(label, row["step_ms"], against, base["step_ms"], "ms"))
         if name == CHECKPOINTING and row["peak_mib"] and base["peak_mib"]:
-            figures.append(Figure(f"{what}: {name} peak memory", row["peak_mib"], f"{BASELINE} peak",
-                                  base["peak_mib"], "MiB"))
+            figures.append(
+                Figure(f"{what}: {name} peak memory", row["peak_mib"], f"{BASELINE} peak", base["peak_mib"], "MiB")
+            )
         if name == COMPILE:
             compile_ms = max(row["first_step_ms"] - row["step_ms"], 0.0)
-            figures.append(Figure(f"{what}: {name} compile time, once (ratio: in fp32 steps)", compile_ms,
-                                  against, base["step_ms"], "ms"))
+            figures.append(
+                Figure(
+                    f"{what}: {name} compile time, once (ratio: in fp32 steps)",
+                    compile_ms,
+                    against,
+                    base["step_ms"],
+                    "ms",
+                )
+            )
     return figures
 
 
@@ -231,8 +282,13 @@ def suite(device: torch.device, quick: bool = False, log: Log = log_info) -> Sui
     """``mmx bench options``: each speed option's training step against fp32, UNet2D and UNet1D."""
     if quick:
         backend, warmup, repeats = "eager", 1, 1
-        arch2 = dict(channels=(16, 32), layers_per_block=1, attention_levels=(False, True),
-                     attention={"heads": 2, "dim_head": 8}, patch_size=2)
+        arch2 = dict(
+            channels=(16, 32),
+            layers_per_block=1,
+            attention_levels=(False, True),
+            attention={"heads": 2, "dim_head": 8},
+            patch_size=2,
+        )
         arch1 = dict(UNET1D, diffusion_step_embed_dim=16, down_dims=(16, 32), context_dim=8, heads=2, dim_head=8)
         sizes = dict(batch2=2, size=16, batch1=2, horizon=8, tokens=3)
     else:
@@ -254,22 +310,44 @@ def suite(device: torch.device, quick: bool = False, log: Log = log_info) -> Sui
     label2 = f"UNet2D B={sizes['batch2']}, {sizes['size']}px"
     label1 = f"UNet1D B={sizes['batch1']}, T={sizes['horizon']}"
     figures = _figures(label2, rows2) + _figures(label1, rows1)
-    tf32 = ("measured: every other variant with TF32 off" if device.type == "cuda" else
-            "not applicable on the CPU (TF32 is a CUDA matmul / convolution mode): no figure")
+    tf32 = (
+        "measured: every other variant with TF32 off"
+        if device.type == "cuda"
+        else "not applicable on the CPU (TF32 is a CUDA matmul / convolution mode): no figure"
+    )
     even = {name: _break_even(rows) for name, rows in (("unet2d", rows2), ("unet1d", rows1))}
     compiled = f"torch.compile backend {backend!r}" + (
-        " (no code generation: --quick checks the path, not the speed)" if quick else ", cold compile")
+        " (no code generation: --quick checks the path, not the speed)" if quick else ", cold compile"
+    )
     paid = ", ".join(f"{name} {'never' if n is None else f'after {n:.0f} steps'}" for name, n in even.items())
-    notes = [f"median of {repeats} after {warmup} warm-up, variants alternating, each on its own copy of the model; "
-             f"bf16: autocast around forward and loss, fp32 weights; TF32: {tf32}; peak memory: "
-             f"{memory_method(device)}",
-             f"{compiled}; the compile time is paid back: {paid}", *notes]
+    notes = [
+        f"median of {repeats} after {warmup} warm-up, variants alternating, each on its own copy of the model; "
+        f"bf16: autocast around forward and loss, fp32 weights; TF32: {tf32}; peak memory: "
+        f"{memory_method(device)}",
+        f"{compiled}; the compile time is paid back: {paid}",
+        *notes,
+    ]
     details = {
-        "unet2d": {"arch": plain(arch2), "batch": sizes["batch2"], "size": sizes["size"], "context_tokens": TOKENS,
-                   "variants": rows2, "compile_break_even_steps": even["unet2d"]},
-        "unet1d": {"arch": plain(arch1), "batch": sizes["batch1"], "horizon": sizes["horizon"],
-                   "context_tokens": sizes["tokens"], "variants": rows1, "compile_break_even_steps": even["unet1d"]},
-        "warmup": warmup, "repeats": repeats, "compile_backend": backend, "tf32": tf32,
+        "unet2d": {
+            "arch": plain(arch2),
+            "batch": sizes["batch2"],
+            "size": sizes["size"],
+            "context_tokens": TOKENS,
+            "variants": rows2,
+            "compile_break_even_steps": even["unet2d"],
+        },
+        "unet1d": {
+            "arch": plain(arch1),
+            "batch": sizes["batch1"],
+            "horizon": sizes["horizon"],
+            "context_tokens": sizes["tokens"],
+            "variants": rows1,
+            "compile_break_even_steps": even["unet1d"],
+        },
+        "warmup": warmup,
+        "repeats": repeats,
+        "compile_backend": backend,
+        "tf32": tf32,
         "peak_memory_method": memory_method(device),
     }
     return SuiteResult("options", "training speed options against fp32", figures, details=details, notes=notes)

@@ -25,8 +25,15 @@ __all__ = ["SHIPPED_RUN", "measure", "suite"]
 SHIPPED_RUN = Path(__file__).parents[1] / "assets" / "shapes_t2i"
 
 
-def measure(run: str | Path = SHIPPED_RUN, prompts: int = 16, steps: int = 25, repeats: int = 3,
-            device: torch.device | None = None, command: str | None = None, log: Log = log_info) -> dict[str, Any]:
+def measure(
+    run: str | Path = SHIPPED_RUN,
+    prompts: int = 16,
+    steps: int = 25,
+    repeats: int = 3,
+    device: torch.device | None = None,
+    command: str | None = None,
+    log: Log = log_info,
+) -> dict[str, Any]:
     """Sample ``prompts`` held-out captions with the recorder off and on (alternating, after a warm-up).
 
     Returns:
@@ -75,14 +82,29 @@ def measure(run: str | Path = SHIPPED_RUN, prompts: int = 16, steps: int = 25, r
     b, s = recorder.maps().shape[:2]
     for name, h in heads.items():
         every += steps * b * h * s * _queries(pipeline, name, height, width, device) * 4
-    log(f"sampling {len(texts)} prompts x {steps} steps: recorder off {statistics.median(off):.2f} s, "
-        f"on {statistics.median(on):.2f} s, ratio {ratio:.3f} (target <= 1.15); outputs identical: {identical}")
-    log(f"memory: recorder holds {held / 2**20:.3f} MiB; every (step, layer, head) map would be {every / 2**20:.1f} MiB "
-        f"({every / held:.0f}x)")
-    return {"date": dt.date.today().isoformat(), "command": command or " ".join(["python", *sys.argv]),
-            "torch": torch.__version__, "prompts": len(texts), "steps": steps,
-            "seconds_off": off, "seconds_on": on, "ratio": ratio, "identical_outputs": identical,
-            "recorder_bytes": held, "every_map_bytes": every, "layers": len(heads)}
+    log(
+        f"sampling {len(texts)} prompts x {steps} steps: recorder off {statistics.median(off):.2f} s, "
+        f"on {statistics.median(on):.2f} s, ratio {ratio:.3f} (target <= 1.15); outputs identical: {identical}"
+    )
+    log(
+        f"memory: recorder holds {held / 2**20:.3f} MiB; every (step, layer, head) map would be "
+        f"{every / 2**20:.1f} MiB "
+        f"({every / held:.0f}x)"
+    )
+    return {
+        "date": dt.date.today().isoformat(),
+        "command": command or " ".join(["python", *sys.argv]),
+        "torch": torch.__version__,
+        "prompts": len(texts),
+        "steps": steps,
+        "seconds_off": off,
+        "seconds_on": on,
+        "ratio": ratio,
+        "identical_outputs": identical,
+        "recorder_bytes": held,
+        "every_map_bytes": every,
+        "layers": len(heads),
+    }
 
 
 def _finish(start: float, device: torch.device) -> float:
@@ -108,10 +130,19 @@ def suite(device: torch.device, quick: bool = False, log: Log = log_info) -> Sui
     data = measure(SHIPPED_RUN, prompts, steps, repeats, device, command="", log=log)
     label = f"sampling {data['prompts']} prompts x {steps} DDIM steps, recorder on"
     figures = [
-        Figure(label, statistics.median(data["seconds_on"]), "recorder off", statistics.median(data["seconds_off"]), "s"),
-        Figure("memory held by the recorder (running sums)", data["recorder_bytes"] / 2**20,
-               "every (step, layer, head) map kept", data["every_map_bytes"] / 2**20, "MiB"),
+        Figure(
+            label, statistics.median(data["seconds_on"]), "recorder off", statistics.median(data["seconds_off"]), "s"
+        ),
+        Figure(
+            "memory held by the recorder (running sums)",
+            data["recorder_bytes"] / 2**20,
+            "every (step, layer, head) map kept",
+            data["every_map_bytes"] / 2**20,
+            "MiB",
+        ),
     ]
-    notes = [f"the shipped shapes model; outputs with and without the recorder identical: {data['identical_outputs']}; "
-             f"median of {repeats}"]
+    notes = [
+        f"the shipped shapes model; outputs with and without the recorder identical: {data['identical_outputs']}; "
+        f"median of {repeats}"
+    ]
     return SuiteResult("recorder", "attention recorder overhead", figures, details=data, notes=notes)

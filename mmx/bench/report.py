@@ -8,9 +8,10 @@ import logging
 import math
 import platform
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -36,7 +37,6 @@ def plain(data: Any) -> Any:
     if isinstance(data, dict):
         return {k: plain(v) for k, v in data.items()}
     return list(data) if isinstance(data, tuple) else data
-
 
 
 @dataclass
@@ -131,31 +131,57 @@ def tables(report: BenchReport) -> list[Any]:
     out: list[Any] = []
     table = Table(
         title=f"mmx bench: {m['device']}; torch {m['torch']}, diffusers {m['diffusers']}; {m['date']}"
-              + (" (--quick)" if m.get("quick") else ""),
+        + (" (--quick)" if m.get("quick") else ""),
         caption="ratio = mmx / alternative, measured in the same run: below 1, mmx takes less",
     )
-    for column, justify in (("suite", "left"), ("figure", "left"), ("mmx", "right"), ("alternative", "left"),
-                            ("alternative's", "right"), ("ratio", "right")):
+    for column, justify in (
+        ("suite", "left"),
+        ("figure", "left"),
+        ("mmx", "right"),
+        ("alternative", "left"),
+        ("alternative's", "right"),
+        ("ratio", "right"),
+    ):
         table.add_column(column, justify=justify)  # type: ignore[arg-type]
     for name, suite in report.suites.items():
         for i, f in enumerate(suite.figures):
-            table.add_row(name if i == 0 else "", f.label, _num(f.value, f.unit), f.alternative,
-                          _num(f.other, f.unit), _num(f.ratio))
+            table.add_row(
+                name if i == 0 else "",
+                f.label,
+                _num(f.value, f.unit),
+                f.alternative,
+                _num(f.other, f.unit),
+                _num(f.ratio),
+            )
         table.add_section()
     for name, message in report.errors.items():
         table.add_row(name, f"[red]failed: {message}[/red]", "", "", "", "")
     out.append(table)
     scaling = report.suites.get("scaling")
     if scaling is not None:
-        points = Table(title=f"scaling: one training step (forward, backward, AdamW); peak memory: "
-                             f"{scaling.details.get('peak_memory_method', m['peak_memory_method'])}")
+        points = Table(
+            title=f"scaling: one training step (forward, backward, AdamW); peak memory: "
+            f"{scaling.details.get('peak_memory_method', m['peak_memory_method'])}"
+        )
         for column in ("model", "resolution / horizon", "context tokens", "batch", "step ms", "peak MiB"):
             points.add_column(column, justify="left" if column == "model" else "right")
         for p in scaling.details.get("unet2d", {}).get("points", []):
-            points.add_row("UNet2D", f"{p['resolution']}x{p['resolution']}", str(p["context"]), str(p["batch"]),
-                           _num(p["step_ms"]), _num(p["peak_mib"]))
+            points.add_row(
+                "UNet2D",
+                f"{p['resolution']}x{p['resolution']}",
+                str(p["context"]),
+                str(p["batch"]),
+                _num(p["step_ms"]),
+                _num(p["peak_mib"]),
+            )
         for p in scaling.details.get("unet1d", {}).get("points", []):
-            points.add_row(f"UNet1D {p['variant']}", str(p["horizon"]), str(p["context"]), str(p["batch"]),
-                           _num(p["step_ms"]), _num(p["peak_mib"]))
+            points.add_row(
+                f"UNet1D {p['variant']}",
+                str(p["horizon"]),
+                str(p["context"]),
+                str(p["batch"]),
+                _num(p["step_ms"]),
+                _num(p["peak_mib"]),
+            )
         out.append(points)
     return out

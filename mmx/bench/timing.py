@@ -5,7 +5,7 @@ from __future__ import annotations
 import platform
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -48,8 +48,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def time_calls(calls: dict[str, Callable[[], object]], warmup: int, repeats: int,
-               device: torch.device) -> dict[str, float]:
+def time_calls(
+    calls: dict[str, Callable[[], object]], warmup: int, repeats: int, device: torch.device
+) -> dict[str, float]:
     """Median seconds of each zero-argument callable; the callables alternate, in rotating order."""
     names = list(calls)
     for _ in range(warmup):
@@ -58,7 +59,7 @@ def time_calls(calls: dict[str, Callable[[], object]], warmup: int, repeats: int
     _sync(device)
     times: dict[str, list[float]] = {name: [] for name in names}
     for i in range(repeats):
-        order = names[i % len(names):] + names[: i % len(names)]
+        order = names[i % len(names) :] + names[: i % len(names)]
         for name in order:
             start = time.perf_counter()
             calls[name]()

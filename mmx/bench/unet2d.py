@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import datetime as dt
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,17 +22,32 @@ from mmx import Context
 from mmx.bench.report import Figure, Log, SuiteResult, log_info, plain
 from mmx.bench.timing import device_name, time_calls
 
-__all__ = ["ARCH", "build_models", "ddpm_schedule", "make_inputs", "measure", "sample_suite", "sampling_seconds",
-           "suite", "train_step", "train_step_times"]
+__all__ = [
+    "ARCH",
+    "build_models",
+    "ddpm_schedule",
+    "make_inputs",
+    "measure",
+    "sample_suite",
+    "sampling_seconds",
+    "suite",
+    "train_step",
+    "train_step_times",
+]
 
-ARCH = dict(channels=(64, 128, 128), layers_per_block=1, attention_levels=(False, True, True),
-            attention={"heads": 4, "dim_head": 32})
+ARCH = dict(
+    channels=(64, 128, 128),
+    layers_per_block=1,
+    attention_levels=(False, True, True),
+    attention={"heads": 4, "dim_head": 32},
+)
 CONTEXT_DIM, TOKENS, REAL_TOKENS = 384, 12, 9
 MMX, DIFFUSERS = "mmx UNet2D", "diffusers UNet2DConditionModel"
 
 
-def make_inputs(batch: int, size: int, device: torch.device, tokens: int = TOKENS,
-                real: int | None = REAL_TOKENS) -> tuple[torch.Tensor, Context]:
+def make_inputs(
+    batch: int, size: int, device: torch.device, tokens: int = TOKENS, real: int | None = REAL_TOKENS
+) -> tuple[torch.Tensor, Context]:
     """Images ``[B, 3, size, size]`` and a text Context of ``tokens`` tokens (the first ``real`` unmasked)."""
     x0 = torch.randn(batch, 3, size, size, device=device)
     mask = torch.ones(batch, tokens, dtype=torch.bool, device=device)
@@ -66,21 +82,40 @@ def train_step(model: nn.Module, x0: torch.Tensor, ctx: Context, scheduler: Any)
     return step
 
 
-def train_step_times(models: dict[str, nn.Module], x0: torch.Tensor, ctx: Context, scheduler: Any,
-                     warmup: int, repeats: int, device: torch.device) -> dict[str, float]:
+def train_step_times(
+    models: dict[str, nn.Module],
+    x0: torch.Tensor,
+    ctx: Context,
+    scheduler: Any,
+    warmup: int,
+    repeats: int,
+    device: torch.device,
+) -> dict[str, float]:
     """Median seconds of one optimiser step of each model, the models taking turns."""
     steps = {name: train_step(model, x0, ctx, scheduler) for name, model in models.items()}
     return time_calls(steps, warmup, repeats, device)
 
 
-def sampling_seconds(models: dict[str, nn.Module], n: int, size: int, steps: int, guidance: float,
-                     scheduler: Any, device: torch.device, repeats: int) -> dict[str, float]:
+def sampling_seconds(
+    models: dict[str, nn.Module],
+    n: int,
+    size: int,
+    steps: int,
+    guidance: float,
+    scheduler: Any,
+    device: torch.device,
+    repeats: int,
+) -> dict[str, float]:
     """Median seconds to sample ``n`` images with each model (a 2-step warm-up first, models alternating)."""
     from mmx.diffusion import sample, sampler_from
 
-    prompts = Context(tokens=torch.randn(n, TOKENS, CONTEXT_DIM, device=device),
-                      mask=torch.ones(n, TOKENS, dtype=torch.bool, device=device))
-    null = Context(tokens=torch.randn(1, 2, CONTEXT_DIM, device=device), mask=torch.ones(1, 2, dtype=torch.bool, device=device))
+    prompts = Context(
+        tokens=torch.randn(n, TOKENS, CONTEXT_DIM, device=device),
+        mask=torch.ones(n, TOKENS, dtype=torch.bool, device=device),
+    )
+    null = Context(
+        tokens=torch.randn(1, 2, CONTEXT_DIM, device=device), mask=torch.ones(1, 2, dtype=torch.bool, device=device)
+    )
     ddim = sampler_from(scheduler, "ddim")
 
     def run(model: nn.Module, num_steps: int) -> None:
@@ -103,8 +138,15 @@ def _params_m(model: nn.Module) -> float:
     return sum(p.numel() for p in model.parameters()) / 1e6
 
 
-def measure(batch: int = 32, size: int = 32, repeats: int = 6, sample_batch: int = 16,
-            device: torch.device | None = None, command: str | None = None, log: Log = log_info) -> dict[str, Any]:
+def measure(
+    batch: int = 32,
+    size: int = 32,
+    repeats: int = 6,
+    sample_batch: int = 16,
+    device: torch.device | None = None,
+    command: str | None = None,
+    log: Log = log_info,
+) -> dict[str, Any]:
     """Training-step time of both UNets (``repeats`` after 2 warm-up steps) and mmx's sampling rate.
 
     Returns:
@@ -120,8 +162,10 @@ def measure(batch: int = 32, size: int = 32, repeats: int = 6, sample_batch: int
     rows = []
     for name, model in models.items():
         rows.append({"model": name, "params_m": _params_m(model), "train_step_ms": seconds[name] * 1e3})
-        log(f"{name:32s} {_params_m(model):6.2f}M params  train step {seconds[name] * 1e3:8.1f} ms "
-            f"(B={batch}, {size}x{size})")
+        log(
+            f"{name:32s} {_params_m(model):6.2f}M params  train step {seconds[name] * 1e3:8.1f} ms "
+            f"(B={batch}, {size}x{size})"
+        )
     ratio = rows[0]["train_step_ms"] / rows[1]["train_step_ms"]
     log(f"mmx / diffusers train-step time: {ratio:.3f} (target <= 1.0)")
 
@@ -130,12 +174,19 @@ def measure(batch: int = 32, size: int = 32, repeats: int = 6, sample_batch: int
     taken = sampling_seconds({MMX: models[MMX]}, n, size, 25, 3.0, ddpm, device, 1)[MMX]
     log(f"sampling: {n / taken:.2f} images/s ({n} images, 25 DDIM steps, guidance 3.0, {size}x{size})")
     return {
-        "meta": {"date": dt.date.today().isoformat(), "torch": torch.__version__,
-                 "device": device_name(device),
-                 "arch": plain(ARCH), "batch": batch,
-                 "size": size, "command": command or " ".join(["python", *sys.argv])},
-        "train_step": rows, "ratio_mmx_over_diffusers": ratio,
-        "sampling_images_per_s": n / taken, "sampling": {"batch": n, "steps": 25, "guidance": 3.0},
+        "meta": {
+            "date": dt.date.today().isoformat(),
+            "torch": torch.__version__,
+            "device": device_name(device),
+            "arch": plain(ARCH),
+            "batch": batch,
+            "size": size,
+            "command": command or " ".join(["python", *sys.argv]),
+        },
+        "train_step": rows,
+        "ratio_mmx_over_diffusers": ratio,
+        "sampling_images_per_s": n / taken,
+        "sampling": {"batch": n, "steps": 25, "guidance": 3.0},
     }
 
 
@@ -150,13 +201,21 @@ def suite(device: torch.device, quick: bool = False, log: Log = log_info) -> Sui
         log(f"{name}: {_params_m(models[name]):.2f}M params, train step {seconds[name] * 1e3:.1f} ms")
     label = f"train step, B={batch}, {size}x{size}"
     figure = Figure(label, seconds[MMX] * 1e3, DIFFUSERS, seconds[DIFFUSERS] * 1e3, "ms")
-    details = {"batch": batch, "size": size, "warmup": warmup, "repeats": repeats,
-               "arch": plain(ARCH),
-               "params_m": {name: _params_m(m) for name, m in models.items()},
-               "train_step_ms": {name: s * 1e3 for name, s in seconds.items()}}
-    notes = [f"same channels {ARCH['channels']}, attention levels, {ARCH['attention']['heads']} heads of {ARCH['attention']['dim_head']}, "
-             f"context {TOKENS} tokens ({TOKENS - REAL_TOKENS} padded) of width {CONTEXT_DIM}, AdamW; "
-             f"median of {repeats}, models alternating"]
+    details = {
+        "batch": batch,
+        "size": size,
+        "warmup": warmup,
+        "repeats": repeats,
+        "arch": plain(ARCH),
+        "params_m": {name: _params_m(m) for name, m in models.items()},
+        "train_step_ms": {name: s * 1e3 for name, s in seconds.items()},
+    }
+    notes = [
+        f"same channels {ARCH['channels']}, attention levels, {ARCH['attention']['heads']} heads of "
+        f"{ARCH['attention']['dim_head']}, "
+        f"context {TOKENS} tokens ({TOKENS - REAL_TOKENS} padded) of width {CONTEXT_DIM}, AdamW; "
+        f"median of {repeats}, models alternating"
+    ]
     return SuiteResult("unet2d", "UNet2D training step", [figure], details=details, notes=notes)
 
 
@@ -168,9 +227,20 @@ def sample_suite(device: torch.device, quick: bool = False, log: Log = log_info)
     seconds = sampling_seconds(models, n, size, steps, 3.0, ddpm_schedule(), device, repeats)
     for name, s in seconds.items():
         log(f"{name}: {n / s:.2f} images/s ({n} images, {steps} DDIM steps, guidance 3.0, {size}x{size})")
-    figure = Figure(f"sampling, s/image ({steps} DDIM steps, guidance 3, {size}x{size})", seconds[MMX] / n,
-                    DIFFUSERS, seconds[DIFFUSERS] / n, "s")
-    details = {"images": n, "size": size, "steps": steps, "guidance": 3.0, "repeats": repeats,
-               "images_per_s": {name: n / s for name, s in seconds.items()}}
+    figure = Figure(
+        f"sampling, s/image ({steps} DDIM steps, guidance 3, {size}x{size})",
+        seconds[MMX] / n,
+        DIFFUSERS,
+        seconds[DIFFUSERS] / n,
+        "s",
+    )
+    details = {
+        "images": n,
+        "size": size,
+        "steps": steps,
+        "guidance": 3.0,
+        "repeats": repeats,
+        "images_per_s": {name: n / s for name, s in seconds.items()},
+    }
     notes = [f"{n} images per call, conditional and unconditional rows in one batched call; median of {repeats}"]
     return SuiteResult("sample", "sampling throughput", [figure], details=details, notes=notes)

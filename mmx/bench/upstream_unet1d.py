@@ -34,7 +34,9 @@ class _StepEmbedding(nn.Module):
 class _ConvNormMish(nn.Module):
     def __init__(self, c_in: int, c_out: int, kernel: int, groups: int = 8) -> None:
         super().__init__()
-        self.block = nn.Sequential(nn.Conv1d(c_in, c_out, kernel, padding=kernel // 2), nn.GroupNorm(groups, c_out), nn.Mish())
+        self.block = nn.Sequential(
+            nn.Conv1d(c_in, c_out, kernel, padding=kernel // 2), nn.GroupNorm(groups, c_out), nn.Mish()
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.block(x)
@@ -44,7 +46,9 @@ class _FiLMResidual(nn.Module):
     def __init__(self, c_in: int, c_out: int, cond_dim: int, kernel: int, groups: int, predict_scale: bool) -> None:
         super().__init__()
         self.c_out, self.predict_scale = c_out, predict_scale
-        self.blocks = nn.ModuleList([_ConvNormMish(c_in, c_out, kernel, groups), _ConvNormMish(c_out, c_out, kernel, groups)])
+        self.blocks = nn.ModuleList(
+            [_ConvNormMish(c_in, c_out, kernel, groups), _ConvNormMish(c_out, c_out, kernel, groups)]
+        )
         self.cond_encoder = nn.Sequential(nn.Mish(), nn.Linear(cond_dim, c_out * 2 if predict_scale else c_out))
         self.residual_conv = nn.Conv1d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
@@ -71,8 +75,16 @@ class _Resample(nn.Module):
 class UpstreamUnet1D(nn.Module):
     """``[B, T, input_dim]`` -> ``[B, T, input_dim]``, same constructor arguments as upstream (no local_cond)."""
 
-    def __init__(self, input_dim: int, global_cond_dim: int | None = None, diffusion_step_embed_dim: int = 256,
-                 down_dims=(256, 512, 1024), kernel_size: int = 3, n_groups: int = 8, cond_predict_scale: bool = False) -> None:
+    def __init__(
+        self,
+        input_dim: int,
+        global_cond_dim: int | None = None,
+        diffusion_step_embed_dim: int = 256,
+        down_dims=(256, 512, 1024),
+        kernel_size: int = 3,
+        n_groups: int = 8,
+        cond_predict_scale: bool = False,
+    ) -> None:
         super().__init__()
         e = diffusion_step_embed_dim
         cond_dim = e + (global_cond_dim or 0)
@@ -84,14 +96,18 @@ class UpstreamUnet1D(nn.Module):
 
         # Registration order as published: middle, step encoder, up, down, head.
         self.mid_modules = nn.ModuleList([res(dims[-1], dims[-1]), res(dims[-1], dims[-1])])
-        self.diffusion_step_encoder = nn.Sequential(_StepEmbedding(e), nn.Linear(e, 4 * e), nn.Mish(), nn.Linear(4 * e, e))
+        self.diffusion_step_encoder = nn.Sequential(
+            _StepEmbedding(e), nn.Linear(e, 4 * e), nn.Mish(), nn.Linear(4 * e, e)
+        )
         self.up_modules = nn.ModuleList()
         for a, b in pairs[1:][::-1]:
             self.up_modules.append(nn.ModuleList([res(2 * b, a), res(a, a), _Resample(a, up=True)]))
         self.down_modules = nn.ModuleList()
         for i, (a, b) in enumerate(pairs):
             last = i == len(pairs) - 1
-            self.down_modules.append(nn.ModuleList([res(a, b), res(b, b), nn.Identity() if last else _Resample(b, up=False)]))
+            self.down_modules.append(
+                nn.ModuleList([res(a, b), res(b, b), nn.Identity() if last else _Resample(b, up=False)])
+            )
         self.final_conv = nn.Sequential(_ConvNormMish(dims[1], dims[1], kernel_size), nn.Conv1d(dims[1], input_dim, 1))
 
     def forward(self, sample: torch.Tensor, timestep, global_cond: torch.Tensor | None = None) -> torch.Tensor:

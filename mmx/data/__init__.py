@@ -11,6 +11,14 @@ from __future__ import annotations
 
 from mmx.data.envs import ENVS, ReachEnv, TargetsEnv, collect_demos, make_env, rollout
 from mmx.data.imagefolder import ImageDecodeError, ImageFolderCaptions
+from mmx.data.seq2seq import (
+    CaptioningDataset,
+    TranslationDataset,
+    canonical_caption,
+    source_vocabulary,
+    target_vocabulary,
+    translate,
+)
 from mmx.data.shapes import (
     BACKGROUND,
     COLOURS,
@@ -32,14 +40,6 @@ from mmx.data.shapes import (
     collate,
     object_masks,
     render,
-)
-from mmx.data.seq2seq import (
-    CaptioningDataset,
-    TranslationDataset,
-    canonical_caption,
-    source_vocabulary,
-    target_vocabulary,
-    translate,
 )
 from mmx.data.text import WordTokenizer
 from mmx.data.trajectory import ReplayBuffer, TrajectoryDataset, collate_trajectories, episode_split, sequence_indices

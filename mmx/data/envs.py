@@ -20,11 +20,13 @@ y grows downward, as the positions of the shapes renderer. An action is the next
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Protocol, Sequence, runtime_checkable
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from mmx.data.shapes import COLOURS, POSITIONS, SHAPES, ShapeSpec, object_masks, render as render_shapes
+from mmx.data.shapes import COLOURS, POSITIONS, SHAPES, ShapeSpec, object_masks
+from mmx.data.shapes import render as render_shapes
 from mmx.registry import UnknownNameError
 
 __all__ = [

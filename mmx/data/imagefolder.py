@@ -16,10 +16,11 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import numbers
 import logging
+import numbers
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -144,8 +145,11 @@ class ImageFolderCaptions(Dataset):
         self.height, self.width = _size_pair(size)
         if split not in self.SPLITS:
             raise ValueError(f"unknown split {split!r}; valid: {', '.join(self.SPLITS)}")
-        if isinstance(heldout_fraction, bool) or not isinstance(heldout_fraction, numbers.Real) \
-                or not 0.0 <= heldout_fraction < 1.0:
+        if (
+            isinstance(heldout_fraction, bool)
+            or not isinstance(heldout_fraction, numbers.Real)
+            or not 0.0 <= heldout_fraction < 1.0
+        ):
             raise ValueError(f"heldout_fraction must be a number in [0, 1); got {heldout_fraction!r}")
         metadata = next((self.root / name for name in METADATA_FILES if (self.root / name).is_file()), None)
         if metadata is None:
@@ -167,16 +171,20 @@ class ImageFolderCaptions(Dataset):
         logger.debug("ImageFolderCaptions: %d images (%s) from %s", len(self.items), split, metadata)
 
     def _split(self, items: list[tuple[Path, str]]) -> list[tuple[Path, str]]:
-        """The items of ``self.split``, in metadata order: the held-out ones are those of the smallest file-name hashes."""
+        """The items of ``self.split``, in metadata order; the held-out ones have the smallest file-name hashes."""
         if self.heldout_fraction == 0:
             if self.split == "heldout":
-                raise ValueError(f"split 'heldout' of {self.root} needs heldout_fraction > 0 (the share of its images "
-                                 "to hold out, e.g. 0.1), or another folder of held-out images")
+                raise ValueError(
+                    f"split 'heldout' of {self.root} needs heldout_fraction > 0 (the share of its images "
+                    "to hold out, e.g. 0.1), or another folder of held-out images"
+                )
             return items
         count = max(1, round(self.heldout_fraction * len(items)))
         if count >= len(items):
-            raise ValueError(f"heldout_fraction {self.heldout_fraction} holds out {count} of the {len(items)} images "
-                             f"in {self.metadata}, leaving none to train on")
+            raise ValueError(
+                f"heldout_fraction {self.heldout_fraction} holds out {count} of the {len(items)} images "
+                f"in {self.metadata}, leaving none to train on"
+            )
 
         def key(index: int) -> tuple[str, int]:
             name = items[index][0].relative_to(self.root).as_posix()
@@ -226,14 +234,20 @@ class ImageFolderCaptions(Dataset):
         return {"image": tensor, "caption": caption, "file_name": str(path.relative_to(self.root))}
 
     def __repr__(self) -> str:
-        return (f"ImageFolderCaptions(root={str(self.root)!r}, size={self.size}, split={self.split!r}, "
-                f"items={len(self.items)})")
+        return (
+            f"ImageFolderCaptions(root={str(self.root)!r}, size={self.size}, split={self.split!r}, "
+            f"items={len(self.items)})"
+        )
 
 
 def _size_pair(size: Any) -> tuple[int, int]:
     """``size`` (an int, or ``[height, width]``) as ``(height, width)``; anything else is an error naming it."""
     pair = [size, size] if isinstance(size, numbers.Integral) else size
-    if isinstance(size, bool) or not isinstance(pair, (list, tuple)) or len(pair) != 2 \
-            or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1 for v in pair):
+    if (
+        isinstance(size, bool)
+        or not isinstance(pair, (list, tuple))
+        or len(pair) != 2
+        or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1 for v in pair)
+    ):
         raise ValueError(f"size must be a positive integer or [height, width] of positive integers; got {size!r}")
     return int(pair[0]), int(pair[1])

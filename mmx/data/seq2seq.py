@@ -17,7 +17,8 @@ score. Word masks are keyed by the canonical caption's word indices.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from torch.utils.data import Dataset
 
@@ -50,16 +51,39 @@ __all__ = [
 
 # The second language's words for every colour, shape and place, and for "and".
 TARGET_WORDS: dict[str, str] = {
-    "red": "红色", "green": "绿色", "blue": "蓝色", "yellow": "黄色",
-    "circle": "圆形", "square": "方形", "triangle": "三角形",
-    "left": "左边", "right": "右边", "top": "上面", "bottom": "下面", "centre": "中间",
+    "red": "红色",
+    "green": "绿色",
+    "blue": "蓝色",
+    "yellow": "黄色",
+    "circle": "圆形",
+    "square": "方形",
+    "triangle": "三角形",
+    "left": "左边",
+    "right": "右边",
+    "top": "上面",
+    "bottom": "下面",
+    "centre": "中间",
     "and": "和",
 }
 # Pinyin without tones: labels for pictures where no installed font draws the characters.
 ROMANISED: dict[str, str] = {
-    "红色": "hongse", "绿色": "lvse", "蓝色": "lanse", "黄色": "huangse", "圆形": "yuanxing", "方形": "fangxing",
-    "三角形": "sanjiaoxing", "左边": "zuobian", "右边": "youbian", "上面": "shangmian", "下面": "xiamian",
-    "中间": "zhongjian", "和": "he", "的": "de", "有": "you", "一个": "yige", "在": "zai",
+    "红色": "hongse",
+    "绿色": "lvse",
+    "蓝色": "lanse",
+    "黄色": "huangse",
+    "圆形": "yuanxing",
+    "方形": "fangxing",
+    "三角形": "sanjiaoxing",
+    "左边": "zuobian",
+    "右边": "youbian",
+    "上面": "shangmian",
+    "下面": "xiamian",
+    "中间": "zhongjian",
+    "和": "he",
+    "的": "de",
+    "有": "you",
+    "一个": "yige",
+    "在": "zai",
 }
 # One target clause template per source template (same order as shapes.TEMPLATES).
 TARGET_TEMPLATES: tuple[str, ...] = (
@@ -141,9 +165,14 @@ class TranslationDataset(Dataset):
         heldout_colour_shape: Sequence[Sequence[str]] = HELDOUT_COLOUR_SHAPE,
         heldout_shape_position: Sequence[Sequence[str]] = HELDOUT_SHAPE_POSITION,
     ) -> None:
-        self.shapes = ShapesDataset(split, length=length, seed=seed, max_objects=max_objects,
-                                    heldout_colour_shape=heldout_colour_shape,
-                                    heldout_shape_position=heldout_shape_position)
+        self.shapes = ShapesDataset(
+            split,
+            length=length,
+            seed=seed,
+            max_objects=max_objects,
+            heldout_colour_shape=heldout_colour_shape,
+            heldout_shape_position=heldout_shape_position,
+        )
 
     def __len__(self) -> int:
         return len(self.shapes)
@@ -151,8 +180,13 @@ class TranslationDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         specs, caption, refs, templates = self.shapes.describe(index)
         target, alignment = translate(caption, specs, refs, templates)
-        return {"source": caption, "target": target, "alignment": alignment, "objects": specs,
-                "index": self.shapes._index(index)}
+        return {
+            "source": caption,
+            "target": target,
+            "alignment": alignment,
+            "objects": specs,
+            "index": self.shapes._index(index),
+        }
 
     def __repr__(self) -> str:
         return f"TranslationDataset({self.shapes!r})"
@@ -205,9 +239,16 @@ class CaptioningDataset(Dataset):
         heldout_shape_position: Sequence[Sequence[str]] = HELDOUT_SHAPE_POSITION,
         antialias: bool = False,
     ) -> None:
-        self.shapes = ShapesDataset(split, size=size, length=length, seed=seed, max_objects=max_objects,
-                                    heldout_colour_shape=heldout_colour_shape,
-                                    heldout_shape_position=heldout_shape_position, antialias=antialias)
+        self.shapes = ShapesDataset(
+            split,
+            size=size,
+            length=length,
+            seed=seed,
+            max_objects=max_objects,
+            heldout_colour_shape=heldout_colour_shape,
+            heldout_shape_position=heldout_shape_position,
+            antialias=antialias,
+        )
 
     def __len__(self) -> int:
         return len(self.shapes)
@@ -221,8 +262,13 @@ class CaptioningDataset(Dataset):
             o = found[i]
             objects.append(ShapeObject(o.colour, o.shape, o.position, o.mask, (ref.colour, ref.shape), ref.position))
             word_masks[ref.colour] = word_masks[ref.shape] = o.mask
-        return {"image": item["image"], "caption": caption, "objects": objects, "word_masks": word_masks,
-                "index": item["index"]}
+        return {
+            "image": item["image"],
+            "caption": caption,
+            "objects": objects,
+            "word_masks": word_masks,
+            "index": item["index"],
+        }
 
     def __repr__(self) -> str:
         return f"CaptioningDataset({self.shapes!r})"

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import logging
 import numbers
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -227,7 +228,9 @@ def _clause_template(template: str, drop: str | None) -> str:
 
 
 def caption_with_words(
-    objects: Sequence[ShapeSpec], rng: np.random.Generator, drop_attribute: float = 0.0,
+    objects: Sequence[ShapeSpec],
+    rng: np.random.Generator,
+    drop_attribute: float = 0.0,
     droppable: Sequence[str] = ATTRIBUTES,
 ) -> tuple[str, list[ObjectWords]]:
     """A templated caption naming every object in order, and each object's word indices.
@@ -242,7 +245,9 @@ def caption_with_words(
 
 
 def caption_clauses(
-    objects: Sequence[ShapeSpec], rng: np.random.Generator, drop_attribute: float = 0.0,
+    objects: Sequence[ShapeSpec],
+    rng: np.random.Generator,
+    drop_attribute: float = 0.0,
     droppable: Sequence[str] = ATTRIBUTES,
 ) -> tuple[str, list[ObjectWords], list[int]]:
     """:func:`caption_with_words` plus the index into :data:`TEMPLATES` of each object's clause.
@@ -345,10 +350,17 @@ class ShapesDataset(Dataset):
         self.split, self.size, self.length, self.seed = split, size, length, seed
         if not 0.0 <= drop_attribute <= 1.0:
             raise ValueError(f"drop_attribute must be a probability in [0, 1]; got {drop_attribute}")
-        if isinstance(droppable, str) or not isinstance(droppable, Sequence) or not droppable or \
-                any(a not in ATTRIBUTES for a in droppable) or len(set(droppable)) != len(droppable):
-            raise ValueError(f"ShapesDataset droppable must be a non-empty list of distinct attributes from "
-                             f"{', '.join(ATTRIBUTES)}; got {droppable!r}")
+        if (
+            isinstance(droppable, str)
+            or not isinstance(droppable, Sequence)
+            or not droppable
+            or any(a not in ATTRIBUTES for a in droppable)
+            or len(set(droppable)) != len(droppable)
+        ):
+            raise ValueError(
+                f"ShapesDataset droppable must be a non-empty list of distinct attributes from "
+                f"{', '.join(ATTRIBUTES)}; got {droppable!r}"
+            )
         if not 0.0 <= jitter <= MAX_JITTER:
             raise ValueError(
                 f"ShapesDataset jitter must be in [0, {MAX_JITTER}] (a fraction of the image; more would push "
@@ -459,7 +471,7 @@ class ShapesDataset(Dataset):
                 ShapeSpec(s.colour, s.shape, s.position, (float(dx) / self.size, float(dy) / self.size))
                 for s, (dx, dy) in zip(specs, steps)
             ]
-            if all(_apart(a, b, gap) for i, a in enumerate(moved) for b in moved[i + 1:]):
+            if all(_apart(a, b, gap) for i, a in enumerate(moved) for b in moved[i + 1 :]):
                 return moved
 
     def __getitem__(self, index: int) -> dict[str, Any]:

@@ -11,8 +11,8 @@ Ids: ``<pad>`` 0, ``<s>`` (BEGIN) 1, ``</s>`` (END) 2, ``<unk>`` 3, then the wor
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import torch
 
@@ -69,7 +69,7 @@ class WordTokenizer:
         return path
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike) -> "WordTokenizer":
+    def from_file(cls, path: str | os.PathLike) -> WordTokenizer:
         """Load a ``tokenizer.json`` written by :meth:`save` (or a folder holding one)."""
         from tokenizers import Tokenizer
 
@@ -130,7 +130,7 @@ class WordTokenizer:
         """The tokens of one row of ids, cut after the first END, without padding or BEGIN."""
         out = []
         vocab = self.words
-        for i in (ids.tolist() if isinstance(ids, torch.Tensor) else ids):
+        for i in ids.tolist() if isinstance(ids, torch.Tensor) else ids:
             if i == self.eos_id:
                 break
             if i in (self.pad_id, self.bos_id):

@@ -137,8 +137,7 @@ class ReplayBuffer:
                 a = np.repeat(a[None], length, axis=0) if a.ndim == 0 else a
                 if columns[k] and a.shape[1:] != columns[k][0].shape[1:]:
                     raise ValueError(
-                        f"episode {i}: {k!r} has per-step shape {a.shape[1:]}, "
-                        f"episode 0 has {columns[k][0].shape[1:]}"
+                        f"episode {i}: {k!r} has per-step shape {a.shape[1:]}, episode 0 has {columns[k][0].shape[1:]}"
                     )
                 columns[k].append(_as_step_array(k, a))
             lengths.append(length)

@@ -6,7 +6,8 @@ The network is any callable ``model(x_t, t, context)``; nothing here knows about
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -66,9 +67,10 @@ def diffusion_loss(
     return per_sample.mean()
 
 
-def _per_sample_mse(model: Callable, x0: torch.Tensor, context: Context, scheduler: Any, t: torch.Tensor,
-                    noise: torch.Tensor) -> torch.Tensor:
-    """``[B]`` mean squared error of ``model(x_t, t, context)`` against the target, ``x_t`` noised with ``noise`` at ``t``."""
+def _per_sample_mse(
+    model: Callable, x0: torch.Tensor, context: Context, scheduler: Any, t: torch.Tensor, noise: torch.Tensor
+) -> torch.Tensor:
+    """``[B]`` mean squared error of ``model(x_t, t, context)`` against the target (``x0`` noised at ``t``)."""
     x_t = scheduler.add_noise(x0, noise, t)
     target = _target(scheduler, x0, noise, t)
     pred = model(x_t, t, context)
@@ -94,8 +96,9 @@ def denoising_losses(
     steps = scheduler.config.num_train_timesteps
     bad = [int(t) for t in timesteps if not 0 <= int(t) < steps]
     if bad or not len(timesteps):
-        raise ValueError(f"timesteps must be a non-empty list in 0 .. {steps - 1} (the training timesteps); got "
-                         f"{list(timesteps)}")
+        raise ValueError(
+            f"timesteps must be a non-empty list in 0 .. {steps - 1} (the training timesteps); got {list(timesteps)}"
+        )
     rows = []
     for step in timesteps:
         t = torch.full((x0.shape[0],), int(step), device=x0.device, dtype=torch.long)  # (B,)

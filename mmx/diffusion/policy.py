@@ -11,17 +11,18 @@ Letters: B batch, T horizon, To observation steps, Da action width.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from mmx.attnmap.capture import AttentionCapture
 from mmx.context import Context
 from mmx.diffusion.loss import diffusion_loss
 from mmx.diffusion.sampling import sample
 from mmx.diffusion.schedulers import sampler_from
-from mmx.attnmap.capture import AttentionCapture
 from mmx.nn.attention import attention_probs
 
 __all__ = ["LinearNormalizer", "DiffusionPolicy"]
@@ -51,12 +52,14 @@ class LinearNormalizer(nn.Module):
     def keys(self) -> list[str]:
         return list(self._keys)
 
-    def fit(self, data: Mapping[str, np.ndarray | torch.Tensor]) -> "LinearNormalizer":
+    def fit(self, data: Mapping[str, np.ndarray | torch.Tensor]) -> LinearNormalizer:
         """Set each key's per-dimension min and max from ``data[key]`` ``[N, ..., dim]``."""
         for key, values in data.items():
             v = torch.as_tensor(np.asarray(values) if not isinstance(values, torch.Tensor) else values).float()
             if v.ndim < 1 or v.numel() == 0:
-                raise ValueError(f"cannot fit the normaliser on {key!r}: need [N, dim] values; got shape {tuple(v.shape)}")
+                raise ValueError(
+                    f"cannot fit the normaliser on {key!r}: need [N, dim] values; got shape {tuple(v.shape)}"
+                )
             if not torch.isfinite(v).all():
                 raise ValueError(f"cannot fit the normaliser on {key!r}: it holds NaN or infinite values")
             flat = v.reshape(-1, v.shape[-1])
@@ -140,17 +143,25 @@ class DiffusionPolicy(nn.Module):
                     f"the image observations {list(image_keys)}"
                 )
             if attention_image_key is not None and attention_image_key not in image_keys:
-                raise ValueError(f"attention_image_key {attention_image_key!r} is not an image observation; "
-                                 f"images: {list(image_keys)}")
+                raise ValueError(
+                    f"attention_image_key {attention_image_key!r} is not an image observation; "
+                    f"images: {list(image_keys)}"
+                )
         if not 1 <= n_obs_steps <= horizon:
             raise ValueError(f"n_obs_steps={n_obs_steps} must be in [1, horizon={horizon}]")
         if not 1 <= n_action_steps <= horizon - n_obs_steps + 1:
             raise ValueError(
-                f"n_action_steps={n_action_steps} must be in [1, horizon - n_obs_steps + 1 = {horizon - n_obs_steps + 1}]"
+                f"n_action_steps={n_action_steps} must be in "
+                f"[1, horizon - n_obs_steps + 1 = {horizon - n_obs_steps + 1}]"
             )
         self.obs_encoder, self.unet, self.normalizer = obs_encoder, unet, normalizer
         self.scheduler = scheduler
-        self.horizon, self.n_obs_steps, self.n_action_steps, self.action_dim = horizon, n_obs_steps, n_action_steps, action_dim
+        self.horizon, self.n_obs_steps, self.n_action_steps, self.action_dim = (
+            horizon,
+            n_obs_steps,
+            n_action_steps,
+            action_dim,
+        )
         self.lowdim_keys, self.image_keys = tuple(lowdim_keys), tuple(image_keys)
         self.sampler, self.num_inference_steps = sampler, num_inference_steps
         self.attention_losses, self.attention_mask_key = attention_losses, attention_mask_key
@@ -181,19 +192,24 @@ class DiffusionPolicy(nn.Module):
         """Observation history -> Context (tokens for cross-attention, pooled for FiLM)."""
         return self.obs_encoder(self.prepare_obs(obs))
 
-    def loss(self, batch: Mapping[str, Any], generator: torch.Generator | None = None,
-             min_snr_gamma: float | None = None) -> torch.Tensor:
+    def loss(
+        self, batch: Mapping[str, Any], generator: torch.Generator | None = None, min_snr_gamma: float | None = None
+    ) -> torch.Tensor:
         """Denoising loss of one batch: ``batch["action"] [B, T, Da]`` plus the observation keys."""
         actions = torch.as_tensor(batch["action"], device=self.device).float()
         if actions.ndim != 3 or actions.shape[1:] != (self.horizon, self.action_dim):
-            raise ValueError(f"batch['action'] must be [B, horizon={self.horizon}, {self.action_dim}]; got {tuple(actions.shape)}")
+            raise ValueError(
+                f"batch['action'] must be [B, horizon={self.horizon}, {self.action_dim}]; got {tuple(actions.shape)}"
+            )
         obs = {k: v for k, v in batch.items() if k not in ("action", self.attention_mask_key)}
         naction = self.normalizer.normalize("action", actions)
         if not self.attention_losses:
             return diffusion_loss(self.unet, naction, self.encode(obs), self.scheduler, min_snr_gamma, generator)
         if self.attention_mask_key not in batch:
-            raise KeyError(f"attention_losses need batch[{self.attention_mask_key!r}] ([B, To, H, W] masks); "
-                           f"batch keys: {sorted(batch)}")
+            raise KeyError(
+                f"attention_losses need batch[{self.attention_mask_key!r}] ([B, To, H, W] masks); "
+                f"batch keys: {sorted(batch)}"
+            )
         context, segments = self.obs_encoder.encode(self.prepare_obs(obs))
         with AttentionCapture(self.unet) as capture:
             loss = diffusion_loss(self.unet, naction, context, self.scheduler, min_snr_gamma, generator)
@@ -203,23 +219,24 @@ class DiffusionPolicy(nn.Module):
             loss = loss + term(maps, masks, grid)
         return loss
 
-    def _image_attention(self, capture: AttentionCapture, segments: list,
-                         masks: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        """The chunk's attention over each frame's regions ``[B, To, h*w]`` (mean over heads, steps, layers), and ``(h, w)``."""
+    def _image_attention(
+        self, capture: AttentionCapture, segments: list, masks: torch.Tensor
+    ) -> tuple[torch.Tensor, tuple[int, int]]:
+        """The chunk's attention ``[B, To, h*w]`` over each frame's regions (mean of heads, steps, layers); (h, w)."""
         segment = next((s for s in segments if s.name == self.attention_image_key), None)
         if segment is None:
-            raise ValueError(
-                f"attention_losses: the encoder gives no tokens for image {self.attention_image_key!r}"
-            )
+            raise ValueError(f"attention_losses: the encoder gives no tokens for image {self.attention_image_key!r}")
         steps, h, w = segment.grid
         if masks.ndim != 4 or masks.shape[1] != steps:
             raise ValueError(
                 f"batch[{self.attention_mask_key!r}] must be [B, To={steps}, H, W] masks; got {tuple(masks.shape)}"
             )
-        maps = torch.stack([
-            attention_probs(q, k, mask, scale=scale).mean((1, 2))[:, segment.start : segment.end]  # (B, To*h*w)
-            for q, k, mask, scale in capture.calls
-        ]).mean(0)
+        maps = torch.stack(
+            [
+                attention_probs(q, k, mask, scale=scale).mean((1, 2))[:, segment.start : segment.end]  # (B, To*h*w)
+                for q, k, mask, scale in capture.calls
+            ]
+        ).mean(0)
         return maps.view(-1, steps, h * w), (h, w)
 
     def forward(self, batch: Mapping[str, Any], generator: torch.Generator | None = None) -> torch.Tensor:
@@ -245,8 +262,15 @@ class DiffusionPolicy(nn.Module):
             context = self.encode(obs)
         scheduler = sampler_from(self.scheduler, self.sampler)
         steps = num_inference_steps or self.num_inference_steps
-        naction = sample(self.unet, scheduler, context, (self.horizon, self.action_dim), steps,
-                         generator=generator, callback=callback)
+        naction = sample(
+            self.unet,
+            scheduler,
+            context,
+            (self.horizon, self.action_dim),
+            steps,
+            generator=generator,
+            callback=callback,
+        )
         action_pred = self.normalizer.unnormalize("action", naction.float())
         start = self.n_obs_steps - 1
         return {"action": action_pred[:, start : start + self.n_action_steps], "action_pred": action_pred}

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -38,8 +39,11 @@ def pad_context(context: Context, length: int) -> Context:
 def check_steps(num_steps: Any, scheduler: Any) -> None:
     """A ValueError naming ``num_steps`` unless it is an int from 1 to the scheduler's training timesteps."""
     limit = getattr(getattr(scheduler, "config", None), "num_train_timesteps", None)
-    if isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral) or num_steps < 1 or (
-        isinstance(limit, int) and num_steps > limit
+    if (
+        isinstance(num_steps, bool)
+        or not isinstance(num_steps, numbers.Integral)
+        or num_steps < 1
+        or (isinstance(limit, int) and num_steps > limit)
     ):
         upto = f" to {limit} (the timesteps the model was trained with)" if isinstance(limit, int) else ""
         raise ValueError(f"num_steps must be an integer from 1{upto}; got {num_steps!r}")

@@ -24,7 +24,9 @@ def _lazy(class_name: str, **defaults: Any):
 
 SCHEDULERS.register("ddpm")(_lazy("DDPMScheduler"))
 SCHEDULERS.register("ddim")(_lazy("DDIMScheduler"))
-SCHEDULERS.register("dpm++", aliases=("dpmsolver++",))(_lazy("DPMSolverMultistepScheduler", algorithm_type="dpmsolver++"))
+SCHEDULERS.register("dpm++", aliases=("dpmsolver++",))(
+    _lazy("DPMSolverMultistepScheduler", algorithm_type="dpmsolver++")
+)
 SCHEDULERS.register("euler")(_lazy("EulerDiscreteScheduler"))
 
 

@@ -5,7 +5,8 @@ Holds no files: saving and loading runs is the trainer's job (``mmx.train``).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -13,9 +14,9 @@ from torch import nn
 from mmx.attnmap.capture import GroundingCapture, TokenTargets
 from mmx.context import Context
 from mmx.diffusion.loss import diffusion_loss, drop_conditions
-from mmx.encoders.cache import CachedTextEncoder
 from mmx.diffusion.sampling import StepCallback, check_guidance_interval, pad_context, sample
 from mmx.diffusion.schedulers import sampler_from
+from mmx.encoders.cache import CachedTextEncoder
 
 __all__ = ["TextToImage"]
 
@@ -86,8 +87,12 @@ class TextToImage(nn.Module):
 
     # -- training --------------------------------------------------------------------------------
     def loss(
-        self, images: torch.Tensor, captions: Sequence[str], generator: torch.Generator | None = None,
-        unet: nn.Module | None = None, word_masks: Sequence[dict[int, torch.Tensor]] | None = None,
+        self,
+        images: torch.Tensor,
+        captions: Sequence[str],
+        generator: torch.Generator | None = None,
+        unet: nn.Module | None = None,
+        word_masks: Sequence[dict[int, torch.Tensor]] | None = None,
         reading_masks: Sequence[dict[int, torch.Tensor]] | None = None,
     ) -> torch.Tensor:
         """Denoising loss of ``images [B, C, H, W]`` in [-1, 1] given their captions.
@@ -104,8 +109,15 @@ class TextToImage(nn.Module):
         dropped_ctx, dropped = drop_conditions(ctx, null, self.cond_drop_prob, generator, return_dropped=True)
         if not self.attention_losses or word_masks is None:
             return diffusion_loss(unet, images, dropped_ctx, self.scheduler, self.min_snr_gamma, generator)
-        targets = TokenTargets(ctx.words, word_masks, ctx.tokens.shape[1], tuple(images.shape[-2:]), images.device,
-                               keep=~dropped, reading_masks=reading_masks)  # a dropped caption names nothing
+        targets = TokenTargets(
+            ctx.words,
+            word_masks,
+            ctx.tokens.shape[1],
+            tuple(images.shape[-2:]),
+            images.device,
+            keep=~dropped,
+            reading_masks=reading_masks,
+        )  # a dropped caption names nothing
         with GroundingCapture(unet) as capture:
             loss = diffusion_loss(unet, images, dropped_ctx, self.scheduler, self.min_snr_gamma, generator)
         for term in self.attention_losses:
@@ -152,6 +164,18 @@ class TextToImage(nn.Module):
         scheduler = sampler_from(self.scheduler, sampler)
         if guidance_interval is None:
             guidance_interval = self.guidance_interval
-        x = sample(self.unet if unet is None else unet, scheduler, ctx, self.image_size, num_steps, guidance_scale, null, generator, callback,
-                   components=parts, component_weights=weights, guidance_interval=guidance_interval)
+        x = sample(
+            self.unet if unet is None else unet,
+            scheduler,
+            ctx,
+            self.image_size,
+            num_steps,
+            guidance_scale,
+            null,
+            generator,
+            callback,
+            components=parts,
+            component_weights=weights,
+            guidance_interval=guidance_interval,
+        )
         return x.clamp(-1, 1)

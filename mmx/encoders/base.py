@@ -8,8 +8,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -86,7 +87,7 @@ class TextEncoder(nn.Module):
             self.requires_grad_(False)
             self.train(False)
 
-    def train(self, mode: bool = True) -> "TextEncoder":
+    def train(self, mode: bool = True) -> TextEncoder:
         """Set training mode; a frozen encoder stays in eval mode whatever the parent asks."""
         return super().train(False if self.frozen else mode)
 

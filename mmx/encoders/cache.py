@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -39,7 +40,8 @@ class CachedTextEncoder:
             for i, text in enumerate(missing):
                 n = int(ctx.mask[i].sum())
                 self._rows[text] = Context(
-                    tokens=ctx.tokens[i : i + 1, :n], mask=ctx.mask[i : i + 1, :n],
+                    tokens=ctx.tokens[i : i + 1, :n],
+                    mask=ctx.mask[i : i + 1, :n],
                     pooled=None if ctx.pooled is None else ctx.pooled[i : i + 1],
                     words=None if ctx.words is None else [ctx.words[i]],
                 )

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -274,4 +275,6 @@ def _hf_clean_fn(open_clip: Any, tokenizer: Any, model_name: str) -> Callable[[s
         return tokenizer.clean_fn
     if isinstance(tokenizer, oc_tokenizer.SigLipTokenizer):
         return lambda text: oc_tokenizer.canonicalize_text(oc_tokenizer.basic_clean(text))
-    raise NotImplementedError(f"CLIPTextEncoder does not support the tokenizer {type(tokenizer).__name__} of {model_name!r}")
+    raise NotImplementedError(
+        f"CLIPTextEncoder does not support the tokenizer {type(tokenizer).__name__} of {model_name!r}"
+    )

@@ -123,14 +123,21 @@ class HFTextEncoder(TextEncoder):
             return  # the embedding states come only out of the full forward
         self.model.encoder.layer = layers[:keep]
         self._state_index, self._value_index, self._embeddings_only = key, value, keep == 0
-        logger.debug("%s: hidden_layer=%d, value_layer=%s, so %d of %d layers run", self.name_or_path,
-                     self.hidden_layer, self.value_layer, keep, len(layers))
+        logger.debug(
+            "%s: hidden_layer=%d, value_layer=%s, so %d of %d layers run",
+            self.name_or_path,
+            self.hidden_layer,
+            self.value_layer,
+            keep,
+            len(layers),
+        )
 
     def _check_layers(self, states: int) -> None:
         for name, layer in (("hidden_layer", self.hidden_layer), ("value_layer", self.value_layer)):
             if layer is not None and not -states <= layer < states:
-                raise ValueError(f"{name}={layer} is out of range; {self.name_or_path!r} has {states} "
-                                 "hidden states (0 = embeddings)")
+                raise ValueError(
+                    f"{name}={layer} is out of range; {self.name_or_path!r} has {states} hidden states (0 = embeddings)"
+                )
 
     @property
     def split_context(self) -> bool:
@@ -156,7 +163,7 @@ class HFTextEncoder(TextEncoder):
         return hf_tokenize(self._tokenizer, texts, self.max_length, pad_to_max=False, who=self._label)
 
     def encode(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """ids ``[B, S]``, mask ``[B, S]`` -> (hidden states ``[B, S, D]`` (``[B, S, 2D]`` with ``value_layer``), pooled ``[B, D]``)."""
+        """ids, mask ``[B, S]`` -> (states ``[B, S, D]`` (``[B, S, 2D]`` with ``value_layer``), pooled ``[B, D]``)."""
         values = None
         if self.hidden_layer is None and self.value_layer is None:
             tokens = self.model(input_ids=ids, attention_mask=mask.long()).last_hidden_state  # [B, S, D]

@@ -19,8 +19,9 @@ Letters: B batch, To observation steps, S tokens, D = ``dim``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -82,10 +83,14 @@ class LowDimSource(nn.Module):
     def pooled_dim(self) -> int:
         return self.n_obs_steps * self.in_dim
 
-    def forward(self, x: torch.Tensor, name: str = "state") -> tuple[torch.Tensor | None, torch.Tensor, tuple[int, ...]]:
+    def forward(
+        self, x: torch.Tensor, name: str = "state"
+    ) -> tuple[torch.Tensor | None, torch.Tensor, tuple[int, ...]]:
         _check_steps(name, x, 3, f"[B, To={self.n_obs_steps}, {self.in_dim}]")
         if x.shape[1:] != (self.n_obs_steps, self.in_dim):
-            raise ValueError(f"observation {name!r} must be [B, {self.n_obs_steps}, {self.in_dim}]; got {tuple(x.shape)}")
+            raise ValueError(
+                f"observation {name!r} must be [B, {self.n_obs_steps}, {self.in_dim}]; got {tuple(x.shape)}"
+            )
         if self.mlp is None:
             return None, x.flatten(1), (x.shape[1],)
         x = x.to(self.mlp[0].weight.dtype)
@@ -147,7 +152,9 @@ class ImageSource(nn.Module):
     def pooled_dim(self) -> int:
         return self.n_obs_steps * self.keypoints.keypoints * 2
 
-    def forward(self, x: torch.Tensor, name: str = "image") -> tuple[torch.Tensor | None, torch.Tensor, tuple[int, ...]]:
+    def forward(
+        self, x: torch.Tensor, name: str = "image"
+    ) -> tuple[torch.Tensor | None, torch.Tensor, tuple[int, ...]]:
         _check_steps(name, x, 5, f"[B, To={self.n_obs_steps}, 3, H, W] in [0, 1]")
         b, steps = x.shape[:2]
         if steps != self.n_obs_steps or x.shape[2] != 3:
@@ -159,7 +166,9 @@ class ImageSource(nn.Module):
             return None, pooled, (steps, h, w)
         tokens = self.proj(feats.tokens)  # (B*To, h*w, D)
         tokens = tokens + _grid_embedding(h, w, self.dim, x.device, tokens.dtype)
-        tokens = tokens.view(b, steps, h * w, self.dim) + _step_embedding(steps, self.dim, x.device, tokens.dtype)[:, None]
+        tokens = (
+            tokens.view(b, steps, h * w, self.dim) + _step_embedding(steps, self.dim, x.device, tokens.dtype)[:, None]
+        )
         return tokens.flatten(1, 2), pooled, (steps, h, w)
 
 
@@ -193,8 +202,9 @@ class TextSource(nn.Module):
     def pooled_dim(self) -> int:
         return self._pooled_dim
 
-    def forward(self, texts: Sequence[str], name: str = "instruction", device: torch.device | None = None
-                ) -> tuple[Context | None, torch.Tensor]:
+    def forward(
+        self, texts: Sequence[str], name: str = "instruction", device: torch.device | None = None
+    ) -> tuple[Context | None, torch.Tensor]:
         if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
             raise ValueError(f"observation {name!r} must be a list of strings, one per sample; got {str(texts)[:80]}")
         if self.proj is not None:
@@ -237,7 +247,9 @@ class ObservationEncoder(nn.Module):
     ) -> None:
         super().__init__()
         if not sources:
-            raise ValueError("ObservationEncoder needs at least one source, e.g. {'state': {'kind': 'lowdim', 'in_dim': 4}}")
+            raise ValueError(
+                "ObservationEncoder needs at least one source, e.g. {'state': {'kind': 'lowdim', 'in_dim': 4}}"
+            )
         self.dim, self.n_obs_steps, self.with_tokens = dim, n_obs_steps, tokens
         self.sources = nn.ModuleDict()
         self.kinds: dict[str, str] = {}
@@ -255,9 +267,12 @@ class ObservationEncoder(nn.Module):
             self.kinds[key] = kind
         self.source_embedding = nn.Parameter(torch.randn(len(self.sources), dim) * 0.02) if tokens else None
         if fusion_layers and (dim % fusion_heads or fusion_layers < 0):
-            raise ValueError(f"fusion needs fusion_heads ({fusion_heads}) dividing dim ({dim}); got fusion_layers={fusion_layers}")
+            raise ValueError(
+                f"fusion needs fusion_heads ({fusion_heads}) dividing dim ({dim}); got fusion_layers={fusion_layers}"
+            )
         self.fusion = nn.ModuleList(
-            TransformerBlock(dim, None, fusion_heads, dim // fusion_heads, ff_mult=2) for _ in range(fusion_layers if tokens else 0)
+            TransformerBlock(dim, None, fusion_heads, dim // fusion_heads, ff_mult=2)
+            for _ in range(fusion_layers if tokens else 0)
         )
 
     @property
@@ -296,7 +311,9 @@ class ObservationEncoder(nn.Module):
         pooled_vec = torch.cat([p.to(device=device, dtype=dtype) for p in pooled], -1)  # (B, pooled_dim)
         if not parts:  # FiLM-only: nothing to attend to
             b = pooled_vec.shape[0]
-            empty = Context(tokens=pooled_vec.new_zeros(b, 0, self.dim), mask=torch.zeros(b, 0, dtype=torch.bool, device=device))
+            empty = Context(
+                tokens=pooled_vec.new_zeros(b, 0, self.dim), mask=torch.zeros(b, 0, dtype=torch.bool, device=device)
+            )
             parts = [empty]
         joined = Context.cat(parts) if len(parts) > 1 else parts[0]
         tokens = joined.tokens

@@ -128,7 +128,7 @@ def _torchvision_state_dict(arch: str, weights: str, keep: object) -> dict[str, 
 
 
 def _load_file(path: Path) -> dict[str, torch.Tensor]:
-    """A state_dict from ``.safetensors`` or a torch file (weights_only); an enclosing ``state_dict`` key is unwrapped."""
+    """A state_dict from ``.safetensors`` or a torch file (weights_only); a ``state_dict`` key around it unwrapped."""
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -18,8 +19,14 @@ def _mean(values: Sequence[float]) -> float:
 
 
 def attention_miou_real(
-    pipeline: Any, dataset: Any, num: int = 64, timesteps: Sequence[int] = (100, 250, 400), batch_size: int = 32,
-    threshold: float = 0.4, seed: int = 0, max_downsample: float | None = None,
+    pipeline: Any,
+    dataset: Any,
+    num: int = 64,
+    timesteps: Sequence[int] = (100, 250, 400),
+    batch_size: int = 32,
+    threshold: float = 0.4,
+    seed: int = 0,
+    max_downsample: float | None = None,
 ) -> float:
     """Mean IoU over object words (colour and shape words) on real renders noised at ``timesteps``.
 
@@ -32,16 +39,18 @@ def attention_miou_real(
     for start in range(0, min(num, len(dataset)), batch_size):
         items = [dataset[i] for i in range(start, min(start + batch_size, num, len(dataset)))]
         images = torch.stack([item["image"] for item in items]).to(device)
-        ctx, recorder = attend_real(pipeline, images, [item["caption"] for item in items], timesteps, generator,
-                                    max_downsample=max_downsample)
+        ctx, recorder = attend_real(
+            pipeline, images, [item["caption"] for item in items], timesteps, generator, max_downsample=max_downsample
+        )
         maps = word_maps(recorder.maps(), ctx.words, image_size=tuple(images.shape[-2:]))
         for item, per_word in zip(items, maps):
             scores += list(word_ious(per_word, item["word_masks"], threshold).values())
     return _mean(scores)
 
 
-def generated_miou(images: torch.Tensor, prompts: Sequence[str], maps: Sequence[Sequence[Any]],
-                   threshold: float = 0.4) -> float:
+def generated_miou(
+    images: torch.Tensor, prompts: Sequence[str], maps: Sequence[Sequence[Any]], threshold: float = 0.4
+) -> float:
     """Mean IoU of object words' maps with the detector's masks on generated ``images [N, 3, H, W]``.
 
     ``maps``: per prompt, its word maps (:func:`~mmx.attnmap.word_maps` of the attention recorded

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -139,9 +140,7 @@ def _components(labels: np.ndarray) -> np.ndarray:
     big = h * w
     ids = np.where(foreground, np.arange(h * w).reshape(h, w), big)  # [H, W]
     padded_labels = np.pad(labels, 1, constant_values=0)
-    same = [
-        foreground & (padded_labels[1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w] == labels) for dy, dx in _NEIGHBOURS
-    ]
+    same = [foreground & (padded_labels[1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w] == labels) for dy, dx in _NEIGHBOURS]
     while True:
         padded = np.pad(ids, 1, constant_values=big)
         best = ids

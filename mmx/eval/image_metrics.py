@@ -10,8 +10,8 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -49,11 +49,15 @@ class FrechetInceptionDistance:
         try:
             from torchmetrics.image.fid import FrechetInceptionDistance as _FID
         except ImportError as err:  # torchmetrics, or torch-fidelity under it
-            raise ImportError("the fid metric needs torchmetrics and torch-fidelity: pip install 'mmx[metrics]'") from err
+            raise ImportError(
+                "the fid metric needs torchmetrics and torch-fidelity: pip install 'mmx[metrics]'"
+            ) from err
         path = Path(weights)
         if not path.is_file():
-            raise FileNotFoundError(f"FID Inception weights {path} not found; download {_FID_URL} once where there "
-                                    "is network and name the file")
+            raise FileNotFoundError(
+                f"FID Inception weights {path} not found; download {_FID_URL} once where there "
+                "is network and name the file"
+            )
         state = _plain_state_dict(path)
         with tempfile.TemporaryDirectory() as folder:
             source = path
@@ -89,8 +93,9 @@ def _plain_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # the restricted unpickler refuses anything but tensors and plain containers
-        raise ValueError(f"{path} is not a plain state_dict of tensors (torch.load(weights_only=True) refused it: "
-                         f"{err})") from err
+        raise ValueError(
+            f"{path} is not a plain state_dict of tensors (torch.load(weights_only=True) refused it: {err})"
+        ) from err
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path} does not hold a state_dict (a mapping of names to tensors)")
     return state
@@ -109,21 +114,28 @@ class CLIPScore:
         device: where the model runs.
     """
 
-    def __init__(self, model_name: str = "ViT-B-32", pretrained: str | os.PathLike | None = None,
-                 device: str | torch.device = "cpu") -> None:
+    def __init__(
+        self,
+        model_name: str = "ViT-B-32",
+        pretrained: str | os.PathLike | None = None,
+        device: str | torch.device = "cpu",
+    ) -> None:
         import open_clip
         from open_clip.transform import PreprocessCfg, image_transform_v2
 
         from mmx.encoders.clip import check_model_name, create_model
 
         if pretrained is None:
-            raise ValueError("clip_score needs trained weights: pretrained: /path/to/open_clip_model.safetensors (random "
-                             "weights would score noise)")
+            raise ValueError(
+                "clip_score needs trained weights: pretrained: /path/to/open_clip_model.safetensors (random "
+                "weights would score noise)"
+            )
         check_model_name(open_clip, model_name)
         self.model = create_model(open_clip, model_name, os.fspath(pretrained), None).to(device).eval()
         self.tokenizer = open_clip.get_tokenizer(model_name)
-        self.preprocess = image_transform_v2(PreprocessCfg(**open_clip.get_model_preprocess_cfg(self.model)),
-                                             is_train=False)
+        self.preprocess = image_transform_v2(
+            PreprocessCfg(**open_clip.get_model_preprocess_cfg(self.model)), is_train=False
+        )
         self.model_name, self.pretrained = model_name, os.fspath(pretrained)
 
     @torch.no_grad()

@@ -6,7 +6,7 @@ compare with the ground-truth mask of the object the word names.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

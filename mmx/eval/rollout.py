@@ -10,8 +10,9 @@ Policy's environment wrapper does.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -153,5 +154,8 @@ def chunk_latency(policy: Any, env: str, repeats: int = 20, warmup: int = 3, see
             torch.cuda.synchronize()
         if i >= warmup:
             times.append((time.perf_counter() - start) * 1000)
-    return {"median_ms": float(np.median(times)), "p90_ms": float(np.percentile(times, 90)),
-            "steps": float(policy.num_inference_steps)}
+    return {
+        "median_ms": float(np.median(times)),
+        "p90_ms": float(np.percentile(times, 90)),
+        "steps": float(policy.num_inference_steps),
+    }

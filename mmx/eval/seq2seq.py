@@ -13,7 +13,8 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -34,16 +35,24 @@ def exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
 
 
 @torch.no_grad()
-def decode_batch(model: nn.Module, memory: Any, method: str = "greedy", max_len: int = 48, beam_size: int = 4,
-                 length_penalty: float = 1.0, use_cache: bool = True):
+def decode_batch(
+    model: nn.Module,
+    memory: Any,
+    method: str = "greedy",
+    max_len: int = 48,
+    beam_size: int = 4,
+    length_penalty: float = 1.0,
+    use_cache: bool = True,
+):
     """Greedy or beam decoding of one batch of encoded inputs (a :class:`mmx.decoding.Decoded`)."""
     from mmx.decoding import beam_search, greedy_decode
 
     if method == "greedy":
         return greedy_decode(model, memory, max_len=max_len, use_cache=use_cache)
     if method == "beam":
-        return beam_search(model, memory, beam_size=beam_size, max_len=max_len, length_penalty=length_penalty,
-                           use_cache=use_cache)
+        return beam_search(
+            model, memory, beam_size=beam_size, max_len=max_len, length_penalty=length_penalty, use_cache=use_cache
+        )
     raise ValueError(f"unknown decoding method {method!r}; valid: greedy, beam")
 
 

@@ -51,8 +51,9 @@ class GroundingNet(ModelMixin, ConfigMixin):
         self.trunk = ResNetFeatures(arch, stage, weights=None, norm=norm, normalize=False)
         channels = self.trunk.channels
         self.blocks = nn.ModuleList(
-            SpatialTransformer(channels, context_dim=context_dim, heads=heads, dim_head=dim_head,
-                               self_attention=self_attention)
+            SpatialTransformer(
+                channels, context_dim=context_dim, heads=heads, dim_head=dim_head, self_attention=self_attention
+            )
             for _ in range(depth)
         )
         self.head = nn.Sequential(nn.GroupNorm(min(32, channels), channels), nn.SiLU(), nn.Conv2d(channels, 1, 1))
@@ -61,10 +62,14 @@ class GroundingNet(ModelMixin, ConfigMixin):
         """Load torchvision ResNet weights (a weights name or a local state_dict file) into the trunk."""
         pretrained = ResNetFeatures(self.config.arch, self.config.stage, weights=weights, norm="batch", normalize=False)
         if self.config.norm != "batch":
-            raise ValueError("pretrained trunk weights need norm='batch' (GroupNorm layers have no ImageNet statistics)")
+            raise ValueError(
+                "pretrained trunk weights need norm='batch' (GroupNorm layers have no ImageNet statistics)"
+            )
         self.trunk.load_state_dict(pretrained.state_dict())
 
-    def forward(self, images: torch.Tensor, context: Context | torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, images: torch.Tensor, context: Context | torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Region logits ``[B, 1, H, W]`` for ``images`` in [-1, 1] and the phrase ``context``."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"GroundingNet expects images [B, 3, H, W]; got {tuple(images.shape)}")

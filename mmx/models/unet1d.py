@@ -108,7 +108,9 @@ class UNet1D(ModelMixin, ConfigMixin):
         if not down_dims or any(not isinstance(d, int) or d <= 0 or d % n_groups for d in down_dims):
             raise ValueError(f"down_dims must be positive multiples of n_groups={n_groups}; got {down_dims}")
         if down_dims[0] % 8:
-            raise ValueError(f"down_dims[0] must divide by 8 (the final Conv1dBlock has 8 GroupNorm groups); got {down_dims[0]}")
+            raise ValueError(
+                f"down_dims[0] must divide by 8 (the final Conv1dBlock has 8 GroupNorm groups); got {down_dims[0]}"
+            )
         if context_dim is not None and (context_dim <= 0 or heads <= 0 or dim_head <= 0 or attn_ff_mult <= 0):
             raise ValueError(
                 f"cross-attention needs positive context_dim, heads, dim_head and attn_ff_mult; got "
@@ -122,8 +124,18 @@ class UNet1D(ModelMixin, ConfigMixin):
         in_out = list(zip(dims[:-1], dims[1:]))  # per level (C_in, C_out)
 
         def block(c_in: int, c_out: int) -> ResBlock1D:
-            return ResBlock1D(c_in, c_out, cond_dim, kernel_size, n_groups, cond_predict_scale,
-                              context_dim, heads, dim_head, attn_ff_mult)
+            return ResBlock1D(
+                c_in,
+                c_out,
+                cond_dim,
+                kernel_size,
+                n_groups,
+                cond_predict_scale,
+                context_dim,
+                heads,
+                dim_head,
+                attn_ff_mult,
+            )
 
         # Attribute order fixes the state_dict order; it is the published one.
         mid = down_dims[-1]
@@ -136,9 +148,9 @@ class UNet1D(ModelMixin, ConfigMixin):
             for c_in, c_out in reversed(in_out[1:])
         )
         self.down_modules = nn.ModuleList(
-            nn.ModuleList([
-                block(c_in, c_out), block(c_out, c_out), Downsample1D(c_out) if i < self.levels - 1 else nn.Identity()
-            ])
+            nn.ModuleList(
+                [block(c_in, c_out), block(c_out, c_out), Downsample1D(c_out) if i < self.levels - 1 else nn.Identity()]
+            )
             for i, (c_in, c_out) in enumerate(in_out)
         )
         self.final_conv = nn.Sequential(
@@ -151,7 +163,11 @@ class UNet1D(ModelMixin, ConfigMixin):
             got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"UNet1D expects x [B, T, input_dim={input_dim}]; got {got}")
         if x.shape[2] != input_dim:
-            hint = " (channels-first? UNet1D takes time-major [B, T, input_dim] like Diffusion Policy)" if x.shape[1] == input_dim else ""
+            hint = (
+                " (channels-first? UNet1D takes time-major [B, T, input_dim] like Diffusion Policy)"
+                if x.shape[1] == input_dim
+                else ""
+            )
             raise ValueError(f"UNet1D expects x [B, T, input_dim={input_dim}]; got {tuple(x.shape)}{hint}")
         self.check_horizon(x.shape[1])
 
@@ -174,7 +190,9 @@ class UNet1D(ModelMixin, ConfigMixin):
             pooled = context.pooled if width is not None else None
         if width is None:
             if pooled is not None:
-                raise ValueError(f"this UNet1D has no global condition (global_cond_dim=None); got pooled {tuple(pooled.shape)}")
+                raise ValueError(
+                    f"this UNet1D has no global condition (global_cond_dim=None); got pooled {tuple(pooled.shape)}"
+                )
             return None
         if pooled is None:
             raise ValueError(
@@ -218,10 +236,13 @@ class UNet1D(ModelMixin, ConfigMixin):
             raise TypeError(f"UNet1D takes context as an mmx Context; got {type(context).__name__}")
         if self.config.context_dim is not None:
             if context is None:
-                raise ValueError(f"this UNet1D cross-attends to context tokens of width {self.config.context_dim}; got context=None")
+                raise ValueError(
+                    f"this UNet1D cross-attends to context tokens of width {self.config.context_dim}; got context=None"
+                )
             if context.dim != self.config.context_dim or context.batch_size != b:
                 raise ValueError(
-                    f"context tokens must be [B={b}, S, context_dim={self.config.context_dim}]; got {tuple(context.tokens.shape)}"
+                    f"context tokens must be [B={b}, S, context_dim={self.config.context_dim}]; "
+                    f"got {tuple(context.tokens.shape)}"
                 )
             tokens, mask = context.tokens, context.mask
         pooled = self._pooled(x, context, pooled)
@@ -260,7 +281,7 @@ class UNet1D(ModelMixin, ConfigMixin):
         which: str = "ema_model",
         trust_pickle: bool = False,
         **overrides: object,
-    ) -> "UNet1D":
+    ) -> UNet1D:
         """Build a UNet1D from a Diffusion Policy checkpoint or state_dict and load it with ``strict=True``.
 
         Args:
@@ -278,7 +299,7 @@ class UNet1D(ModelMixin, ConfigMixin):
         kernel_size, cond_predict_scale) is read from the tensor shapes.
         """
         state = _dp_state_dict(source, which, trust_pickle)
-        unet_state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        unet_state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         if not unet_state:
             found = sorted({k.split(".")[0] for k in state})
             raise KeyError(f"no keys start with {prefix!r} in {_name(source)}; top-level names: {found[:12]}")

@@ -53,7 +53,7 @@ class UNetAttention:
     position_into: str = "tokens"
 
     @classmethod
-    def from_spec(cls, spec: "dict | UNetAttention | None") -> "UNetAttention":
+    def from_spec(cls, spec: dict | UNetAttention | None) -> UNetAttention:
         """From a mapping (an unknown key is an error listing the valid ones), an instance, or None (defaults)."""
         from mmx.config import from_dict
 
@@ -65,15 +65,25 @@ class UNetAttention:
 class _Level(nn.Module):
     """``n`` ResBlocks, each optionally followed by a SpatialTransformer."""
 
-    def __init__(self, channels_in: list[int], channels_out: int, emb_dim: int, attention: bool, attn_kwargs: dict,
-                 dropout: float, norm_groups: int | None) -> None:
+    def __init__(
+        self,
+        channels_in: list[int],
+        channels_out: int,
+        emb_dim: int,
+        attention: bool,
+        attn_kwargs: dict,
+        dropout: float,
+        norm_groups: int | None,
+    ) -> None:
         super().__init__()
         self.resnets = nn.ModuleList(
             ResBlock2D(c_in, channels_out, emb_dim, dropout=dropout, norm_groups=norm_groups) for c_in in channels_in
         )
-        self.attentions = nn.ModuleList(
-            SpatialTransformer(channels_out, norm_groups=norm_groups, **attn_kwargs) for _ in channels_in
-        ) if attention else None
+        self.attentions = (
+            nn.ModuleList(SpatialTransformer(channels_out, norm_groups=norm_groups, **attn_kwargs) for _ in channels_in)
+            if attention
+            else None
+        )
 
 
 class UNet2D(ModelMixin, ConfigMixin):
@@ -139,8 +149,9 @@ class UNet2D(ModelMixin, ConfigMixin):
             raise ValueError(f"padding_mode must be one of {', '.join(PADDING_MODES)}; got {padding_mode!r}")
         attn = UNetAttention.from_spec(attention)
         if attn.position_into not in POSITION_INTO:
-            raise ValueError(f"attention.position_into must be one of {', '.join(POSITION_INTO)}; "
-                             f"got {attn.position_into!r}")
+            raise ValueError(
+                f"attention.position_into must be one of {', '.join(POSITION_INTO)}; got {attn.position_into!r}"
+            )
         levels = len(channels)
         self_attention_levels = attn.self_attention_levels or (False,) * levels
         if len(attention_levels) != levels or len(self_attention_levels) != levels:
@@ -155,10 +166,18 @@ class UNet2D(ModelMixin, ConfigMixin):
         self.pooled_proj = nn.Linear(pooled_dim, emb_dim) if pooled_dim else None
 
         def attn_kwargs(level: int) -> dict:
-            return dict(context_dim=context_dim, heads=attn.heads, dim_head=attn.dim_head, depth=attn.depth,
-                        dropout=dropout, self_attention=bool(self_attention_levels[level]),
-                        position_frequencies=attn.position_frequencies, split_context=split_context,
-                        ff_mult=attn.ff_mult, position_into=attn.position_into)
+            return dict(
+                context_dim=context_dim,
+                heads=attn.heads,
+                dim_head=attn.dim_head,
+                depth=attn.depth,
+                dropout=dropout,
+                self_attention=bool(self_attention_levels[level]),
+                position_frequencies=attn.position_frequencies,
+                split_context=split_context,
+                ff_mult=attn.ff_mult,
+                position_into=attn.position_into,
+            )
 
         self.patch_size = patch_size
         self.conv_in = nn.Conv2d(in_channels * patch_size**2, channels[0], 3, padding=1)
@@ -175,7 +194,9 @@ class UNet2D(ModelMixin, ConfigMixin):
                 self.downsamplers.append(nn.Conv2d(c, c, 3, stride=2, padding=1))
                 skips.append(c)
         self.mid_res1 = ResBlock2D(c, c, emb_dim, dropout=dropout, norm_groups=norm_groups)
-        self.mid_attn = SpatialTransformer(c, norm_groups=norm_groups, **attn_kwargs(levels - 1)) if mid_attention else None
+        self.mid_attn = (
+            SpatialTransformer(c, norm_groups=norm_groups, **attn_kwargs(levels - 1)) if mid_attention else None
+        )
         self.mid_res2 = ResBlock2D(c, c, emb_dim, dropout=dropout, norm_groups=norm_groups)
         self.up = nn.ModuleList()
         self.upsamplers = nn.ModuleList()
@@ -235,7 +256,9 @@ class UNet2D(ModelMixin, ConfigMixin):
         emb = self.time_embedding(timestep_embedding(t, self.config.channels[0]).to(x.dtype))  # (B, E)
         if self.pooled_proj is not None:
             if pooled is None:
-                raise ValueError(f"this UNet2D adds a pooled text vector (pooled_dim={self.config.pooled_dim}); got none")
+                raise ValueError(
+                    f"this UNet2D adds a pooled text vector (pooled_dim={self.config.pooled_dim}); got none"
+                )
             emb = emb + self.pooled_proj(pooled.to(emb.dtype))
 
         if self.patch_size > 1:
@@ -290,7 +313,9 @@ class DiffusersUNet2D(nn.Module):
         from diffusers import UNet2DConditionModel
 
         attn = UNetAttention.from_spec(attention)
-        unused = {k: v for k, v in asdict(attn).items() if k not in ("heads", "dim_head") and v != getattr(UNetAttention, k)}
+        unused = {
+            k: v for k, v in asdict(attn).items() if k not in ("heads", "dim_head") and v != getattr(UNetAttention, k)
+        }
         if unused:
             raise ValueError(f"diffusers' UNet2DConditionModel takes attention.heads (and dim_head) only; got {unused}")
         heads, dim_head = attn.heads, attn.dim_head
@@ -298,12 +323,18 @@ class DiffusersUNet2D(nn.Module):
         down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention_levels)
         up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention_levels))
         self.unet = UNet2DConditionModel(
-            sample_size=sample_size, in_channels=in_channels, out_channels=out_channels,
-            block_out_channels=tuple(channels), layers_per_block=layers_per_block,
-            down_block_types=down, up_block_types=up, cross_attention_dim=context_dim,
+            sample_size=sample_size,
+            in_channels=in_channels,
+            out_channels=out_channels,
+            block_out_channels=tuple(channels),
+            layers_per_block=layers_per_block,
+            down_block_types=down,
+            up_block_types=up,
+            cross_attention_dim=context_dim,
             # diffusers' UNet2DConditionModel reads `attention_head_dim` as the number of heads, and
             # its per-head width is then channels // heads; `dim_head` only documents the intent.
-            attention_head_dim=heads, norm_num_groups=norm_groups,
+            attention_head_dim=heads,
+            norm_num_groups=norm_groups,
         )
         self.heads, self.dim_head = heads, dim_head
 
@@ -312,7 +343,7 @@ class DiffusersUNet2D(nn.Module):
         self.unet.save_pretrained(path)
 
     @classmethod
-    def from_pretrained(cls, path: str) -> "DiffusersUNet2D":
+    def from_pretrained(cls, path: str) -> DiffusersUNet2D:
         """Load a folder written by :meth:`save_pretrained`."""
         from diffusers import UNet2DConditionModel
 
@@ -322,8 +353,14 @@ class DiffusersUNet2D(nn.Module):
         wrapper.heads = wrapper.dim_head = None
         return wrapper
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, context: Context | torch.Tensor,
-                mask: torch.Tensor | None = None, pooled: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        context: Context | torch.Tensor,
+        mask: torch.Tensor | None = None,
+        pooled: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Same contract as :meth:`UNet2D.forward`."""
         tokens, mask = unpack_context(context, mask)
         return self.unet(x, t, encoder_hidden_states=tokens, encoder_attention_mask=mask).sample

@@ -1,15 +1,25 @@
 """Attention math and conditioning blocks: pure ``nn.Module``s, no noise, no I/O."""
 
 from mmx.nn.attention import CrossAttention, MultiHeadAttention, attention_probs
+from mmx.nn.conditioning import Conv1dBlock, FiLM, ResBlock1D, ResBlock2D, SinusoidalEmbedding, timestep_embedding
 from mmx.nn.kv_cache import KVCache
 from mmx.nn.masks import prepare_mask
-from mmx.nn.conditioning import FiLM, ResBlock1D, ResBlock2D, Conv1dBlock, SinusoidalEmbedding, timestep_embedding
-from mmx.nn.transformer import (
-    BlockCache, FeedForward, GEGLU, SpatialTransformer, TemporalTransformer, TransformerBlock, grid_fourier_features,
-    group_norm,
-)
 from mmx.nn.seq2seq import (
-    DecoderCache, TransformerDecoder, TransformerEncoder, positions_from_mask, sinusoidal_positions,
+    DecoderCache,
+    TransformerDecoder,
+    TransformerEncoder,
+    positions_from_mask,
+    sinusoidal_positions,
+)
+from mmx.nn.transformer import (
+    GEGLU,
+    BlockCache,
+    FeedForward,
+    SpatialTransformer,
+    TemporalTransformer,
+    TransformerBlock,
+    grid_fourier_features,
+    group_norm,
 )
 
 __all__ = [

@@ -11,7 +11,7 @@ kernels on GPU and CPU); attention probabilities are computed beside it, only wh
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +28,10 @@ AttentionHook = Callable[["CrossAttention", torch.Tensor, torch.Tensor, "torch.T
 
 
 def attention_probs(
-    q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    causal: bool = False,
     scale: float | None = None,
 ) -> torch.Tensor:
     """Explicit ``softmax(q k^T * scale + mask)`` as ``[B, H, L, S]`` in float32.
@@ -103,8 +106,10 @@ class CrossAttention(nn.Module):
         if context_dim is not None and (not isinstance(context_dim, int) or context_dim <= 0):
             raise ValueError(f"context_dim must be a positive int or None; got {context_dim!r}")
         if split_context and (context_dim is None or context_dim % 2):
-            raise ValueError(f"split_context=True needs cross-attention to an even context_dim (keys and values "
-                             f"side by side); got context_dim={context_dim!r}")
+            raise ValueError(
+                f"split_context=True needs cross-attention to an even context_dim (keys and values "
+                f"side by side); got context_dim={context_dim!r}"
+            )
         self.query_dim = query_dim
         self.context_dim = context_dim if context_dim is not None else query_dim
         self.is_cross = context_dim is not None
@@ -209,8 +214,14 @@ class CrossAttention(nn.Module):
             q, k, v = self._project_cached(x, context, cache)
         b, h, l, _ = q.shape
         s = k.shape[2]
-        cached_padding = (cache is not None and cache.kind == "cross" and not causal and s > 0
-                          and isinstance(mask, torch.Tensor) and mask.ndim == 2)
+        cached_padding = (
+            cache is not None
+            and cache.kind == "cross"
+            and not causal
+            and s > 0
+            and isinstance(mask, torch.Tensor)
+            and mask.ndim == 2
+        )
         if cached_padding:
             mask, sdpa_mask, row_has_key = cache.padding(mask, h, q.dtype)
         else:
@@ -321,8 +332,14 @@ class MultiHeadAttention(CrossAttention):
         qkv_bias: bool = False,
     ) -> None:
         super().__init__(
-            query_dim, None, heads=heads, dim_head=dim_head, value_dim_head=value_dim_head,
-            out_dim=out_dim, dropout=dropout, qkv_bias=qkv_bias,
+            query_dim,
+            None,
+            heads=heads,
+            dim_head=dim_head,
+            value_dim_head=value_dim_head,
+            out_dim=out_dim,
+            dropout=dropout,
+            qkv_bias=qkv_bias,
         )
 
     def forward(  # type: ignore[override]

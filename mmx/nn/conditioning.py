@@ -71,9 +71,16 @@ class FiLM(nn.Sequential):
     """
 
     def __init__(
-        self, cond_dim: int, channels: int, predict_scale: bool = True, scale_offset: float = 0.0, activation: bool = True
+        self,
+        cond_dim: int,
+        channels: int,
+        predict_scale: bool = True,
+        scale_offset: float = 0.0,
+        activation: bool = True,
     ) -> None:
-        super().__init__(nn.Mish() if activation else nn.Identity(), nn.Linear(cond_dim, channels * (2 if predict_scale else 1)))
+        super().__init__(
+            nn.Mish() if activation else nn.Identity(), nn.Linear(cond_dim, channels * (2 if predict_scale else 1))
+        )
         self.cond_dim = cond_dim
         self.channels = channels
         self.predict_scale = predict_scale
@@ -83,7 +90,8 @@ class FiLM(nn.Sequential):
         """Modulate ``x [B, C, *spatial]`` by ``cond [B, cond_dim]`` or ``[B, T, cond_dim]``."""
         if cond.ndim not in (2, 3) or cond.shape[-1] != self.cond_dim or cond.shape[0] != x.shape[0]:
             raise ValueError(
-                f"FiLM cond must be [B={x.shape[0]}, cond_dim={self.cond_dim}] or [B, T, cond_dim]; got {tuple(cond.shape)}"
+                f"FiLM cond must be [B={x.shape[0]}, cond_dim={self.cond_dim}] or [B, T, cond_dim]; "
+                f"got {tuple(cond.shape)}"
             )
         if x.ndim < 2 or x.shape[1] != self.channels:
             raise ValueError(f"FiLM expects x [B, C={self.channels}, ...]; got {tuple(x.shape)}")
@@ -213,14 +221,23 @@ class ResBlock1D(nn.Module):
         super().__init__()
         self.in_channels, self.out_channels = in_channels, out_channels
         self.blocks = nn.ModuleList(
-            [Conv1dBlock(in_channels, out_channels, kernel_size, n_groups), Conv1dBlock(out_channels, out_channels, kernel_size, n_groups)]
+            [
+                Conv1dBlock(in_channels, out_channels, kernel_size, n_groups),
+                Conv1dBlock(out_channels, out_channels, kernel_size, n_groups),
+            ]
         )
         self.cond_encoder = FiLM(cond_dim, out_channels, predict_scale=cond_predict_scale, scale_offset=0.0)
         self.residual_conv = nn.Conv1d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
         self.context_dim = context_dim
         self.cross_attn = (
             TemporalTransformer(
-                out_channels, context_dim, heads, dim_head, self_attention=False, ff_mult=attn_ff_mult, norm_groups=n_groups
+                out_channels,
+                context_dim,
+                heads,
+                dim_head,
+                self_attention=False,
+                ff_mult=attn_ff_mult,
+                norm_groups=n_groups,
             )
             if context_dim is not None
             else None
@@ -245,7 +262,9 @@ class ResBlock1D(nn.Module):
         out += self.residual_conv(x)  # in place: Mish keeps its input for backward, not this output
         if self.cross_attn is not None:
             if context is None:
-                raise ValueError(f"this ResBlock1D cross-attends to a context of width {self.context_dim}; got context=None")
+                raise ValueError(
+                    f"this ResBlock1D cross-attends to a context of width {self.context_dim}; got context=None"
+                )
             out = self.cross_attn(out, context, mask)
         elif context is not None:
             raise ValueError("this ResBlock1D was built without cross-attention (context_dim=None) but got a context")

@@ -89,9 +89,15 @@ class KVCache:
             return k, v
         n, added = len(self), k.shape[2]
         buffers = self._buffers
-        fits = (buffers is not None and n + added <= buffers[0].shape[2]
-                and buffers[0].shape[:2] == k.shape[:2] and buffers[0].shape[3] == k.shape[3]
-                and buffers[1].shape[3] == v.shape[3] and buffers[0].dtype == k.dtype and buffers[0].device == k.device)
+        fits = (
+            buffers is not None
+            and n + added <= buffers[0].shape[2]
+            and buffers[0].shape[:2] == k.shape[:2]
+            and buffers[0].shape[3] == k.shape[3]
+            and buffers[1].shape[3] == v.shape[3]
+            and buffers[0].dtype == k.dtype
+            and buffers[0].device == k.device
+        )
         if not fits:  # (re)allocate with room for as many positions again, keeping what is cached
             capacity = max(2 * (n + added), 16)
             kb = k.new_empty(k.shape[0], k.shape[1], capacity, k.shape[3])
@@ -100,9 +106,9 @@ class KVCache:
                 kb[:, :, :n] = self.k
                 vb[:, :, :n] = self.v
             buffers = self._buffers = (kb, vb)
-        buffers[0][:, :, n:n + added] = k
-        buffers[1][:, :, n:n + added] = v
-        self.k, self.v, self.kind = buffers[0][:, :, :n + added], buffers[1][:, :, :n + added], "self"
+        buffers[0][:, :, n : n + added] = k
+        buffers[1][:, :, n : n + added] = v
+        self.k, self.v, self.kind = buffers[0][:, :, : n + added], buffers[1][:, :, : n + added], "self"
         return self.k, self.v
 
     def store(self, k: torch.Tensor, v: torch.Tensor) -> None:

@@ -93,7 +93,12 @@ class TransformerEncoder(nn.Module):
     """
 
     def __init__(
-        self, d_model: int, heads: int = 4, dim_head: int | None = None, layers: int = 3, ff_mult: int = 4,
+        self,
+        d_model: int,
+        heads: int = 4,
+        dim_head: int | None = None,
+        layers: int = 3,
+        ff_mult: int = 4,
         dropout: float = 0.0,
     ) -> None:
         super().__init__()

@@ -23,7 +23,13 @@ from mmx.nn.kv_cache import KVCache
 from mmx.nn.masks import check_input_dtype
 
 __all__ = [
-    "GEGLU", "FeedForward", "TransformerBlock", "BlockCache", "SpatialTransformer", "TemporalTransformer", "group_norm",
+    "GEGLU",
+    "FeedForward",
+    "TransformerBlock",
+    "BlockCache",
+    "SpatialTransformer",
+    "TemporalTransformer",
+    "group_norm",
     "grid_fourier_features",
 ]
 
@@ -120,8 +126,11 @@ class TransformerBlock(nn.Module):
         self.norm1 = nn.LayerNorm(dim) if self_attention else None
         self.attn1 = CrossAttention(dim, None, heads, dim_head, dropout=dropout) if self_attention else None
         self.norm2 = nn.LayerNorm(dim) if context_dim is not None else None
-        self.attn2 = CrossAttention(dim, context_dim, heads, dim_head, dropout=dropout,
-                                    split_context=split_context) if context_dim else None
+        self.attn2 = (
+            CrossAttention(dim, context_dim, heads, dim_head, dropout=dropout, split_context=split_context)
+            if context_dim
+            else None
+        )
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim, ff_mult, dropout, gated=gated_ff)
 
@@ -166,8 +175,12 @@ class TransformerBlock(nn.Module):
         return x + self.ff(self.norm3(x))
 
 
-def grid_fourier_features(grid: list[int] | tuple[int, ...], frequencies: int, device: torch.device | None = None,
-                          dtype: torch.dtype | None = None) -> torch.Tensor:
+def grid_fourier_features(
+    grid: list[int] | tuple[int, ...],
+    frequencies: int,
+    device: torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
     """Fourier features of each cell's position on a grid: ``[prod(grid), 2 * len(grid) * frequencies]``.
 
     Cell centres are placed in [-1, 1] along each axis, so a cell's features depend on where it
@@ -221,8 +234,9 @@ class _ChannelsTransformer(nn.Module):
             nn.init.zeros_(self.pos_proj.weight)
             nn.init.zeros_(self.pos_proj.bias)
         self.transformer_blocks = nn.ModuleList(
-            TransformerBlock(inner, context_dim, heads, dim_head, ff_mult, dropout, self_attention,
-                             split_context=split_context)
+            TransformerBlock(
+                inner, context_dim, heads, dim_head, ff_mult, dropout, self_attention, split_context=split_context
+            )
             for _ in range(depth)
         )
         self.proj_out = nn.Linear(inner, channels)

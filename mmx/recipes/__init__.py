@@ -57,6 +57,7 @@ def load_run(path: str | Path, overrides: list[str] | None = None, device: str =
     path = Path(path)
     recipe = get_recipe(task_of(path))
     if not (path / recipe.model_folder).exists():
-        raise FileNotFoundError(f"{path} has no trained model: {path / recipe.model_folder} not found "
-                                "(did training finish?)")
+        raise FileNotFoundError(
+            f"{path} has no trained model: {path / recipe.model_folder} not found (did training finish?)"
+        )
     return recipe.load(path, overrides, device)

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 __all__ = ["Recipe", "Result", "Run", "RecipeError", "check_steps", "file_label", "format_score"]
 
@@ -31,7 +32,7 @@ class Run:
     """
 
     path: Path
-    recipe: "Recipe"
+    recipe: Recipe
     config: Any
     model: Any
 
@@ -71,7 +72,7 @@ class Result:
 
 
 class Recipe:
-    """One kind of run. Subclasses set the class attributes and implement :meth:`load`, :meth:`evaluate`, :meth:`attend`.
+    """One kind of run: subclasses set the class attributes and implement ``load``, ``evaluate`` and ``attend``.
 
     Options that a command offers but a recipe has no use for are refused by name (see
     :meth:`options`), never silently ignored.
@@ -113,8 +114,10 @@ class Recipe:
         if unknown:
             owner = getattr(method, "__self__", None)
             who = getattr(owner, "name", "this")
-            raise RecipeError(f"{', '.join('--' + k.replace('_', '-') for k in unknown)} do(es) not apply to {who} "
-                              f"runs; they take: {', '.join('--' + k.replace('_', '-') for k in sorted(accepted))}")
+            raise RecipeError(
+                f"{', '.join('--' + k.replace('_', '-') for k in unknown)} do(es) not apply to {who} "
+                f"runs; they take: {', '.join('--' + k.replace('_', '-') for k in sorted(accepted))}"
+            )
         return given
 
 

@@ -1,6 +1,6 @@
-"""Training: one Accelerate loop for every recipe's Task, crash-safe checkpoints, run folders. This layer owns the I/O."""
+"""Training: one Accelerate loop for every recipe's Task, crash-safe checkpoints, run folders; it owns the I/O."""
 
-from mmx.train.checkpoint import CheckpointError, latest_checkpoint, upgrade_checkpoint, verify_checkpoint
+from mmx.train.checkpoint import CheckpointError, latest_checkpoint, verify_checkpoint
 from mmx.train.trainer import NonFiniteLossError, Task, TrainConfig, TrainResult, TrainSetupError, train
 
 __all__ = [
@@ -12,6 +12,5 @@ __all__ = [
     "TrainSetupError",
     "latest_checkpoint",
     "train",
-    "upgrade_checkpoint",
     "verify_checkpoint",
 ]

@@ -26,8 +26,15 @@ from typing import Any
 import torch
 
 __all__ = [
-    "CHECKPOINTS", "MANIFEST", "CheckpointError", "TrainerState", "latest_checkpoint", "load_checkpoint",
-    "resume_path", "save_checkpoint", "upgrade_checkpoint", "verify_checkpoint",
+    "CHECKPOINTS",
+    "MANIFEST",
+    "CheckpointError",
+    "TrainerState",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "resume_path",
+    "save_checkpoint",
+    "verify_checkpoint",
 ]
 
 logger = logging.getLogger(__name__)
@@ -97,13 +104,16 @@ def _load_ema(ema: Any, path: Path, device: torch.device) -> None:
         meta = f.metadata() or {}
         count = int(meta.get("count", -1))
         if count != len(ema.shadow_params):
-            raise CheckpointError(f"{path} holds {count} EMA tensors; the model has {len(ema.shadow_params)} "
-                                  "parameters")
+            raise CheckpointError(
+                f"{path} holds {count} EMA tensors; the model has {len(ema.shadow_params)} parameters"
+            )
         shadow = [f.get_tensor(f"shadow_params.{i}").to(device) for i in range(count)]
     for i, (saved, current) in enumerate(zip(shadow, ema.shadow_params)):
         if saved.shape != current.shape:
-            raise CheckpointError(f"{path}: EMA tensor {i} has shape {tuple(saved.shape)}; "
-                                  f"the model's parameter has {tuple(current.shape)}")
+            raise CheckpointError(
+                f"{path}: EMA tensor {i} has shape {tuple(saved.shape)}; "
+                f"the model's parameter has {tuple(current.shape)}"
+            )
     ema.load_state_dict({**json.loads(meta["mmx_ema"]), "shadow_params": shadow})
 
 
@@ -156,11 +166,6 @@ def verify_checkpoint(path: str | Path, hashes: bool = True) -> dict[str, Any]:
     path = Path(path)
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
-        if any(path.glob("custom_checkpoint_*.pkl")):
-            raise CheckpointError(
-                f"{path} was written by an older mmx (custom_checkpoint_*.pkl, no {MANIFEST}); its pickles are not "
-                f"loaded automatically. Convert it once with: python -c \"from mmx.train.checkpoint import "
-                f"upgrade_checkpoint; upgrade_checkpoint('{path}')\"")
         raise CheckpointError(f"{manifest_path} is missing: the checkpoint was not completely written")
     try:
         manifest = json.loads(manifest_path.read_text())
@@ -180,8 +185,10 @@ def verify_checkpoint(path: str | Path, hashes: bool = True) -> dict[str, Any]:
             raise CheckpointError(f"{file} is missing (listed in {MANIFEST})")
         size = file.stat().st_size
         if size != expected_size:
-            raise CheckpointError(f"{file} has {size} bytes; {MANIFEST} says {expected_size}: the file is truncated "
-                                  "or was changed after the checkpoint was written")
+            raise CheckpointError(
+                f"{file} has {size} bytes; {MANIFEST} says {expected_size}: the file is truncated "
+                "or was changed after the checkpoint was written"
+            )
         if hashes and _sha256(file) != expected_sha256:
             raise CheckpointError(f"{file} is corrupt: its sha256 differs from the one in {MANIFEST}")
     return manifest
@@ -200,43 +207,6 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
             continue
         return path
     return None
-
-
-def upgrade_checkpoint(path: str | Path) -> Path:
-    """Convert a checkpoint written by mmx before manifests existed, in place, so it can be resumed.
-
-    Its ``custom_checkpoint_*.pkl`` files (EMA and step state) are unpickled with ``weights_only=True``
-    (plain tensors and numbers only), rewritten as safetensors, removed, and a manifest is added.
-    Only process 0's noise generator existed in the old format.
-    """
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    old = sorted(path.glob("custom_checkpoint_*.pkl"))
-    if (path / MANIFEST).exists() or not old:
-        raise CheckpointError(f"{path} is not a checkpoint of the older format (custom_checkpoint_*.pkl, "
-                              f"no {MANIFEST})")
-    step = None
-    for file in old:
-        try:
-            content = torch.load(file, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as err:
-            raise CheckpointError(f"{file} holds objects other than tensors and numbers; refusing to unpickle "
-                                  "it") from err
-        if isinstance(content, dict) and "shadow_params" in content:
-            _save_ema(content, path / EMA_FILE)
-        elif isinstance(content, dict) and {"step", "generator"} <= set(content):
-            step = int(content["step"])
-            save_file({"generator": content["generator"].contiguous()}, str(path / _state_file(0)),
-                      metadata={"step": str(step), "nonfinite_steps": "0"})
-        else:
-            raise CheckpointError(f"{file} is neither an EMA state nor a step state")
-    if step is None:
-        raise CheckpointError(f"{path} has no step state among {[f.name for f in old]}")
-    for file in old:
-        file.unlink()
-    _write_manifest(path, step)
-    return path
 
 
 def resume_path(accelerator: Any, run_dir: Path, resume: str | Path) -> Path | None:
@@ -293,14 +263,17 @@ def load_checkpoint(accelerator: Any, path: Path, state: TrainerState, ema: Any)
         except Exception as err:
             raise CheckpointError(f"{rng_file} cannot be loaded with weights_only=True: {_first_line(err)}") from err
     else:
-        logger.warning("%s is missing (the run had fewer processes?): process %d keeps its fresh random state",
-                       rng_file, rank)
+        logger.warning(
+            "%s is missing (the run had fewer processes?): process %d keeps its fresh random state", rng_file, rank
+        )
     try:
         accelerator.load_state(str(path), load_kwargs={"weights_only": True})
     except pickle.UnpicklingError as err:
         culprit = _unsafe_pickle(path) or path
-        raise CheckpointError(f"{culprit} holds objects other than tensors and numbers; refusing to unpickle it "
-                              f"(weights_only=True): {_first_line(err)}") from err
+        raise CheckpointError(
+            f"{culprit} holds objects other than tensors and numbers; refusing to unpickle it "
+            f"(weights_only=True): {_first_line(err)}"
+        ) from err
     except Exception as err:
         raise CheckpointError(f"could not load checkpoint {path}: {type(err).__name__}: {_first_line(err)}") from err
 
@@ -313,8 +286,9 @@ def load_checkpoint(accelerator: Any, path: Path, state: TrainerState, ema: Any)
     state.load(state_file)
     if ema is not None:
         if not (path / EMA_FILE).is_file():
-            raise CheckpointError(f"{path / EMA_FILE} is missing: the checkpoint was trained without EMA "
-                                  "(resume with train.ema=false)")
+            raise CheckpointError(
+                f"{path / EMA_FILE} is missing: the checkpoint was trained without EMA (resume with train.ema=false)"
+            )
         _load_ema(ema, path / EMA_FILE, accelerator.device)
 
 
@@ -378,8 +352,13 @@ def _write_manifest(folder: Path, step: int) -> None:
     files = {}
     for file in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST):
         files[file.relative_to(folder).as_posix()] = {"size": file.stat().st_size, "sha256": _sha256(file, fsync=True)}
-    manifest = {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "step": step,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": files}
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "version": MANIFEST_VERSION,
+        "step": step,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "files": files,
+    }
     partial = folder / (MANIFEST + ".partial")
     with open(partial, "w") as f:
         json.dump(manifest, f, indent=1)

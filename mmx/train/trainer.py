@@ -12,9 +12,10 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import nn
@@ -26,13 +27,19 @@ from mmx.train.checkpoint import (  # noqa: F401  (re-exported: the trainer's pu
     load_checkpoint,
     resume_path,
     save_checkpoint,
-    upgrade_checkpoint,
     verify_checkpoint,
 )
 
 __all__ = [
-    "TrainConfig", "Task", "train", "latest_checkpoint", "verify_checkpoint", "upgrade_checkpoint", "TrainResult",
-    "CheckpointError", "NonFiniteLossError", "TrainSetupError",
+    "TrainConfig",
+    "Task",
+    "train",
+    "latest_checkpoint",
+    "verify_checkpoint",
+    "TrainResult",
+    "CheckpointError",
+    "NonFiniteLossError",
+    "TrainSetupError",
 ]
 
 logger = logging.getLogger(__name__)
@@ -132,13 +139,22 @@ def _lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
 
 def _check_config(cfg: TrainConfig) -> None:
     """Values the loop cannot work with, named with what was expected."""
-    for key in ("max_steps", "batch_size", "grad_accum", "checkpoint_every", "validate_every", "log_every",
-                "max_nonfinite_steps"):
+    for key in (
+        "max_steps",
+        "batch_size",
+        "grad_accum",
+        "checkpoint_every",
+        "validate_every",
+        "log_every",
+        "max_nonfinite_steps",
+    ):
         if getattr(cfg, key) < 1:
             raise ValueError(f"train.{key} = {getattr(cfg, key)!r}; expected an integer >= 1")
     if cfg.checkpoints_total_limit is not None and cfg.checkpoints_total_limit < 1:
-        raise ValueError(f"train.checkpoints_total_limit = {cfg.checkpoints_total_limit!r}; expected null (keep all) "
-                         "or an integer >= 1")
+        raise ValueError(
+            f"train.checkpoints_total_limit = {cfg.checkpoints_total_limit!r}; expected null (keep all) "
+            "or an integer >= 1"
+        )
     for key in ("gradient_checkpointing", "channels_last", "compile", "allow_tf32"):
         if not isinstance(getattr(cfg, key), bool):
             raise ValueError(f"train.{key} = {getattr(cfg, key)!r}; expected true or false")
@@ -154,12 +170,17 @@ def _speed_options(model: nn.Module, cfg: TrainConfig, device: torch.device) -> 
         torch.backends.cuda.matmul.allow_tf32 = cfg.allow_tf32
         torch.backends.cudnn.allow_tf32 = cfg.allow_tf32
     if cfg.gradient_checkpointing:
-        supported = [m for m in model.modules() if getattr(m, "_supports_gradient_checkpointing", False)
-                     and hasattr(m, "enable_gradient_checkpointing")]
+        supported = [
+            m
+            for m in model.modules()
+            if getattr(m, "_supports_gradient_checkpointing", False) and hasattr(m, "enable_gradient_checkpointing")
+        ]
         if not supported:
-            raise ValueError(f"train.gradient_checkpointing = true, but {type(model).__name__} has no submodule that "
-                             "supports it (diffusers ModelMixin models with _supports_gradient_checkpointing, e.g. "
-                             "mmx's UNet2D and UNet1D)")
+            raise ValueError(
+                f"train.gradient_checkpointing = true, but {type(model).__name__} has no submodule that "
+                "supports it (diffusers ModelMixin models with _supports_gradient_checkpointing, e.g. "
+                "mmx's UNet2D and UNet1D)"
+            )
         for module in supported:
             module.enable_gradient_checkpointing()
         logger.info("gradient checkpointing on in %s", ", ".join(sorted({type(m).__name__ for m in supported})))
@@ -248,8 +269,13 @@ def train(
     except (ValueError, TypeError, KeyError) as err:  # the data spec of the config: name it, no traceback
         raise TrainSetupError(f"cannot build the training data: {err}") from err
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=True, collate_fn=task.collate,
-        num_workers=cfg.num_workers, generator=torch.Generator().manual_seed(cfg.seed),
+        dataset,
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        drop_last=True,
+        collate_fn=task.collate,
+        num_workers=cfg.num_workers,
+        generator=torch.Generator().manual_seed(cfg.seed),
     )
     if len(loader) == 0:
         raise TrainSetupError(f"the data set has {len(dataset)} samples, fewer than one batch of {cfg.batch_size}")
@@ -270,8 +296,9 @@ def train(
     if cfg.ema:
         from diffusers.training_utils import EMAModel
 
-        ema = EMAModel(accelerator.unwrap_model(model).parameters(), decay=cfg.ema_decay, use_ema_warmup=True,
-                       power=cfg.ema_power)
+        ema = EMAModel(
+            accelerator.unwrap_model(model).parameters(), decay=cfg.ema_decay, use_ema_warmup=True, power=cfg.ema_power
+        )
         ema.to(accelerator.device)
 
     last_checkpoint: Path | None = None  # the newest checkpoint written (or resumed) before any non-finite streak
@@ -286,8 +313,13 @@ def train(
     batches_per_epoch = len(loader)
     consumed = state.step * cfg.grad_accum
     epoch, skip = divmod(consumed, batches_per_epoch)
-    progress = tqdm(total=cfg.max_steps, initial=state.step, desc="train", dynamic_ncols=True,
-                    disable=not (cfg.progress and accelerator.is_local_main_process))
+    progress = tqdm(
+        total=cfg.max_steps,
+        initial=state.step,
+        desc="train",
+        dynamic_ncols=True,
+        disable=not (cfg.progress and accelerator.is_local_main_process),
+    )
     scaler = accelerator.scaler  # fp16: the GradScaler skips steps whose gradients overflow
     running = torch.zeros(2, device=accelerator.device)  # sum of finite losses, their count (since the last log)
     bad = torch.zeros((), dtype=torch.bool, device=accelerator.device)  # a non-finite loss in this step's batches
@@ -333,8 +365,13 @@ def train(
             if nonfinite:
                 streak += 1
                 state.nonfinite_steps += 1
-                logger.warning("step %d: non-finite loss or gradient (loss %s); step skipped (%d in a row, %d in all)",
-                               state.step, f"{loss.item():.4g}", streak, state.nonfinite_steps)
+                logger.warning(
+                    "step %d: non-finite loss or gradient (loss %s); step skipped (%d in a row, %d in all)",
+                    state.step,
+                    f"{loss.item():.4g}",
+                    streak,
+                    state.nonfinite_steps,
+                )
                 if streak >= cfg.max_nonfinite_steps:
                     progress.close()
                     accelerator.log({"train/nonfinite_steps": state.nonfinite_steps}, step=state.step)
@@ -352,8 +389,11 @@ def train(
                 running.zero_()
                 last_loss = total / count if count else float("nan")
                 lr = scheduler.get_last_lr()[0]
-                progress.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}",
-                                     **({"skipped": state.nonfinite_steps} if state.nonfinite_steps else {}))
+                progress.set_postfix(
+                    loss=f"{last_loss:.4f}",
+                    lr=f"{lr:.2e}",
+                    **({"skipped": state.nonfinite_steps} if state.nonfinite_steps else {}),
+                )
                 logs = {"train/lr": lr, "train/nonfinite_steps": state.nonfinite_steps}
                 if count:  # no loss to log when every step of the interval was skipped
                     logs["train/loss"] = last_loss
@@ -362,8 +402,9 @@ def train(
                 accelerator.log(logs, step=state.step)
             if state.step % cfg.checkpoint_every == 0 or state.step == cfg.max_steps:
                 if streak and state.step < cfg.max_steps:  # keep the retention limit from pushing out the good ones
-                    logger.warning("step %d: checkpoint postponed: the last %d steps had a non-finite loss",
-                                   state.step, streak)
+                    logger.warning(
+                        "step %d: checkpoint postponed: the last %d steps had a non-finite loss", state.step, streak
+                    )
                 else:
                     last_checkpoint = save_checkpoint(accelerator, run_dir, state, ema, cfg.checkpoints_total_limit)
             if state.step == cfg.max_steps:  # before the last validation: an error there cannot cost the model
@@ -418,7 +459,8 @@ def _check_process_count(accelerator: Any) -> None:
             f"the launcher started {launched} processes (WORLD_SIZE) but Accelerate sees "
             f"{accelerator.num_processes} ({accelerator.distributed_type}): each process would train alone and write "
             "the same run folder. On a machine without a GPU set ACCELERATE_USE_CPU=1; if something created "
-            "accelerate.PartialState() before training, create it with cpu=multi_process_cpu_launch()")
+            "accelerate.PartialState() before training, create it with cpu=multi_process_cpu_launch()"
+        )
 
 
 def _on_any_process(accelerator: Any, flag: torch.Tensor) -> bool:
@@ -429,12 +471,17 @@ def _on_any_process(accelerator: Any, flag: torch.Tensor) -> bool:
 
 
 def _nonfinite_message(cfg: TrainConfig, step: int, streak: int, loss: torch.Tensor, checkpoint: Path | None) -> str:
-    where = (f"The last good checkpoint is {checkpoint}; resume from it with --resume {checkpoint} once the cause "
-             "is fixed (e.g. a lower train.lr, or the data)" if checkpoint is not None
-             else "No checkpoint was written before the loss went bad")
-    return (f"training stopped at step {step}: the loss (or its gradient) was not finite for {streak} steps in a row "
-            f"(steps {step - streak + 1}-{step}, last loss {loss.item():.4g}; train.max_nonfinite_steps = "
-            f"{cfg.max_nonfinite_steps}). {where}.")
+    where = (
+        f"The last good checkpoint is {checkpoint}; resume from it with --resume {checkpoint} once the cause "
+        "is fixed (e.g. a lower train.lr, or the data)"
+        if checkpoint is not None
+        else "No checkpoint was written before the loss went bad"
+    )
+    return (
+        f"training stopped at step {step}: the loss (or its gradient) was not finite for {streak} steps in a row "
+        f"(steps {step - streak + 1}-{step}, last loss {loss.item():.4g}; train.max_nonfinite_steps = "
+        f"{cfg.max_nonfinite_steps}). {where}."
+    )
 
 
 class _Clock:
@@ -447,7 +494,7 @@ class _Clock:
     def seconds(self) -> float:
         return time.perf_counter() - self.start - self.excluded
 
-    def paused(self) -> "_Clock":
+    def paused(self) -> _Clock:
         return self
 
     def __enter__(self) -> None:
@@ -496,5 +543,3 @@ def _validate(
                 f.write(json.dumps({"step": step, "train_seconds": round(train_seconds, 1), **metrics}) + "\n")
     accelerator.wait_for_everyone()
     return metrics
-
-

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import textwrap
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -24,7 +24,7 @@ def save_grid(
     title: str | None = None,
     columns: int = 4,
 ) -> Path:
-    """Write a PNG grid: each image ``[B, C, H, W]`` in [-1, 1] with its caption; a green/red frame when ``correct`` is given."""
+    """A PNG grid: each image ``[B, C, H, W]`` in [-1, 1] with its caption, framed green/red by ``correct``."""
     return save_panels(list(to_uint8(images).numpy()), captions, path, correct, title, columns)
 
 
@@ -79,9 +79,16 @@ def save_rollouts(result, path: str | Path, title: str | None = None, columns: i
     captions = []
     for i in range(n):
         info = result.infos[i]
-        detail = ", ".join(["collided"] * bool(info.get("collided"))
-                           + [f"{info[k]}" if k == "instruction" else f"{k} {info[k]}"
-                              for k in ("route", "instruction") if info.get(k) is not None])
-        captions.append(f"seed {result.seeds[i]}: {'success' if result.success[i] else 'failure'}"
-                        + (f" ({detail})" if detail else ""))
+        detail = ", ".join(
+            ["collided"] * bool(info.get("collided"))
+            + [
+                f"{info[k]}" if k == "instruction" else f"{k} {info[k]}"
+                for k in ("route", "instruction")
+                if info.get(k) is not None
+            ]
+        )
+        captions.append(
+            f"seed {result.seeds[i]}: {'success' if result.success[i] else 'failure'}"
+            + (f" ({detail})" if detail else "")
+        )
     return save_panels(result.frames, captions, path, result.success[:n], title, columns)

@@ -21,8 +21,14 @@ def test_token_targets_put_each_object_mask_on_its_words_tokens():
 
 def test_loss_is_zero_inside_and_one_outside_and_has_gradients():
     torch.manual_seed(0)
-    model = UNet2D(channels=(16, 32), layers_per_block=1, attention_levels=(True, True),
-                   attention={"heads": 2, "dim_head": 8}, context_dim=12, norm_groups=8)
+    model = UNet2D(
+        channels=(16, 32),
+        layers_per_block=1,
+        attention_levels=(True, True),
+        attention={"heads": 2, "dim_head": 8},
+        context_dim=12,
+        norm_groups=8,
+    )
     ctx = Context(tokens=torch.randn(1, 3, 12, requires_grad=True), mask=torch.ones(1, 3, dtype=torch.bool))
     with GroundingCapture(model) as capture:
         model(torch.randn(1, 3, 8, 8), torch.tensor([10]), ctx)
@@ -147,8 +153,11 @@ def test_losses_share_one_softmax_per_captured_call(monkeypatch):
     capture = GroundingCapture(torch.nn.Identity())
     capture.calls += [(torch.randn(1, 1, 16, 4), torch.randn(1, 1, 3, 4), None, 0.5)] * 2
     targets, valid = torch.rand(1, 3, 4, 4), torch.tensor([[False, True, True]])
-    losses = [capture.coverage_loss(targets, valid, (4, 4)), capture.reading_loss(targets, valid, (4, 4)),
-              capture.grounding_loss(targets, valid, (4, 4))]
+    losses = [
+        capture.coverage_loss(targets, valid, (4, 4)),
+        capture.reading_loss(targets, valid, (4, 4)),
+        capture.grounding_loss(targets, valid, (4, 4)),
+    ]
     assert len(computed) == 2 and all(torch.isfinite(x) for x in losses)  # one softmax per call, three losses
     capture.calls.append(capture.calls[0])  # a new call: the maps are computed again
     capture.coverage_loss(targets, valid, (4, 4))

@@ -9,8 +9,14 @@ from mmx.attnmap import AttentionRecorder, word_maps
 from mmx.diffusion import make_scheduler, sample, sampler_from
 from mmx.models import DiffusersUNet2D, UNet2D
 
-TINY = dict(channels=(16, 32), layers_per_block=1, attention_levels=(True, True),
-            attention={"heads": 2, "dim_head": 8}, context_dim=12, norm_groups=8)
+TINY = dict(
+    channels=(16, 32),
+    layers_per_block=1,
+    attention_levels=(True, True),
+    attention={"heads": 2, "dim_head": 8},
+    context_dim=12,
+    norm_groups=8,
+)
 
 
 def _model():
@@ -33,8 +39,11 @@ def _explicit(model, x, t, ctx, grid):
     """Maps computed the slow way: capture each cross-attention's input, softmax(QK^T) by hand."""
     total = torch.zeros(x.shape[0], ctx.tokens.shape[1], *grid)
     inputs = []
-    handles = [m.register_forward_pre_hook(lambda m, args, kwargs: inputs.append((m, args[0])), with_kwargs=True)
-               for m in model.modules() if isinstance(m, CrossAttention) and m.is_cross]
+    handles = [
+        m.register_forward_pre_hook(lambda m, args, kwargs: inputs.append((m, args[0])), with_kwargs=True)
+        for m in model.modules()
+        if isinstance(m, CrossAttention) and m.is_cross
+    ]
     model(x, t, ctx)
     for h in handles:
         h.remove()
@@ -65,7 +74,9 @@ def test_recorded_sums_equal_explicit_maps_and_outputs_are_bit_identical(size):
     torch.testing.assert_close(maps, _explicit(model, x, t, ctx, size), atol=1e-5, rtol=1e-5)
     # padding tokens get no attention; each position's attention sums to the number of layers x heads
     assert maps[1, 3:].abs().max() == 0
-    torch.testing.assert_close(maps.sum(1), torch.full((3, *size), float(rec.calls * TINY["attention"]["heads"])), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        maps.sum(1), torch.full((3, *size), float(rec.calls * TINY["attention"]["heads"])), atol=1e-4, rtol=1e-4
+    )
 
 
 def test_only_the_conditional_rows_are_recorded_under_guidance_and_memory_stays_flat():
@@ -73,13 +84,31 @@ def test_only_the_conditional_rows_are_recorded_under_guidance_and_memory_stays_
     null = Context(tokens=torch.randn(1, 2, 12), mask=torch.ones(1, 2, dtype=torch.bool))
     scheduler = sampler_from(make_scheduler("ddpm", num_train_timesteps=100), "ddim")
     with AttentionRecorder(model, image_size=(8, 8)) as rec:
-        sample(model, scheduler, ctx, (3, 8, 8), num_steps=3, guidance_scale=3.0, null_context=null,
-               generator=torch.Generator().manual_seed(0), callback=rec.callback)
+        sample(
+            model,
+            scheduler,
+            ctx,
+            (3, 8, 8),
+            num_steps=3,
+            guidance_scale=3.0,
+            null_context=null,
+            generator=torch.Generator().manual_seed(0),
+            callback=rec.callback,
+        )
     held_after_3 = rec.memory_bytes()
     assert rec.maps().shape[0] == 3, "the unconditional half must not be recorded"
     with AttentionRecorder(model, image_size=(8, 8)) as rec8:
-        sample(model, scheduler, ctx, (3, 8, 8), num_steps=8, guidance_scale=3.0, null_context=null,
-               generator=torch.Generator().manual_seed(0), callback=rec8.callback)
+        sample(
+            model,
+            scheduler,
+            ctx,
+            (3, 8, 8),
+            num_steps=8,
+            guidance_scale=3.0,
+            null_context=null,
+            generator=torch.Generator().manual_seed(0),
+            callback=rec8.callback,
+        )
     assert rec8.memory_bytes() == held_after_3, "memory must not grow with the number of steps"
     assert rec8.calls == 8 * rec8.layers_attached
 
@@ -88,8 +117,15 @@ def test_without_guidance_every_row_is_recorded_and_step_filters_apply():
     model, ctx = _model(), _prompts()
     scheduler = sampler_from(make_scheduler("ddpm", num_train_timesteps=100), "ddim")
     with AttentionRecorder(model, image_size=(8, 8), steps=lambda s: s >= 2, window=2, per_layer=True) as rec:
-        sample(model, scheduler, ctx, (3, 8, 8), num_steps=4, generator=torch.Generator().manual_seed(0),
-               callback=rec.callback)
+        sample(
+            model,
+            scheduler,
+            ctx,
+            (3, 8, 8),
+            num_steps=4,
+            generator=torch.Generator().manual_seed(0),
+            callback=rec.callback,
+        )
     assert rec.maps().shape[0] == 3
     assert rec.calls == 2 * rec.layers_attached and sorted(rec.window_totals) == [1]
     assert len(rec.layer_totals) == rec.layers_attached
@@ -135,8 +171,15 @@ def test_max_downsample_errors_name_the_value_and_the_grids():
 
 def test_diffusers_unet_path_records_and_keeps_outputs_identical():
     torch.manual_seed(0)
-    model = DiffusersUNet2D(channels=(16, 32), layers_per_block=1, attention_levels=(True, True),
-                            attention={"heads": 2}, context_dim=12, norm_groups=8, sample_size=8).eval()
+    model = DiffusersUNet2D(
+        channels=(16, 32),
+        layers_per_block=1,
+        attention_levels=(True, True),
+        attention={"heads": 2},
+        context_dim=12,
+        norm_groups=8,
+        sample_size=8,
+    ).eval()
     ctx = _prompts()
     x, t = torch.randn(3, 3, 8, 12), torch.tensor([10, 20, 30])
     plain = model(x, t, ctx)
@@ -147,12 +190,16 @@ def test_diffusers_unet_path_records_and_keeps_outputs_identical():
     assert maps.shape == (3, 7, 8, 12) and rec.layers_attached > 0
     assert maps[1, 3:].abs().max() < 1e-6, "the Context mask reaches diffusers as encoder_attention_mask"
     # processors are restored on exit
-    assert not any(type(m.processor).__name__ == "_RecordingProcessor" for m in model.modules() if hasattr(m, "processor"))
+    assert not any(
+        type(m.processor).__name__ == "_RecordingProcessor" for m in model.modules() if hasattr(m, "processor")
+    )
 
 
 def test_diffusers_pipeline_layout_takes_the_second_half():
     model, ctx = _model(), _prompts()
-    doubled = Context(tokens=torch.cat([torch.zeros_like(ctx.tokens), ctx.tokens]), mask=torch.cat([ctx.mask, ctx.mask]))
+    doubled = Context(
+        tokens=torch.cat([torch.zeros_like(ctx.tokens), ctx.tokens]), mask=torch.cat([ctx.mask, ctx.mask])
+    )
     x = torch.randn(3, 3, 8, 8)
     with AttentionRecorder(model, image_size=(8, 8), num_prompts=3, guidance_order="uncond_first") as rec:
         model(torch.cat([x, x]), torch.tensor([5] * 6), doubled)
@@ -164,8 +211,9 @@ def test_diffusers_pipeline_layout_takes_the_second_half():
 def test_word_maps_average_the_tokens_of_a_word():
     maps = torch.rand(1, 6, 4, 4)
     words = [[WordSpan("a", 1, 2), WordSpan("photorealistic", 2, 5)]]
-    result = word_maps(maps, words, image_size=(8, 8), normalize="none",
-                       mask=torch.ones(1, 6, dtype=torch.bool), special_tokens=True)[0]
+    result = word_maps(
+        maps, words, image_size=(8, 8), normalize="none", mask=torch.ones(1, 6, dtype=torch.bool), special_tokens=True
+    )[0]
     assert [w.word for w in result] == ["a", "photorealistic", "<start>", "<end>"]
     expected = F.interpolate(maps, size=(8, 8), mode="bilinear", align_corners=False)[0, 2:5].mean(0)
     torch.testing.assert_close(result[1].map, expected)

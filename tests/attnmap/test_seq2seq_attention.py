@@ -13,8 +13,9 @@ from mmx.nn import attention_probs
 
 def _translator() -> Seq2SeqTransformer:
     torch.manual_seed(0)
-    return Seq2SeqTransformer(src_vocab_size=20, tgt_vocab_size=20, d_model=32, heads=2, encoder_layers=1,
-                              decoder_layers=2, dropout=0.0).eval()
+    return Seq2SeqTransformer(
+        src_vocab_size=20, tgt_vocab_size=20, d_model=32, heads=2, encoder_layers=1, decoder_layers=2, dropout=0.0
+    ).eval()
 
 
 def test_rows_are_the_attention_of_the_step_that_produced_each_token():
@@ -34,8 +35,10 @@ def test_rows_are_the_attention_of_the_step_that_produced_each_token():
     bos = torch.full((2, 1), model.config.bos_id)
     inputs = torch.cat([bos, tokens[:, :-1]], 1)
     probs = []
-    hooks = [block.attn2.add_hook(lambda m, q, k, mask: probs.append(
-        attention_probs(q, k, mask, scale=m.scale).mean(1))) for block in model.decoder.blocks]
+    hooks = [
+        block.attn2.add_hook(lambda m, q, k, mask: probs.append(attention_probs(q, k, mask, scale=m.scale).mean(1)))
+        for block in model.decoder.blocks
+    ]
     with torch.no_grad():
         model.decode(inputs, memory)
     for undo in hooks:
@@ -61,6 +64,12 @@ def test_caption_region_maps_lie_on_the_image():
 def test_alignment_picture_is_written(tmp_path):
     from mmx.data.seq2seq import ROMANISED
 
-    path = save_alignment(torch.rand(3, 4).softmax(-1), ["a", "red", "circle", "left"], ["左边", "的", "红色"],
-                          tmp_path / "a.png", title="a red circle left -> 左边 的 红色", fallback_labels=ROMANISED)
+    path = save_alignment(
+        torch.rand(3, 4).softmax(-1),
+        ["a", "red", "circle", "left"],
+        ["左边", "的", "红色"],
+        tmp_path / "a.png",
+        title="a red circle left -> 左边 的 红色",
+        fallback_labels=ROMANISED,
+    )
     assert path.stat().st_size > 1000

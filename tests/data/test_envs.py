@@ -174,7 +174,9 @@ def test_targets_mask_covers_the_named_target_only():
         named = env.targets[env.target]
         assert mask.shape == (32, 32) and 20 <= mask.sum() <= 64  # one 8x8-pixel shape
         pixels = obs["image"][mask]
-        assert ((pixels == COLOURS[named.colour]).all(-1) | (pixels == 255).all(-1)).all()  # its colour (or the agent dot)
+        assert (
+            (pixels == COLOURS[named.colour]).all(-1) | (pixels == 255).all(-1)
+        ).all()  # its colour (or the agent dot)
         others = [t for k, t in enumerate(env.targets) if k != env.target]
         col, row = (np.array(named.centre) * 32).astype(int)
         assert mask[row, col] and not any(mask[int(t.centre[1] * 32), int(t.centre[0] * 32)] for t in others)

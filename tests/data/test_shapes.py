@@ -112,7 +112,9 @@ def test_channel_gaps_name_the_channels_a_heldout_shape_was_never_drawn_in():
     assert ShapesDataset(colours=six).channel_gaps() == {}  # cyan and magenta circles light B
     # With both held out, only green and blue squares are left: no square in R.
     assert ShapesDataset(heldout_colour_shape=[("yellow", "square"), ("red", "square")]).channel_gaps() == {
-        ("yellow", "square"): "R", ("red", "square"): "R"}
+        ("yellow", "square"): "R",
+        ("red", "square"): "R",
+    }
 
 
 def test_the_t2i_recipe_holds_out_only_channel_covered_pairs():
@@ -140,8 +142,9 @@ def test_colours_option_draws_every_chosen_colour_and_keeps_the_default_data():
     default = ShapesDataset("train", length=50, seed=3)
     listed = ShapesDataset("train", length=50, seed=3, colours=list(COLOURS))
     assert [default[i]["caption"] for i in range(50)] == [listed[i]["caption"] for i in range(50)]
-    two = ShapesDataset("heldout", length=200, seed=3, colours=["blue", "cyan"],
-                        heldout_colour_shape=[("cyan", "circle")])
+    two = ShapesDataset(
+        "heldout", length=200, seed=3, colours=["blue", "cyan"], heldout_colour_shape=[("cyan", "circle")]
+    )
     assert {o.colour for i in range(200) for o in two.specs(i)} == {"blue", "cyan"}
     with pytest.raises(ValueError, match=r"unknown \['purple'\].*choose from red, green, blue, yellow, cyan, magenta"):
         ShapesDataset(colours=["red", "purple"])
@@ -243,8 +246,11 @@ def test_drop_attribute_leaves_one_attribute_out_and_keeps_the_default_data_unch
         item = dropped[i]
         for clause in item["caption"].split(" and "):
             words = clause.split()
-            present = (any(w in COLOURS for w in words), any(w in SHAPES for w in words),
-                       any(w in POSITION_WORDS for w in words))
+            present = (
+                any(w in COLOURS for w in words),
+                any(w in SHAPES for w in words),
+                any(w in POSITION_WORDS for w in words),
+            )
             assert sum(present) == 2, clause  # exactly one of colour / shape / place is left out
             kinds.add(present)
             if not present[1]:
@@ -289,7 +295,8 @@ def test_jitter_moves_objects_by_whole_pixels_and_keeps_captions_split_and_gaps(
         assert item["caption"] == anchored["caption"]  # the captions are those of the anchored data
         specs = moved.specs(i)
         assert [(s.colour, s.shape, s.position) for s in specs] == [
-            (s.colour, s.shape, s.position) for s in base.specs(i)]
+            (s.colour, s.shape, s.position) for s in base.specs(i)
+        ]
         for spec, obj, plain_obj in zip(specs, item["objects"], anchored["objects"]):
             dx, dy = (round(o * 32) for o in spec.offset)
             assert (dx * 1.0, dy * 1.0) == (spec.offset[0] * 32, spec.offset[1] * 32)  # whole pixels

@@ -4,7 +4,15 @@ import pytest
 import torch
 
 from mmx import Context
-from mmx.diffusion import denoising_losses, diffusion_loss, drop_conditions, make_scheduler, pad_context, sample, sampler_from
+from mmx.diffusion import (
+    denoising_losses,
+    diffusion_loss,
+    drop_conditions,
+    make_scheduler,
+    pad_context,
+    sample,
+    sampler_from,
+)
 
 
 class Recorder(torch.nn.Module):
@@ -71,7 +79,9 @@ def test_min_snr_weights_downweight_low_noise_steps():
     model = Recorder()
     x0 = torch.randn(2, 1, 4, 4)
     plain = diffusion_loss(model, x0, _ctx(), scheduler, generator=torch.Generator().manual_seed(3))
-    weighted = diffusion_loss(model, x0, _ctx(), scheduler, min_snr_gamma=5.0, generator=torch.Generator().manual_seed(3))
+    weighted = diffusion_loss(
+        model, x0, _ctx(), scheduler, min_snr_gamma=5.0, generator=torch.Generator().manual_seed(3)
+    )
     t = model.calls[0][1]
     snr = compute_snr(scheduler, t)
     assert torch.all(torch.minimum(snr, torch.full_like(snr, 5.0)) / snr <= 1)
@@ -92,24 +102,52 @@ def test_guidance_scale_one_equals_the_conditional_prediction():
     ctx, null = _ctx(), _ctx(b=1, s=2, seed=5)
     plain = sample(Recorder(), scheduler, ctx, (1, 4, 4), num_steps=4, generator=torch.Generator().manual_seed(0))
     model = Recorder()
-    guided = sample(model, scheduler, ctx, (1, 4, 4), num_steps=4, guidance_scale=3.0, null_context=null,
-                    generator=torch.Generator().manual_seed(0))
+    guided = sample(
+        model,
+        scheduler,
+        ctx,
+        (1, 4, 4),
+        num_steps=4,
+        guidance_scale=3.0,
+        null_context=null,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert not torch.allclose(plain, guided)
     # one batched call per step: conditional rows first, then the (padded) empty caption
     x, t, batch_ctx = model.calls[0]
     assert x.shape[0] == 4 and batch_ctx.tokens.shape == (4, 4, 3)
     assert batch_ctx.mask[2:, 2:].sum() == 0
     # with guidance 1.0 the null context is never used
-    with_null = sample(Recorder(), scheduler, ctx, (1, 4, 4), num_steps=4, guidance_scale=1.0, null_context=null,
-                       generator=torch.Generator().manual_seed(0))
+    with_null = sample(
+        Recorder(),
+        scheduler,
+        ctx,
+        (1, 4, 4),
+        num_steps=4,
+        guidance_scale=1.0,
+        null_context=null,
+        generator=torch.Generator().manual_seed(0),
+    )
     torch.testing.assert_close(with_null, plain)
 
 
 def test_guidance_interval_guides_only_the_steps_inside_it():
     scheduler = sampler_from(make_scheduler("ddpm", num_train_timesteps=100), "ddim")
     ctx, null = _ctx(), _ctx(b=1, s=2, seed=5)
-    run = lambda model, **kw: sample(model, scheduler, ctx, (1, 4, 4), num_steps=4, guidance_scale=3.0,
-                                     null_context=null, generator=torch.Generator().manual_seed(0), **kw)
+
+    def run(model, **kw):
+        return sample(
+            model,
+            scheduler,
+            ctx,
+            (1, 4, 4),
+            num_steps=4,
+            guidance_scale=3.0,
+            null_context=null,
+            generator=torch.Generator().manual_seed(0),
+            **kw,
+        )
+
     everywhere, nowhere = run(Recorder()), run(Recorder(), guidance_interval=(200, 300))
     torch.testing.assert_close(run(Recorder(), guidance_interval=(0, 99)), everywhere)
     plain = sample(Recorder(), scheduler, ctx, (1, 4, 4), num_steps=4, generator=torch.Generator().manual_seed(0))
@@ -128,9 +166,20 @@ def test_guidance_interval_guides_only_the_steps_inside_it():
 def test_every_sampler_runs_with_callback_and_seed(name):
     train = make_scheduler("ddpm", num_train_timesteps=100, prediction_type="v_prediction")
     steps = []
-    run = lambda: sample(Recorder(), sampler_from(train, name), _ctx(), (1, 4, 4), num_steps=5, guidance_scale=2.0,
-                         null_context=_ctx(b=1), generator=torch.Generator().manual_seed(1),
-                         callback=lambda i, t, x: steps.append(i))
+
+    def run():
+        return sample(
+            Recorder(),
+            sampler_from(train, name),
+            _ctx(),
+            (1, 4, 4),
+            num_steps=5,
+            guidance_scale=2.0,
+            null_context=_ctx(b=1),
+            generator=torch.Generator().manual_seed(1),
+            callback=lambda i, t, x: steps.append(i),
+        )
+
     a = run()
     assert steps == list(range(5)) and torch.isfinite(a).all()
     torch.testing.assert_close(run(), a)
@@ -170,29 +219,54 @@ class Oracle(torch.nn.Module):
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_samplers_recover_the_image_an_oracle_denoiser_knows(name, prediction_type):
     """If the network were perfect, sampling must land on the clean image: checks the scheduler glue."""
-    train = make_scheduler("ddpm", num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type=prediction_type)
+    train = make_scheduler(
+        "ddpm", num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type=prediction_type
+    )
     x0 = torch.rand(1, 3, 4, 4) * 2 - 1
     scheduler = sampler_from(train, name)
-    out = sample(Oracle(x0, scheduler), scheduler, _ctx(b=1), (3, 4, 4), num_steps=20,
-                 generator=torch.Generator().manual_seed(0))
+    out = sample(
+        Oracle(x0, scheduler), scheduler, _ctx(b=1), (3, 4, 4), num_steps=20, generator=torch.Generator().manual_seed(0)
+    )
     torch.testing.assert_close(out, x0, atol=0.05, rtol=0)
 
 
 def test_composable_guidance_adds_one_term_per_component():
     scheduler = sampler_from(make_scheduler("ddpm", num_train_timesteps=100), "ddim")
     ctx, null = _ctx(), _ctx(b=1, s=4, seed=5)
-    run = lambda scale, **kw: sample(Recorder(), scheduler, ctx, (1, 4, 4), num_steps=4, guidance_scale=scale,
-                                     null_context=null, generator=torch.Generator().manual_seed(0), **kw)
+
+    def run(scale, **kw):
+        return sample(
+            Recorder(),
+            scheduler,
+            ctx,
+            (1, 4, 4),
+            num_steps=4,
+            guidance_scale=scale,
+            null_context=null,
+            generator=torch.Generator().manual_seed(0),
+            **kw,
+        )
+
     guided = run(3.0)
     other = _ctx(seed=9)
     parts = Context(tokens=torch.cat([other.tokens, ctx.tokens]), mask=torch.cat([other.mask, ctx.mask]))  # K=2, B=2
     # zero weights change nothing; a component equal to the prompt itself adds its weight to the scale
     torch.testing.assert_close(run(3.0, components=parts, component_weights=torch.zeros(2, 2)), guided)
-    torch.testing.assert_close(run(3.0, components=parts, component_weights=torch.tensor([[0.0, 0.0], [2.0, 2.0]])),
-                               run(5.0))
+    torch.testing.assert_close(
+        run(3.0, components=parts, component_weights=torch.tensor([[0.0, 0.0], [2.0, 2.0]])), run(5.0)
+    )
     model = Recorder()
-    sample(model, scheduler, ctx, (1, 4, 4), num_steps=1, guidance_scale=3.0, null_context=null,
-           components=parts, component_weights=torch.ones(2, 2))
+    sample(
+        model,
+        scheduler,
+        ctx,
+        (1, 4, 4),
+        num_steps=1,
+        guidance_scale=3.0,
+        null_context=null,
+        components=parts,
+        component_weights=torch.ones(2, 2),
+    )
     assert model.calls[0][0].shape[0] == 2 * 2 + 2 * 2  # cond, uncond, then K*B component rows in one call
     with pytest.raises(ValueError, match="component_weights \\[K, B=2\\]"):
         run(3.0, components=parts, component_weights=torch.ones(2))

@@ -11,7 +11,6 @@ from mmx.diffusion import DiffusionPolicy, LinearNormalizer, make_scheduler
 from mmx.encoders import ObservationEncoder
 from mmx.models import UNet1D
 
-
 # ----------------------------------------------------------------------------------- normaliser
 
 
@@ -56,8 +55,15 @@ def _obs(b=3, steps=2, texts=None):
 
 
 def test_observation_encoder_joins_sources_with_segments_and_word_spans():
-    enc = ObservationEncoder({"state": {"kind": "lowdim", "in_dim": 4}, "image": {"kind": "rgb", "keypoints": 4},
-                              "instruction": {"kind": "text"}}, dim=32, n_obs_steps=2)
+    enc = ObservationEncoder(
+        {
+            "state": {"kind": "lowdim", "in_dim": 4},
+            "image": {"kind": "rgb", "keypoints": 4},
+            "instruction": {"kind": "text"},
+        },
+        dim=32,
+        n_obs_steps=2,
+    )
     texts = ["go to the blue square", "reach the red circle", "move"]
     ctx, segments = enc.encode(_obs(texts=texts))
     names = [(s.name, s.start, s.end, s.grid) for s in segments]
@@ -101,13 +107,21 @@ def _policy(conditioning="film", horizon=8, seed=0):
     torch.manual_seed(seed)
     attend = conditioning != "film"
     enc = ObservationEncoder({"state": {"kind": "lowdim", "in_dim": 2}}, dim=16, n_obs_steps=2, tokens=attend)
-    unet = UNet1D(input_dim=2, global_cond_dim=enc.pooled_dim if conditioning != "cross_attention" else None,
-                  diffusion_step_embed_dim=16, down_dims=(16, 32), kernel_size=3,
-                  context_dim=16 if attend else None, heads=2, dim_head=8)
+    unet = UNet1D(
+        input_dim=2,
+        global_cond_dim=enc.pooled_dim if conditioning != "cross_attention" else None,
+        diffusion_step_embed_dim=16,
+        down_dims=(16, 32),
+        kernel_size=3,
+        context_dim=16 if attend else None,
+        heads=2,
+        dim_head=8,
+    )
     norm = LinearNormalizer({"action": 2, "state": 2})
     sched = make_scheduler("ddpm", num_train_timesteps=50, beta_schedule="squaredcos_cap_v2", clip_sample=True)
-    return DiffusionPolicy(enc, unet, norm, sched, horizon, 2, 4, 2, lowdim_keys=("state",), sampler="ddim",
-                           num_inference_steps=4)
+    return DiffusionPolicy(
+        enc, unet, norm, sched, horizon, 2, 4, 2, lowdim_keys=("state",), sampler="ddim", num_inference_steps=4
+    )
 
 
 def test_policy_checks_its_horizon_arguments():
@@ -183,12 +197,24 @@ def _image_policy(weight):
     torch.manual_seed(0)
     spec = {"state": {"kind": "lowdim", "in_dim": 2}, "image": {"kind": "rgb", "stage": "layer1", "keypoints": 4}}
     enc = ObservationEncoder(spec, dim=16, n_obs_steps=2)
-    unet = UNet1D(input_dim=2, diffusion_step_embed_dim=16, down_dims=(16, 32), kernel_size=3, context_dim=16,
-                  heads=2, dim_head=8)
+    unet = UNet1D(
+        input_dim=2, diffusion_step_embed_dim=16, down_dims=(16, 32), kernel_size=3, context_dim=16, heads=2, dim_head=8
+    )
     sched = make_scheduler("ddpm", num_train_timesteps=50, beta_schedule="squaredcos_cap_v2", clip_sample=True)
-    return DiffusionPolicy(enc, unet, LinearNormalizer({"action": 2, "state": 2}), sched, 8, 2, 4, 2,
-                           lowdim_keys=("state",), image_keys=("image",), num_inference_steps=4,
-                           attention_losses=[MaskKL(weight)])
+    return DiffusionPolicy(
+        enc,
+        unet,
+        LinearNormalizer({"action": 2, "state": 2}),
+        sched,
+        8,
+        2,
+        4,
+        2,
+        lowdim_keys=("state",),
+        image_keys=("image",),
+        num_inference_steps=4,
+        attention_losses=[MaskKL(weight)],
+    )
 
 
 def _masked_batch(b=8):
@@ -197,8 +223,12 @@ def _masked_batch(b=8):
     for i in range(b):  # an 8x8-pixel square somewhere on a 4-pixel grid: two by two 8x8-grid regions
         r, c = (torch.randint(0, 7, (2,), generator=g) * 4).tolist()
         masks[i, :, r : r + 8, c : c + 8] = True
-    batch = {"state": torch.randn(b, 2, 2, generator=g), "image": torch.rand(b, 2, 3, 32, 32, generator=g),
-             "action": torch.rand(b, 8, 2, generator=g) * 2 - 1, "target_mask": masks}
+    batch = {
+        "state": torch.randn(b, 2, 2, generator=g),
+        "image": torch.rand(b, 2, 3, 32, 32, generator=g),
+        "action": torch.rand(b, 8, 2, generator=g) * 2 - 1,
+        "target_mask": masks,
+    }
     return batch, masks
 
 

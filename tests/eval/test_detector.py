@@ -97,8 +97,11 @@ def test_wrong_extra_or_missing_objects_fail():
     three = as_tensor(render(scene + [ShapeSpec("yellow", "triangle", "centre")]))
     check = check_caption(three, "a red circle on the left and a blue square at the top")
     assert not check.correct and [d.shape for d in check.extra] == ["triangle"] and not check.missing
-    assert sorted(d.describe() for d in check.detections) == ["blue square top", "red circle left",
-                                                               "yellow triangle centre"]
+    assert sorted(d.describe() for d in check.detections) == [
+        "blue square top",
+        "red circle left",
+        "yellow triangle centre",
+    ]
     bar = np.zeros((32, 32, 3), dtype=np.uint8)
     bar[14:17, 2:30] = PALETTE["green"]  # too elongated for any shape
     assert [d.describe() for d in detect_objects(bar)] == ["green ? centre"]
@@ -181,10 +184,18 @@ def test_accuracy_by_pair_counts_each_caption_under_every_held_out_pair_it_names
         "there is a blue circle in the centre",  # blue circle
         "a green square on the left",  # no held-out pair
     ]
-    by_pair = accuracy_by_pair(captions, [True, False, True, True], [("red", "triangle"), ("blue", "circle")],
-                               [("circle", "top"), ("square", "bottom")])
-    assert by_pair == {"red triangle": (1, 1), "blue circle": (1, 2), "circle at the top": (0, 1),
-                       "square at the bottom": (0, 0)}
+    by_pair = accuracy_by_pair(
+        captions,
+        [True, False, True, True],
+        [("red", "triangle"), ("blue", "circle")],
+        [("circle", "top"), ("square", "bottom")],
+    )
+    assert by_pair == {
+        "red triangle": (1, 1),
+        "blue circle": (1, 2),
+        "circle at the top": (0, 1),
+        "square at the bottom": (0, 0),
+    }
     assert list(by_pair) == ["red triangle", "blue circle", "circle at the top", "square at the bottom"]
     with pytest.raises(ValueError, match="2 captions but 1 verdicts"):
         accuracy_by_pair(captions[:2], [True], [], [])

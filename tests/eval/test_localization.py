@@ -19,7 +19,10 @@ def test_binarize_and_iou():
 def test_object_words_follow_the_caption_order():
     caption = "a blue square at the top and a blue circle on the left"
     found = object_words(caption)
-    assert [(c.colour, c.shape, c.position) for c, _, _ in found] == [("blue", "square", "top"), ("blue", "circle", "left")]
+    assert [(c.colour, c.shape, c.position) for c, _, _ in found] == [
+        ("blue", "square", "top"),
+        ("blue", "circle", "left"),
+    ]
     assert [(ci, si) for _, ci, si in found] == [(1, 2), (8, 9)]
 
 
@@ -62,6 +65,9 @@ def test_pointing_game_checks_the_peak_of_object_words():
     mask[2:4, 2:4] = True
     inside, outside = torch.zeros(8, 8), torch.zeros(8, 8)
     inside[3, 3], outside[6, 6] = 1.0, 1.0
-    maps = [WordMap("red", 1, WordSpan("red", 1, 2), inside), WordMap("circle", 2, WordSpan("circle", 2, 3), outside),
-            WordMap("a", 0, WordSpan("a", 0, 1), inside)]
+    maps = [
+        WordMap("red", 1, WordSpan("red", 1, 2), inside),
+        WordMap("circle", 2, WordSpan("circle", 2, 3), outside),
+        WordMap("a", 0, WordSpan("a", 0, 1), inside),
+    ]
     assert word_pointing(maps, {0: mask, 1: mask, 2: mask}) == {1: True, 2: False}

@@ -38,8 +38,12 @@ def _make_mask(kind: str, b: int, h: int, l: int, s: int, g: torch.Generator) ->
     if kind == "none":
         return None
     shapes = {
-        "bool_pad": (b, s), "float_pad": (b, s), "bool_query": (b, l, s), "float_query": (b, l, s),
-        "bool_head": (b, h, l, s), "bool_bcast": (1, 1, 1, s),
+        "bool_pad": (b, s),
+        "float_pad": (b, s),
+        "bool_query": (b, l, s),
+        "float_query": (b, l, s),
+        "bool_head": (b, h, l, s),
+        "bool_bcast": (1, 1, 1, s),
     }
     allowed = torch.rand(shapes[kind], generator=g) < 0.6
     if allowed.ndim >= 2 and allowed.numel() > 0:
@@ -197,8 +201,12 @@ def test_input_and_weight_dtypes_must_agree_outside_autocast(weights: torch.dtyp
 
 
 @given(
-    st.integers(0, 3), st.integers(0, 5), st.integers(1, 2), st.sampled_from(["none", "bool_pad", "bool_query"]),
-    st.booleans(), st.integers(0, 2**16),
+    st.integers(0, 3),
+    st.integers(0, 5),
+    st.integers(1, 2),
+    st.sampled_from(["none", "bool_pad", "bool_query"]),
+    st.booleans(),
+    st.integers(0, 2**16),
 )
 def test_multi_head_self_attention_causal_and_masked(
     b: int, l: int, heads: int, kind: str, causal: bool, seed: int

@@ -13,8 +13,9 @@ from __future__ import annotations
 import math
 import re
 import traceback
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -32,8 +33,21 @@ PROMPT_CHARS = st.one_of(
     st.characters(codec="utf-8", exclude_characters="\x00"),
     st.sampled_from(list("\x00\x01\x1b\x7f\x85\u00a0\u200b\u202e\ufeff🐱👩‍👧é\u0301 \t\n/\\.-=")),
 )
-SHORT_PROMPTS = ["", "   ", "a red circle on the left", "--help", "-p", "x/../../../../evil", "a" * 300,
-                 "a \ud800 b", "red\x00circle", "../..", "/", "C:\\con", "🐱 👩‍👧 e\u0301 \u202eabc"]
+SHORT_PROMPTS = [
+    "",
+    "   ",
+    "a red circle on the left",
+    "--help",
+    "-p",
+    "x/../../../../evil",
+    "a" * 300,
+    "a \ud800 b",
+    "red\x00circle",
+    "../..",
+    "/",
+    "C:\\con",
+    "🐱 👩‍👧 e\u0301 \u202eabc",
+]
 # attend writes one overlay per word (about 0.15 s each): its prompts stay short; 2,000 words go to sample/encode
 ATTEND_PROMPT = st.one_of(st.text(PROMPT_CHARS, max_size=30), st.sampled_from(SHORT_PROMPTS))
 PROMPT = st.one_of(ATTEND_PROMPT, st.just(" ".join(["word"] * 2000)))
@@ -45,15 +59,26 @@ STEPS = st.one_of(
     st.sampled_from([0, -1, 1001, 5000, 100_000, 100_001, 2**63, 2**64]),
     st.sampled_from(["1e3", "nan", "", " ", "two", "0x10", "1.5", "\u0663"]),  # "\u0663" is an Arabic-Indic 3
 )
-COUNT = st.one_of(st.integers(1, 2), st.integers(-(2**70), 0), st.integers(100_001, 2**70),
-                  st.sampled_from([0, -1, 2**63, "many", "", "1e9", "-0"]))
-SEED = st.one_of(st.integers(0, 3), st.integers(-(2**70), -1), st.integers(2**64, 2**70),
-                 st.sampled_from([-1, 0, 2**64 - 1, 2**64, "x", "", "1.0"]))
+COUNT = st.one_of(
+    st.integers(1, 2),
+    st.integers(-(2**70), 0),
+    st.integers(100_001, 2**70),
+    st.sampled_from([0, -1, 2**63, "many", "", "1e9", "-0"]),
+)
+SEED = st.one_of(
+    st.integers(0, 3),
+    st.integers(-(2**70), -1),
+    st.integers(2**64, 2**70),
+    st.sampled_from([-1, 0, 2**64 - 1, 2**64, "x", "", "1.0"]),
+)
 GUIDANCE = st.one_of(
     st.floats(-20, 20),
-    st.sampled_from([float("nan"), float("inf"), float("-inf"), 1e308, -1e308, "nan", "inf", "-inf", "1e309",
-                     "3,5", "", "guidance"]),
+    st.sampled_from(
+        [float("nan"), float("inf"), float("-inf"), 1e308, -1e308, "nan", "inf", "-inf", "1e309", "3,5", "", "guidance"]
+    ),
 )
+
+
 def maybe(strategy: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
     """None (the option left out) two times in three, so most examples reach the command's real work."""
     return st.one_of(st.none(), st.none(), strategy)
@@ -143,12 +168,22 @@ def images(scratch: Path) -> dict[str, Path]:
 
 
 @FEW
-@given(st.lists(PROMPT, min_size=1, max_size=2), maybe(STEPS), maybe(GUIDANCE),
-       maybe(SEED), st.sampled_from(["ok", "nested/new", "file", "/dev/null/x"]))
-def test_sample(runs: dict[str, Path], scratch: Path, prompts: list[str], steps: Any, guidance: Any, seed: Any,
-                out_kind: str) -> None:
-    out = {"ok": scratch / "sample", "nested/new": scratch / "sample_new" / "a" / "b", "file": runs["t2i"] / "config.yaml",
-           "/dev/null/x": Path("/dev/null/x")}[out_kind]
+@given(
+    st.lists(PROMPT, min_size=1, max_size=2),
+    maybe(STEPS),
+    maybe(GUIDANCE),
+    maybe(SEED),
+    st.sampled_from(["ok", "nested/new", "file", "/dev/null/x"]),
+)
+def test_sample(
+    runs: dict[str, Path], scratch: Path, prompts: list[str], steps: Any, guidance: Any, seed: Any, out_kind: str
+) -> None:
+    out = {
+        "ok": scratch / "sample",
+        "nested/new": scratch / "sample_new" / "a" / "b",
+        "file": runs["t2i"] / "config.yaml",
+        "/dev/null/x": Path("/dev/null/x"),
+    }[out_kind]
     options = {"--steps": steps, "--guidance": guidance, "--seed": seed}
     args = ["sample", str(runs["t2i"]), *[a for p in prompts for a in ("-p", p)], *_options(options), "--out", str(out)]
     result = runner.invoke(app, args)
@@ -161,8 +196,7 @@ def test_sample(runs: dict[str, Path], scratch: Path, prompts: list[str], steps:
 
 
 @FEW
-@given(st.sampled_from(["t2i", "policy", "translation"]), maybe(COUNT), maybe(STEPS),
-       maybe(COUNT))
+@given(st.sampled_from(["t2i", "policy", "translation"]), maybe(COUNT), maybe(STEPS), maybe(COUNT))
 def test_eval(runs: dict[str, Path], scratch: Path, kind: str, num: Any, steps: Any, beam: Any) -> None:
     options = {"--num": num, "--steps": steps, "--beam": beam}
     if num is None and kind != "translation":
@@ -175,11 +209,27 @@ def test_eval(runs: dict[str, Path], scratch: Path, kind: str, num: Any, steps: 
 
 
 @FEW
-@given(st.sampled_from(["t2i", "policy", "translation"]), st.one_of(st.none(), ATTEND_PROMPT),
-       st.sampled_from([None, "ok.png", "pixel.png", "corrupt.png", "text.png", "empty.png", "dir.png", "missing.png"]),
-       maybe(STEPS), maybe(GUIDANCE), maybe(SEED), st.booleans())
-def test_attend(runs: dict[str, Path], images: dict[str, Path], scratch: Path, kind: str, prompt: str | None,
-                image: str | None, steps: Any, guidance: Any, seed: Any, gif: bool) -> None:
+@given(
+    st.sampled_from(["t2i", "policy", "translation"]),
+    st.one_of(st.none(), ATTEND_PROMPT),
+    st.sampled_from([None, "ok.png", "pixel.png", "corrupt.png", "text.png", "empty.png", "dir.png", "missing.png"]),
+    maybe(STEPS),
+    maybe(GUIDANCE),
+    maybe(SEED),
+    st.booleans(),
+)
+def test_attend(
+    runs: dict[str, Path],
+    images: dict[str, Path],
+    scratch: Path,
+    kind: str,
+    prompt: str | None,
+    image: str | None,
+    steps: Any,
+    guidance: Any,
+    seed: Any,
+    gif: bool,
+) -> None:
     """Attention maps: nothing is written outside --out, whatever the prompt's words (e.g. ``x/../../evil``)."""
     jail = scratch / "attend_jail"
     jail.mkdir(exist_ok=True)
@@ -203,9 +253,23 @@ def test_attend(runs: dict[str, Path], images: dict[str, Path], scratch: Path, k
 
 
 @FEW
-@given(st.lists(PROMPT, min_size=1, max_size=3), st.sampled_from(["minilm", "clip", "model-missing", "config-missing",
-                                                                  "config-dir", "config-binary", "config-bad-yaml",
-                                                                  "config-list", "config-unknown-key", "unknown-encoder"]))
+@given(
+    st.lists(PROMPT, min_size=1, max_size=3),
+    st.sampled_from(
+        [
+            "minilm",
+            "clip",
+            "model-missing",
+            "config-missing",
+            "config-dir",
+            "config-binary",
+            "config-bad-yaml",
+            "config-list",
+            "config-unknown-key",
+            "unknown-encoder",
+        ]
+    ),
+)
 def test_encode(scratch: Path, texts: list[str], how: str) -> None:
     bad = scratch / "encode_configs"
     bad.mkdir(exist_ok=True)
@@ -237,12 +301,32 @@ def test_encode(scratch: Path, texts: list[str], how: str) -> None:
 
 
 @FEW
-@given(st.sampled_from(["configs/shapes_t2i_tiny.yaml", "configs/nope.yaml", "configs", "README.md", "/dev/null"]),
-       st.lists(st.one_of(st.text(PROMPT_CHARS, max_size=20),
-                          st.builds(lambda k, v: f"{k}={v}",
-                                    st.sampled_from(["train.lr", "model.channels", "nope", "train", "", "train.",
-                                                     ".x", "data.size", "text_encoder.name"]),
-                                    st.text(PROMPT_CHARS, max_size=12))), max_size=3))
+@given(
+    st.sampled_from(["configs/shapes_t2i_tiny.yaml", "configs/nope.yaml", "configs", "README.md", "/dev/null"]),
+    st.lists(
+        st.one_of(
+            st.text(PROMPT_CHARS, max_size=20),
+            st.builds(
+                lambda k, v: f"{k}={v}",
+                st.sampled_from(
+                    [
+                        "train.lr",
+                        "model.channels",
+                        "nope",
+                        "train",
+                        "",
+                        "train.",
+                        ".x",
+                        "data.size",
+                        "text_encoder.name",
+                    ]
+                ),
+                st.text(PROMPT_CHARS, max_size=12),
+            ),
+        ),
+        max_size=3,
+    ),
+)
 def test_train_config_and_overrides(scratch: Path, config: str, overrides: list[str]) -> None:
     """Config paths and override strings: an error names the file or the override, or one tiny step trains."""
     out = scratch / "train_fuzz"
@@ -272,8 +356,16 @@ def _innermost_is_mmx(exc: BaseException) -> bool:
     return bool(frames) and "/mmx/" in frames[-1][0]
 
 
-@pytest.mark.parametrize("args", [["data.size="], ["train.max_steps=0"], ["train.batch_size=0"],
-                                  ["train.validate_every=0"], ["train.max_steps=1", "--out", "/dev/null/x"]])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["data.size="],
+        ["train.max_steps=0"],
+        ["train.batch_size=0"],
+        ["train.validate_every=0"],
+        ["train.max_steps=1", "--out", "/dev/null/x"],
+    ],
+)
 def test_train_command_catches_errors_raised_while_training(scratch: Path, args: list[str]) -> None:
     out = [] if "--out" in args else ["--out", str(scratch / "t0")]
     result = runner.invoke(app, ["train", "configs/shapes_t2i_tiny.yaml", *args, *out])
@@ -324,8 +416,10 @@ def test_eval_refuses_bad_numbers(runs: dict[str, Path], kind: str, args: list[s
 def test_attend_word_file_names_stay_in_the_output_folder(runs: dict[str, Path], scratch: Path) -> None:
     """A prompt word is no path: ``x/../../evil`` wrote outside --out, a 400-letter word failed (name too long)."""
     out = scratch / "attend_names" / "out"
-    result = runner.invoke(app, ["attend", str(runs["t2i"]), "-p", f"x/../../evil {'a' * 400} red", "--steps", "1",
-                                 "--out", str(out), "--gif"])
+    result = runner.invoke(
+        app,
+        ["attend", str(runs["t2i"]), "-p", f"x/../../evil {'a' * 400} red", "--steps", "1", "--out", str(out), "--gif"],
+    )
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in out.parent.iterdir()) == ["out"]
     names = sorted(p.name for p in out.iterdir())
@@ -353,13 +447,15 @@ def test_encode_lone_surrogate_is_a_clear_error() -> None:
 
 def test_train_override_with_a_control_character_names_it(scratch: Path) -> None:
     """Regression: a NUL in an override value was a yaml ReaderError traceback."""
-    result = runner.invoke(app, ["train", "configs/shapes_t2i_tiny.yaml", "train.max_steps=\x00",
-                                 "--out", str(scratch / "t")])
+    result = runner.invoke(
+        app, ["train", "configs/shapes_t2i_tiny.yaml", "train.max_steps=\x00", "--out", str(scratch / "t")]
+    )
     assert result.exit_code == 2 and "not valid YAML" in result.output, result.output
 
 
-@pytest.mark.parametrize(("content", "message"), [(b"name: [hf\n", "is not valid YAML"),
-                                                  (bytes(range(256)), "is not a UTF-8 text file")])
+@pytest.mark.parametrize(
+    ("content", "message"), [(b"name: [hf\n", "is not valid YAML"), (bytes(range(256)), "is not a UTF-8 text file")]
+)
 def test_encode_config_that_is_no_yaml_names_the_file(tmp_path: Path, content: bytes, message: str) -> None:
     """Regression: a malformed (or binary) --config file was a yaml ParserError traceback."""
     config = tmp_path / "encoder.yaml"
@@ -369,16 +465,33 @@ def test_encode_config_that_is_no_yaml_names_the_file(tmp_path: Path, content: b
 
 
 @pytest.mark.parametrize("name", ["corrupt.png", "text.png", "empty.png", "dir.png", "missing.png"])
-def test_attend_bad_images_name_the_file(runs: dict[str, Path], images: dict[str, Path], scratch: Path,
-                                         name: str) -> None:
-    result = runner.invoke(app, ["attend", str(runs["t2i"]), "-p", "a red circle", "--image", str(images[name]),
-                                 "--out", str(scratch / "bad_image")])
+def test_attend_bad_images_name_the_file(
+    runs: dict[str, Path], images: dict[str, Path], scratch: Path, name: str
+) -> None:
+    result = runner.invoke(
+        app,
+        [
+            "attend",
+            str(runs["t2i"]),
+            "-p",
+            "a red circle",
+            "--image",
+            str(images[name]),
+            "--out",
+            str(scratch / "bad_image"),
+        ],
+    )
     assert result.exit_code == 2 and name in _plain(result.output), result.output
 
 
-@pytest.mark.parametrize(("spec", "message"), [({"size": ""}, "size must be an integer; got str ''"),
-                                               ({"length": 2.5}, "length must be an integer; got float 2.5"),
-                                               ({"drop_attribute": "x"}, "drop_attribute must be a number")])
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ({"size": ""}, "size must be an integer; got str ''"),
+        ({"length": 2.5}, "length must be an integer; got float 2.5"),
+        ({"drop_attribute": "x"}, "drop_attribute must be a number"),
+    ],
+)
 def test_shapes_dataset_names_a_wrongly_typed_argument(spec: dict[str, Any], message: str) -> None:
     """Regression: ``data.size=`` (an empty override) reached ``size < 8`` as a str: TypeError from a comparison."""
     from mmx.data import DATASETS

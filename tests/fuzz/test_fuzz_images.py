@@ -39,8 +39,12 @@ def png_bytes(width: int, height: int, bit_depth: int = 8, colour: int = 2, rows
     if rows is None:
         rows = b"".join(b"\x00" + bytes(width * channels * bit_depth // 8) for _ in range(height))
     header = struct.pack(">IIBBBBB", width, height, bit_depth, colour, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", zlib.compress(rows))
-            + _png_chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", header)
+        + _png_chunk(b"IDAT", zlib.compress(rows))
+        + _png_chunk(b"IEND", b"")
+    )
 
 
 def encode(image: Image.Image, fmt: str) -> bytes:
@@ -205,7 +209,12 @@ def test_float_images_with_nan_load_without_warnings(tmp_path: Path) -> None:
 
 @settings(max_examples=max(4, settings.default.max_examples // 4))
 @given(
-    VALID, st.integers(1, 30), st.integers(1, 30), st.sampled_from([1, 2, 7, 16]), st.booleans(), st.booleans(),
+    VALID,
+    st.integers(1, 30),
+    st.integers(1, 30),
+    st.sampled_from([1, 2, 7, 16]),
+    st.booleans(),
+    st.booleans(),
     st.integers(0, 2**16),
 )
 def test_dataset_items_from_any_image(
@@ -225,8 +234,9 @@ def test_dataset_items_from_any_image(
 
 
 @pytest.mark.parametrize("shape", [(1, 200_000), (200_000, 1), (3, 50_000)])
-def test_extreme_aspect_ratio_resamples_only_the_crop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                       shape: tuple[int, int]) -> None:
+def test_extreme_aspect_ratio_resamples_only_the_crop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shape: tuple[int, int]
+) -> None:
     """Regression: a 1 x 200,000 strip was resized to 64 x 12,800,000 (2.4 GB) before the crop."""
     width, height = shape
     Image.new("L", (width, height), 255).save(tmp_path / "strip.png")

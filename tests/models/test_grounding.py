@@ -52,9 +52,20 @@ def test_phrases_name_their_target_object():
 def test_grounding_recipe_trains_and_validates(tmp_path):
     from mmx.train import train
 
-    cfg, recipe = load_recipe(CONFIG, ["train.max_steps=2", "train.batch_size=4", "data.length=8",
-                                         "train.validate_every=2", "train.tensorboard=false", "train.progress=false",
-                                         "eval.data.length=4", "model.depth=1", "model.input_size=32"])
+    cfg, recipe = load_recipe(
+        CONFIG,
+        [
+            "train.max_steps=2",
+            "train.batch_size=4",
+            "data.length=8",
+            "train.validate_every=2",
+            "train.tensorboard=false",
+            "train.progress=false",
+            "eval.data.length=4",
+            "model.depth=1",
+            "model.input_size=32",
+        ],
+    )
     result = train(recipe.task_class(cfg, tmp_path), cfg.train, tmp_path)
     assert set(result.metrics) == {"mask_iou", "attention_miou"}
     assert (tmp_path / "model" / "grounding" / "config.json").is_file()

@@ -14,8 +14,16 @@ PAD, BOS, EOS = 0, 1, 2
 
 def _seq2seq(**kwargs) -> Seq2SeqTransformer:
     torch.manual_seed(0)
-    args = dict(src_vocab_size=11, tgt_vocab_size=13, d_model=32, heads=2, encoder_layers=1, decoder_layers=2,
-                ff_mult=2, tie_output=False)
+    args = dict(
+        src_vocab_size=11,
+        tgt_vocab_size=13,
+        d_model=32,
+        heads=2,
+        encoder_layers=1,
+        decoder_layers=2,
+        ff_mult=2,
+        tie_output=False,
+    )
     return Seq2SeqTransformer(**{**args, **kwargs}).eval()
 
 
@@ -43,7 +51,7 @@ def _pad(rows: list[list[int]], side: str, extra: int = 0) -> torch.Tensor:
         if side == "right":
             out[i, : len(r)] = torch.tensor(r)
         else:
-            out[i, width - len(r):] = torch.tensor(r)
+            out[i, width - len(r) :] = torch.tensor(r)
     return out
 
 
@@ -67,7 +75,7 @@ def test_decoder_fed_one_token_at_a_time_equals_one_full_pass():
     full = dec(tokens, memory)
     cache = dec.new_cache()
     steps = [dec(tokens[:, :3], memory, cache=cache)]
-    steps += [dec(tokens[:, i:i + 1], memory, cache=cache) for i in range(3, 7)]
+    steps += [dec(tokens[:, i : i + 1], memory, cache=cache) for i in range(3, 7)]
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=0)
     assert cache.length == 7 and len(cache.layers) == 2
 
@@ -76,7 +84,7 @@ def test_decoder_fed_one_token_at_a_time_equals_one_full_pass():
     full = dec(tokens, memory, tokens_mask=tokens_mask)
     cache = dec.new_cache()
     steps = [dec(tokens[:, :4], memory, tokens_mask=tokens_mask[:, :4], cache=cache)]
-    steps += [dec(tokens[:, i:i + 1], None, memory_mask=memory.mask, cache=cache) for i in range(4, 7)]
+    steps += [dec(tokens[:, i : i + 1], None, memory_mask=memory.mask, cache=cache) for i in range(4, 7)]
     stepped = torch.cat(steps, 1)
     torch.testing.assert_close(stepped[0, 2:], full[0, 2:], atol=1e-5, rtol=0)
     torch.testing.assert_close(stepped[1], full[1], atol=1e-5, rtol=0)
@@ -146,8 +154,9 @@ def _copy_batch(n: int, g: torch.Generator, vocab: int = 12) -> tuple[torch.Tens
 def test_a_tiny_seq2seq_learns_to_copy():
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
-    model = Seq2SeqTransformer(12, 12, d_model=64, heads=4, encoder_layers=2, decoder_layers=2, ff_mult=2,
-                               dropout=0.0, share_embeddings=True)
+    model = Seq2SeqTransformer(
+        12, 12, d_model=64, heads=4, encoder_layers=2, decoder_layers=2, ff_mult=2, dropout=0.0, share_embeddings=True
+    )
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
     for _ in range(300):
         src, tgt_in, tgt_out, _ = _copy_batch(64, g)
@@ -195,8 +204,11 @@ def test_load_trunk_reads_a_local_torchvision_state_dict(tmp_path):
     import torchvision
 
     torch.manual_seed(1)
-    state = {k: v for k, v in torchvision.models.resnet18().state_dict().items() if k.split(".")[0] in
-             ("conv1", "bn1", "layer1")}
+    state = {
+        k: v
+        for k, v in torchvision.models.resnet18().state_dict().items()
+        if k.split(".")[0] in ("conv1", "bn1", "layer1")
+    }
     torch.save(state, tmp_path / "resnet18.pth")
     model = _captioner(norm="batch")
     model.load_trunk(str(tmp_path / "resnet18.pth"))

@@ -9,8 +9,15 @@ from mmx.models import MODELS, UNet1D
 from mmx.nn import ResBlock1D
 
 # The published small instance (shared/reference/diffusion_policy_unet1d_keys.tsv).
-SMALL = dict(input_dim=2, global_cond_dim=10, diffusion_step_embed_dim=32, down_dims=(32, 64), kernel_size=5,
-             n_groups=8, cond_predict_scale=True)
+SMALL = dict(
+    input_dim=2,
+    global_cond_dim=10,
+    diffusion_step_embed_dim=32,
+    down_dims=(32, 64),
+    kernel_size=5,
+    n_groups=8,
+    cond_predict_scale=True,
+)
 XATTN = dict(context_dim=12, heads=2, dim_head=8, attn_ff_mult=2)
 
 
@@ -166,12 +173,20 @@ def test_one_optimizer_step_makes_the_output_read_the_context():
         assert not torch.allclose(model(x, t, ctx_a, pooled=g), model(x, t, ctx_b, pooled=g))
 
 
-SMALL = dict(input_dim=2, global_cond_dim=10, diffusion_step_embed_dim=32, down_dims=(32, 64), kernel_size=5,
-             n_groups=8, cond_predict_scale=True)
+SMALL = dict(
+    input_dim=2,
+    global_cond_dim=10,
+    diffusion_step_embed_dim=32,
+    down_dims=(32, 64),
+    kernel_size=5,
+    n_groups=8,
+    cond_predict_scale=True,
+)
 
 
 def _dp_checkpoint(model: UNet1D, ema: UNet1D) -> dict:
     """A workspace checkpoint shaped like Diffusion Policy's: the UNet under ``model.`` beside the obs encoder."""
+
     def policy_state(unet):
         return {**{f"model.{k}": v for k, v in unet.state_dict().items()}, "obs_encoder.proj.weight": torch.zeros(3, 3)}
 

@@ -6,8 +6,14 @@ import torch
 from mmx import Context
 from mmx.models import DiffusersUNet2D, UNet2D
 
-TINY = dict(channels=(16, 32), layers_per_block=1, attention_levels=(False, True),
-            attention={"heads": 2, "dim_head": 8}, context_dim=12, norm_groups=8)
+TINY = dict(
+    channels=(16, 32),
+    layers_per_block=1,
+    attention_levels=(False, True),
+    attention={"heads": 2, "dim_head": 8},
+    context_dim=12,
+    norm_groups=8,
+)
 
 
 def _arch(attention=None, **extra):
@@ -59,9 +65,16 @@ def test_timestep_and_text_change_the_output():
     assert not torch.allclose(out, model(x, torch.tensor([10, 10]), _ctx()))
 
 
-@pytest.mark.parametrize(("attention", "extra"), [
-    ({}, {}), ({"position_frequencies": 3}, {}), ({}, {"split_context": True}), ({"ff_mult": 2}, {}),
-    ({"position_frequencies": 2, "position_into": "queries"}, {"padding_mode": "circular"})])
+@pytest.mark.parametrize(
+    ("attention", "extra"),
+    [
+        ({}, {}),
+        ({"position_frequencies": 3}, {}),
+        ({}, {"split_context": True}),
+        ({"ff_mult": 2}, {}),
+        ({"position_frequencies": 2, "position_into": "queries"}, {"padding_mode": "circular"}),
+    ],
+)
 def test_save_load_round_trip_gives_identical_outputs(tmp_path, attention, extra):
     torch.manual_seed(0)
     model = _perturbed(UNet2D(**_arch(attention, **extra))).eval()
@@ -115,8 +128,15 @@ def test_errors_name_the_problem():
 
 def test_diffusers_backbone_takes_the_same_call_and_honours_the_mask():
     torch.manual_seed(0)
-    model = DiffusersUNet2D(channels=(16, 32), layers_per_block=1, attention_levels=(False, True),
-                            attention={"heads": 2}, context_dim=12, norm_groups=8, sample_size=8).eval()
+    model = DiffusersUNet2D(
+        channels=(16, 32),
+        layers_per_block=1,
+        attention_levels=(False, True),
+        attention={"heads": 2},
+        context_dim=12,
+        norm_groups=8,
+        sample_size=8,
+    ).eval()
     for p in model.unet.conv_out.parameters():
         torch.nn.init.normal_(p, std=0.05)
     x, t, ctx = torch.randn(2, 3, 8, 8), torch.tensor([10, 500]), _ctx()
@@ -129,8 +149,15 @@ def test_diffusers_backbone_takes_the_same_call_and_honours_the_mask():
 
 def test_diffusers_backbone_save_load_round_trip(tmp_path):
     torch.manual_seed(0)
-    model = DiffusersUNet2D(channels=(16, 32), layers_per_block=1, attention_levels=(False, True),
-                            attention={"heads": 2}, context_dim=12, norm_groups=8, sample_size=8).eval()
+    model = DiffusersUNet2D(
+        channels=(16, 32),
+        layers_per_block=1,
+        attention_levels=(False, True),
+        attention={"heads": 2},
+        context_dim=12,
+        norm_groups=8,
+        sample_size=8,
+    ).eval()
     model.save_pretrained(tmp_path / "u")
     loaded = DiffusersUNet2D.from_pretrained(tmp_path / "u").eval()
     x, t, ctx = torch.randn(2, 3, 8, 8), torch.tensor([1, 2]), _ctx()

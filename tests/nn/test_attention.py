@@ -277,7 +277,9 @@ def test_parameter_names_match_diffusers_attention(cross):
 
 def test_hooks_see_queries_keys_and_mask_and_can_be_removed(cross):
     seen = []
-    remove = cross.add_hook(lambda module, q, k, mask: seen.append((q.shape, k.shape, None if mask is None else mask.shape)))
+    remove = cross.add_hook(
+        lambda module, q, k, mask: seen.append((q.shape, k.shape, None if mask is None else mask.shape))
+    )
     x, c = _tensors()
     cross(x, c, mask=_key_pattern())
     assert seen == [((B, H, L, DH), (B, H, S, DH), (B, 1, 1, S))]

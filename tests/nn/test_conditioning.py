@@ -1,10 +1,10 @@
 """FiLM, timestep embeddings and residual blocks."""
 
-
 import pytest
 import torch
 
 from mmx import FiLM, ResBlock1D, ResBlock2D, SinusoidalEmbedding, timestep_embedding
+
 
 @pytest.mark.parametrize("flip", [False, True])
 @pytest.mark.parametrize("dim", [32, 33])
@@ -53,7 +53,7 @@ def test_resblock1d_has_diffusion_policy_keys_and_shapes(dp_reference_keys):
     """The first down block of the published ConditionalUnet1D (input_dim=2, down_dims[0]=32, cond 42)."""
     rows = [line.split("\t") for line in dp_reference_keys.read_text().splitlines() if not line.startswith("#")]
     prefix = "down_modules.0.0."
-    want = {k[len(prefix):]: eval(shape) for k, shape in rows if k.startswith(prefix)}
+    want = {k[len(prefix) :]: eval(shape) for k, shape in rows if k.startswith(prefix)}
     block = ResBlock1D(2, 32, cond_dim=42, kernel_size=5, n_groups=8, cond_predict_scale=True)
     got = {k: tuple(v.shape) for k, v in block.state_dict().items()}
     assert got == want

@@ -11,7 +11,7 @@ def _steps(fn, x, sizes):
     """Run ``fn`` on consecutive chunks of ``x [B, T, D]`` of the given sizes; concatenate the outputs."""
     outs, start = [], 0
     for n in sizes:
-        outs.append(fn(x[:, start:start + n], start, start + n))
+        outs.append(fn(x[:, start : start + n], start, start + n))
         start += n
     return torch.cat(outs, dim=1)
 
@@ -71,7 +71,7 @@ def test_cross_attention_cache_prepares_the_memory_mask_once_and_notices_changes
     for module in (attention, kv_cache):  # the layer's own calls and the cache's
         monkeypatch.setattr(module, "prepare_mask", lambda *a, **k: prepared.append(1) or real(*a, **k))
     cache = KVCache()
-    for step in range(3):
+    for _ in range(3):
         x = torch.randn(3, 1, 16)
         out = attn(x, memory, mask=mask, cache=cache)
         torch.testing.assert_close(out, attn(x, memory, mask=mask), atol=1e-6, rtol=0)
@@ -112,8 +112,8 @@ def test_self_attention_cache_writes_new_positions_into_spare_room_and_keeps_gra
     ks, vs = torch.randn(2, 3, 40, 4), torch.randn(2, 3, 40, 5)
     pointers = set()
     for t in range(40):
-        k, v = cache.append(ks[:, :, t:t + 1], vs[:, :, t:t + 1])
-        assert torch.equal(k, ks[:, :, :t + 1]) and torch.equal(v, vs[:, :, :t + 1])
+        k, v = cache.append(ks[:, :, t : t + 1], vs[:, :, t : t + 1])
+        assert torch.equal(k, ks[:, :, : t + 1]) and torch.equal(v, vs[:, :, : t + 1])
         pointers.add(k.data_ptr())
     assert len(pointers) <= 3, "the prefix is not copied at every step: buffers grow by doubling"
     cache.reorder(torch.tensor([1, 1]))
@@ -123,7 +123,7 @@ def test_self_attention_cache_writes_new_positions_into_spare_room_and_keeps_gra
     attn = CrossAttention(8, heads=2, dim_head=4)
     x = torch.randn(2, 5, 8, requires_grad=True)
     cache = KVCache()
-    out = torch.cat([attn(x[:, i:i + 1], causal=True, cache=cache) for i in range(5)], dim=1)
+    out = torch.cat([attn(x[:, i : i + 1], causal=True, cache=cache) for i in range(5)], dim=1)
     out.sum().backward()
     full = x.detach().clone().requires_grad_(True)
     attn(full, causal=True).sum().backward()
@@ -138,7 +138,7 @@ def test_hooks_see_the_full_key_set():
     cache = KVCache()
     x = torch.randn(1, 3, 8)
     for i in range(3):
-        attn(x[:, i:i + 1], causal=True, cache=cache)
+        attn(x[:, i : i + 1], causal=True, cache=cache)
     assert seen == [(1, 1), (1, 2), (1, 3)]
     _, probs = attn(torch.randn(1, 1, 8), causal=True, cache=cache, return_attention=True)
     assert probs.shape == (1, 2, 1, 4)
@@ -173,7 +173,7 @@ def test_transformer_block_with_cache_equals_full_pass():
     cache = BlockCache()
     outs = [block(x[:, :2], ctx, causal=True, cache=cache)]
     for i in range(2, 5):  # the projected context is in the cache: only its mask is passed
-        outs.append(block(x[:, i:i + 1], None, mask=ctx.mask, causal=True, cache=cache))
+        outs.append(block(x[:, i : i + 1], None, mask=ctx.mask, causal=True, cache=cache))
     torch.testing.assert_close(torch.cat(outs, 1), full, atol=1e-5, rtol=0)
     assert len(cache) == 5 and len(cache.cross_attn) == 3
     cache.reorder(torch.tensor([1, 1]))

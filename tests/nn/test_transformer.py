@@ -98,8 +98,9 @@ def test_spatial_transformer_loads_diffusers_transformer2d_weights():
     from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
     torch.manual_seed(0)
-    theirs = Transformer2DModel(2, 16, in_channels=32, cross_attention_dim=12, norm_num_groups=8,
-                                use_linear_projection=True).eval()
+    theirs = Transformer2DModel(
+        2, 16, in_channels=32, cross_attention_dim=12, norm_num_groups=8, use_linear_projection=True
+    ).eval()
     ours = SpatialTransformer(32, context_dim=12, heads=2, dim_head=16, norm_groups=8).eval()
     missing = ours.load_state_dict(theirs.state_dict(), strict=True)
     assert not missing.missing_keys

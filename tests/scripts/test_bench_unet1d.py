@@ -14,10 +14,37 @@ def test_bench_unet1d_tiny_run_writes_results(tmp_path):
     out = tmp_path / "bench.json"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--device", "cpu", "--batch", "4", "--horizon", "8", "--down-dims", "16", "32",
-         "--dsed", "16", "--global-cond-dim", "6", "--context-dim", "8", "--tokens", "3",
-         "--warmup", "1", "--repeats", "1", "--json", str(out)],
-        capture_output=True, text=True, timeout=300, env=env,
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--device",
+            "cpu",
+            "--batch",
+            "4",
+            "--horizon",
+            "8",
+            "--down-dims",
+            "16",
+            "32",
+            "--dsed",
+            "16",
+            "--global-cond-dim",
+            "6",
+            "--context-dim",
+            "8",
+            "--tokens",
+            "3",
+            "--warmup",
+            "1",
+            "--repeats",
+            "1",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     data = json.loads(out.read_text())

@@ -1,4 +1,4 @@
-"""scripts/checkpoint_to_run.py: a checkpoint's EMA (or raw) weights become a run folder that loads and equals the run's."""
+"""scripts/checkpoint_to_run.py: a checkpoint's EMA (or raw) weights become a run folder equal to the finished run."""
 
 import os
 import subprocess
@@ -13,7 +13,9 @@ SCRIPT = str(ROOT / "scripts" / "checkpoint_to_run.py")
 
 def _run(*args):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    return subprocess.run([sys.executable, SCRIPT, *map(str, args)], capture_output=True, text=True, timeout=300, env=env)
+    return subprocess.run(
+        [sys.executable, SCRIPT, *map(str, args)], capture_output=True, text=True, timeout=300, env=env
+    )
 
 
 def test_last_checkpoint_gives_the_finished_model(tmp_path):
@@ -23,8 +25,17 @@ def test_last_checkpoint_gives_the_finished_model(tmp_path):
     from mmx.recipes import load_run
 
     run = tmp_path / "run"
-    result = CliRunner().invoke(app, ["train", str(ROOT / "configs" / "shapes_t2i_tiny.yaml"), "train.max_steps=2",
-                                      "train.checkpoint_every=2", "--out", str(run)])
+    result = CliRunner().invoke(
+        app,
+        [
+            "train",
+            str(ROOT / "configs" / "shapes_t2i_tiny.yaml"),
+            "train.max_steps=2",
+            "train.checkpoint_every=2",
+            "--out",
+            str(run),
+        ],
+    )
     assert result.exit_code == 0, result.output
     proc = _run(run / "checkpoints" / "step_0000002", "--out", tmp_path / "at2")
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -152,8 +152,11 @@ class RegressionTask:
         return _Rows(self.x, self.y)
 
     def collate(self, items: list[tuple[int, torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        return {"index": torch.tensor([i for i, _, _ in items]), "x": torch.stack([x for _, x, _ in items]),
-                "y": torch.stack([y for _, _, y in items])}
+        return {
+            "index": torch.tensor([i for i, _, _ in items]),
+            "x": torch.stack([x for _, x, _ in items]),
+            "y": torch.stack([y for _, _, y in items]),
+        }
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
         self.seen.append(batch["index"].tolist())
@@ -184,9 +187,21 @@ def base_config(batch_size: int) -> Any:
     """
     from mmx.train import TrainConfig
 
-    return TrainConfig(max_steps=8, batch_size=batch_size, lr=1e-2, max_grad_norm=1.0, ema=True, ema_decay=0.9,
-                       checkpoint_every=4, checkpoints_total_limit=2, validate_every=4, log_every=1, seed=0,
-                       progress=False, tensorboard=True)
+    return TrainConfig(
+        max_steps=8,
+        batch_size=batch_size,
+        lr=1e-2,
+        max_grad_norm=1.0,
+        ema=True,
+        ema_decay=0.9,
+        checkpoint_every=4,
+        checkpoints_total_limit=2,
+        validate_every=4,
+        log_every=1,
+        seed=0,
+        progress=False,
+        tensorboard=True,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -214,9 +229,14 @@ def main(argv: list[str] | None = None) -> None:
         log.watch(run_dir)
         train(task, cfg, run_dir)  # not before: PartialState() here would fix the distributed setup too early
         state = PartialState()
-        trace = {"rank": rank, "distributed_type": state.distributed_type.value,
-                 "num_processes": state.num_processes, "process_index": state.process_index,
-                 "seen": task.seen, "writes": log.entries}
+        trace = {
+            "rank": rank,
+            "distributed_type": state.distributed_type.value,
+            "num_processes": state.num_processes,
+            "process_index": state.process_index,
+            "seen": task.seen,
+            "writes": log.entries,
+        }
         (args.out / f"{name}.rank{rank}.json").write_text(json.dumps(trace))
 
 

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from mmx.train import TrainConfig, latest_checkpoint, train
-from mmx.train.checkpoint import MANIFEST, CheckpointError, _write_manifest, upgrade_checkpoint, verify_checkpoint
+from mmx.train.checkpoint import MANIFEST, CheckpointError, _write_manifest, verify_checkpoint
 
 SCRIPTS = Path(__file__).parents[2] / "scripts"
 sys.path.insert(0, str(SCRIPTS))
@@ -21,8 +21,19 @@ from kill_resume import TinyTask  # noqa: E402  the harness's task: an MLP with 
 
 
 def _cfg(**changes) -> TrainConfig:
-    base = dict(max_steps=4, batch_size=8, lr=1e-2, warmup_steps=1, checkpoint_every=2, checkpoints_total_limit=None,
-                validate_every=1000, log_every=2, progress=False, tensorboard=False, ema=False)
+    base = dict(
+        max_steps=4,
+        batch_size=8,
+        lr=1e-2,
+        warmup_steps=1,
+        checkpoint_every=2,
+        checkpoints_total_limit=None,
+        validate_every=1000,
+        log_every=2,
+        progress=False,
+        tensorboard=False,
+        ema=False,
+    )
     return TrainConfig(**{**base, **changes})
 
 
@@ -72,8 +83,10 @@ def test_the_manifest_lists_every_file_with_its_size_and_sha256(finished_run):
     assert manifest["step"] == 4 and set(manifest["files"]) == on_disk
     expected = {"model.safetensors", "optimizer.bin", "scheduler.bin", "random_states_0.pkl", "mmx_state_0.safetensors"}
     assert expected <= on_disk
-    assert all(info["size"] == (folder / name).stat().st_size and len(info["sha256"]) == 64
-               for name, info in manifest["files"].items())
+    assert all(
+        info["size"] == (folder / name).stat().st_size and len(info["sha256"]) == 64
+        for name, info in manifest["files"].items()
+    )
     assert not list((finished_run / "checkpoints").glob("*.tmp")), "no temporary folder stays behind"
 
 
@@ -96,8 +109,10 @@ def _escape_the_folder(folder):
 DAMAGE = {
     "truncated": (_truncate, r"optimizer\.bin has \d+ bytes; mmx_checkpoint\.json says \d+"),
     "missing file": (lambda f: (f / "scheduler.bin").unlink(), r"scheduler\.bin is missing"),
-    "garbage weights": (lambda f: (f / "model.safetensors").write_bytes(b"not a safetensors file"),
-                        r"model\.safetensors has 22 bytes"),
+    "garbage weights": (
+        lambda f: (f / "model.safetensors").write_bytes(b"not a safetensors file"),
+        r"model\.safetensors has 22 bytes",
+    ),
     "same-size garbage": (_same_size_garbage, r"model\.safetensors is corrupt: its sha256 differs"),
     "no manifest": (lambda f: (f / MANIFEST).unlink(), r"mmx_checkpoint\.json is missing"),
     "bad manifest": (lambda f: (f / MANIFEST).write_text("{"), r"mmx_checkpoint\.json is not a valid"),
@@ -113,7 +128,9 @@ def test_an_explicitly_resumed_damaged_checkpoint_is_an_error_naming_the_file(ru
     with pytest.raises(CheckpointError, match=message):
         train(TinyTask(), _cfg(max_steps=6), run, resume=folder)
     expected = "step_0000004" if damage == "same-size garbage" else "step_0000002"
-    assert latest_checkpoint(run).name == expected, "latest_checkpoint checks sizes; resuming also checks the sha256 sums"
+    assert latest_checkpoint(run).name == expected, (
+        "latest_checkpoint checks sizes; resuming also checks the sha256 sums"
+    )
 
 
 def test_resume_latest_falls_back_to_the_previous_good_checkpoint_with_a_warning(run, finished_run, caplog):
@@ -123,8 +140,9 @@ def test_resume_latest_falls_back_to_the_previous_good_checkpoint_with_a_warning
     assert steps == [3, 4], "resumed from step 2"
     warning = next(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
     assert "skipping" in warning and "step_0000004" in warning and "optimizer.bin has" in warning
-    assert _same_weights(run / "checkpoints" / "step_0000004", finished_run / "checkpoints" / "step_0000004"), \
+    assert _same_weights(run / "checkpoints" / "step_0000004", finished_run / "checkpoints" / "step_0000004"), (
         "redoing steps 3-4 from step 2 gives the same weights"
+    )
 
 
 def test_resume_latest_with_no_good_checkpoint_starts_from_scratch_with_a_warning(run, caplog):
@@ -180,39 +198,6 @@ def test_resume_never_unpickles_code_even_with_a_matching_manifest(run, tmp_path
     with pytest.raises(CheckpointError, match=refused):
         train(TinyTask(), _cfg(max_steps=6), run, resume=folder)
     assert not marker.exists(), "the pickled code ran"
-
-
-def test_a_checkpoint_of_the_older_format_is_named_and_can_be_upgraded(tmp_path):
-    """Before manifests, EMA and step state were accelerate custom_checkpoint_*.pkl, unpickled without weights_only."""
-    cfg = _cfg(ema=True, max_steps=6)
-    train(TinyTask(), cfg, tmp_path / "whole")
-    run = tmp_path / "old"
-
-    def stop_at_5(step, loss):  # after the checkpoint of step 4
-        if step == 5:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train(TinyTask(), cfg, run, on_step=stop_at_5)
-    folder = run / "checkpoints" / "step_0000004"
-    ema = load_file(str(folder / "mmx_ema.safetensors"))
-    from safetensors import safe_open
-
-    with safe_open(str(folder / "mmx_ema.safetensors"), "pt") as f:
-        settings = json.loads(f.metadata()["mmx_ema"])
-    with safe_open(str(folder / "mmx_state_0.safetensors"), "pt") as f:
-        generator = f.get_tensor("generator")
-    torch.save({**settings, "shadow_params": [ema[f"shadow_params.{i}"] for i in range(len(ema))]},
-               folder / "custom_checkpoint_0.pkl")
-    torch.save({"step": torch.tensor(4), "generator": generator}, folder / "custom_checkpoint_1.pkl")
-    for name in (MANIFEST, "mmx_ema.safetensors", "mmx_state_0.safetensors"):
-        (folder / name).unlink()
-    with pytest.raises(CheckpointError, match="older mmx .*upgrade_checkpoint"):
-        train(TinyTask(), cfg, run, resume=folder)
-    upgrade_checkpoint(folder)
-    verify_checkpoint(folder)
-    train(TinyTask(), cfg, run, resume=folder)
-    assert _same_weights(run / "checkpoints" / "step_0000006", tmp_path / "whole" / "checkpoints" / "step_0000006")
 
 
 def test_config_yaml_is_written_atomically(tmp_path, monkeypatch):

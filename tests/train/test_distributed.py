@@ -52,7 +52,9 @@ ATOL, RTOL = 1e-6, 1e-5
 
 needs_gloo = pytest.mark.skipif(
     not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
-    reason="torch was built without the gloo backend")
+    reason="torch was built without the gloo backend",
+)
+
 
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -62,9 +64,12 @@ def _free_port() -> int:
 
 def _clean_env(cpu_flag: bool) -> dict[str, str]:
     """This process's environment without launcher / Accelerate variables, one thread, no GPU visible."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("ACCELERATE_") and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
-                                                            "MASTER_ADDR", "MASTER_PORT")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("ACCELERATE_")
+        and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    }
     env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
     if cpu_flag:
         env["ACCELERATE_USE_CPU"] = "1"
@@ -72,27 +77,40 @@ def _clean_env(cpu_flag: bool) -> dict[str, str]:
 
 
 def _run(cmd: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
-    """Run ``cmd`` from the repository root; past ``LAUNCH_TIMEOUT`` it is killed (with every worker) and the test fails."""
+    """Run ``cmd`` from the repository root; past ``LAUNCH_TIMEOUT`` it is killed (every worker too): the test fails."""
     # a session of its own, so that on a timeout torchrun and the workers it started go down together
-    with subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          start_new_session=True) as proc:
+    with subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    ) as proc:
         try:
             stdout, stderr = proc.communicate(timeout=LAUNCH_TIMEOUT)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             stdout, stderr = proc.communicate()
-            pytest.fail(f"{' '.join(cmd)} ran past {LAUNCH_TIMEOUT} s and was killed\n"
-                        f"{stdout[-2000:]}\n{stderr[-6000:]}")
+            pytest.fail(
+                f"{' '.join(cmd)} ran past {LAUNCH_TIMEOUT} s and was killed\n{stdout[-2000:]}\n{stderr[-6000:]}"
+            )
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
 def _torchrun(processes: int, *args: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(processes),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        *args,
+    ]
 
 
-def _launch(out: Path, runs: list[str], batch_size: int, processes: int, cpu_flag: bool = True,
-            check: bool = True) -> subprocess.CompletedProcess:
+def _launch(
+    out: Path, runs: list[str], batch_size: int, processes: int, cpu_flag: bool = True, check: bool = True
+) -> subprocess.CompletedProcess:
     """Run ``_dist_task.py`` as ``processes`` processes (torchrun) or as one plain process.
 
     ``check``: fail the test with the command's output when it exits with an error.
@@ -132,7 +150,7 @@ def _scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
 def _assert_same_parameters(two: dict[str, torch.Tensor], one: dict[str, torch.Tensor]) -> None:
     assert list(two) == list(one)
     for name in one:
-        torch.testing.assert_close(two[name], one[name], atol=ATOL, rtol=RTOL, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(two[name], one[name], atol=ATOL, rtol=RTOL, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.fixture(scope="module")
@@ -175,9 +193,9 @@ def test_two_processes_train_on_the_batches_of_one_process(two, one):
     assert [a + b for a, b in zip(first, second)] == alone
     per_epoch = SAMPLES // (2 * BATCH)
     for epoch in range(STEPS // per_epoch):  # each epoch visits every sample once, in a new order
-        steps = alone[epoch * per_epoch:(epoch + 1) * per_epoch]
+        steps = alone[epoch * per_epoch : (epoch + 1) * per_epoch]
         assert sorted(i for batch in steps for i in batch) == list(range(SAMPLES))
-    assert alone[:per_epoch] != alone[per_epoch:2 * per_epoch]
+    assert alone[:per_epoch] != alone[per_epoch : 2 * per_epoch]
 
 
 @needs_gloo
@@ -186,8 +204,9 @@ def test_two_processes_end_with_the_parameters_of_one_process(two, one):
     final = f"checkpoints/step_{STEPS:07d}/model.safetensors"
     trained_two, trained_one = _tensors(two / "constant" / final), _tensors(one / "constant" / final)
     _assert_same_parameters(trained_two, trained_one)
-    _assert_same_parameters(_tensors(two / "constant/model/model.safetensors"),
-                            _tensors(one / "constant/model/model.safetensors"))  # saved with the EMA weights
+    _assert_same_parameters(
+        _tensors(two / "constant/model/model.safetensors"), _tensors(one / "constant/model/model.safetensors")
+    )  # saved with the EMA weights
 
     halfway = _tensors(one / "constant" / f"checkpoints/step_{STEPS // 2:07d}/model.safetensors")
     moved = max((trained_one[k] - halfway[k]).abs().max().item() for k in halfway)
@@ -204,7 +223,8 @@ def test_two_processes_end_with_the_parameters_of_one_process(two, one):
 # in accelerate's save_state) and write its own RNG state and noise generator into it.
 _OTHER_PROCESS_MAY = re.compile(
     r"^(os\.mkdir checkpoints/step_\d{7}\.tmp"
-    r"|(torch\.save|safetensors|open) checkpoints/step_\d{7}\.tmp/(random_states_1\.pkl|mmx_state_1\.safetensors))$")
+    r"|(torch\.save|safetensors|open) checkpoints/step_\d{7}\.tmp/(random_states_1\.pkl|mmx_state_1\.safetensors))$"
+)
 
 
 @needs_gloo
@@ -214,15 +234,23 @@ def test_only_the_main_process_writes_checkpoints_logs_and_samples(two):
     assert others, "process 1 wrote nothing at all, not even its RNG state: is the write log working?"
     assert [e for e in others if not _OTHER_PROCESS_MAY.match(e)] == []
     main = {path for _, path in _trace(two, "constant", 0)["writes"]}
-    assert {"metrics.jsonl", "model/model.safetensors", f"samples/step_{STEPS:07d}.rank0.json",
-            f"checkpoints/step_{STEPS:07d}.tmp/model.safetensors"} <= main
+    assert {
+        "metrics.jsonl",
+        "model/model.safetensors",
+        f"samples/step_{STEPS:07d}.rank0.json",
+        f"checkpoints/step_{STEPS:07d}.tmp/model.safetensors",
+    } <= main
 
     # what the folder holds: validation and the final weights ran once, on the main process
     assert sorted(p.name for p in (run / "samples").iterdir()) == [
-        f"step_{STEPS // 2:07d}.rank0.json", f"step_{STEPS:07d}.rank0.json"]
+        f"step_{STEPS // 2:07d}.rank0.json",
+        f"step_{STEPS:07d}.rank0.json",
+    ]
     assert sorted(p.name for p in (run / "model").iterdir()) == ["model.safetensors", "written_by_rank0"]
     assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [
-        STEPS // 2, STEPS]
+        STEPS // 2,
+        STEPS,
+    ]
     assert len(list((run / "logs" / "mmx").glob("events.out.tfevents.*"))) == 1
 
     from mmx.train.trainer import verify_checkpoint
@@ -232,8 +260,12 @@ def test_only_the_main_process_writes_checkpoints_logs_and_samples(two):
     for name in checkpoints:
         files = set(verify_checkpoint(run / "checkpoints" / name)["files"])
         per_process = {f for f in files if re.search(r"_\d+\.(pkl|safetensors)$", f)}
-        assert per_process == {"random_states_0.pkl", "random_states_1.pkl", "mmx_state_0.safetensors",
-                               "mmx_state_1.safetensors"}
+        assert per_process == {
+            "random_states_0.pkl",
+            "random_states_1.pkl",
+            "mmx_state_0.safetensors",
+            "mmx_state_1.safetensors",
+        }
         assert files - per_process == {"model.safetensors", "optimizer.bin", "scheduler.bin", "mmx_ema.safetensors"}
 
 
@@ -332,8 +364,17 @@ def test_accelerate_config_loads_and_says_how_to_launch(path, monkeypatch):
 def test_mmx_train_under_torchrun_writes_one_run(tmp_path):
     """`torchrun --nproc_per_node 2 -m mmx.cli train CONFIG`: one config, one model, samples from rank 0 only."""
     run = tmp_path / "run"
-    cmd = _torchrun(2, "-m", "mmx.cli", "train", "configs/policy_reach_tiny.yaml", "train.max_steps=2",
-                    "train.validate_every=2", "--out", str(run))
+    cmd = _torchrun(
+        2,
+        "-m",
+        "mmx.cli",
+        "train",
+        "configs/policy_reach_tiny.yaml",
+        "train.max_steps=2",
+        "train.validate_every=2",
+        "--out",
+        str(run),
+    )
     done = _run(cmd, _clean_env(cpu_flag=False))
     assert done.returncode == 0, _failure(done)
     assert done.stdout.count("trained 2 steps") == 1  # the closing line comes from the main process only

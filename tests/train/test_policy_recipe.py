@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from mmx.config import load_config
-from mmx.train import train
 from mmx.recipes import load_run
 from mmx.recipes.policy import PolicyConfig, PolicyTask
+from mmx.train import train
 
 
 def _tiny(**overrides) -> PolicyConfig:

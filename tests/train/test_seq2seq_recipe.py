@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from mmx.config import load_config
-from mmx.train import train
 from mmx.recipes import load_recipe, load_run
 from mmx.recipes.seq2seq import Seq2SeqConfig, Seq2SeqTask
+from mmx.train import train
 
 
 def _task(name: str, tmp_path, *overrides: str) -> Seq2SeqTask:
@@ -46,8 +46,9 @@ def test_loss_ignores_padding(tmp_path):
     # the short sentence's loss is the same with or without the padding a longer neighbour forces on it
     logits = task.model(padded["source"], padded["target"][:, :-1], padded["source_mask"])
     labels = padded["target"][:, 1:]
-    per_token = torch.nn.functional.cross_entropy(logits[0], labels[0], ignore_index=task.target.pad_id,
-                                                  label_smoothing=task.cfg.label_smoothing)
+    per_token = torch.nn.functional.cross_entropy(
+        logits[0], labels[0], ignore_index=task.target.pad_id, label_smoothing=task.cfg.label_smoothing
+    )
     assert per_token.item() == pytest.approx(alone.item(), abs=1e-5)
 
 

@@ -18,10 +18,17 @@ TINY = "configs/shapes_t2i_tiny.yaml"
 
 
 def _photo_cfg(photo_folder, *overrides):
-    return load_config(TINY, TextToImageConfig, [
-        "train.tensorboard=false", "train.progress=false",
-        f"data={{name: imagefolder, root: {photo_folder}, heldout_fraction: 0.2}}", "eval.data={split: heldout}",
-        *overrides])
+    return load_config(
+        TINY,
+        TextToImageConfig,
+        [
+            "train.tensorboard=false",
+            "train.progress=false",
+            f"data={{name: imagefolder, root: {photo_folder}, heldout_fraction: 0.2}}",
+            "eval.data={split: heldout}",
+            *overrides,
+        ],
+    )
 
 
 def test_the_data_takes_the_recipes_image_size_and_a_different_one_is_named():
@@ -37,8 +44,13 @@ def test_the_data_takes_the_recipes_image_size_and_a_different_one_is_named():
 
 def test_eval_data_without_a_name_extends_the_training_data(photo_folder):
     cfg = _photo_cfg(photo_folder)
-    assert eval_data_spec(cfg) == {"name": "imagefolder", "root": str(photo_folder), "heldout_fraction": 0.2,
-                                   "split": "heldout", "size": 16}
+    assert eval_data_spec(cfg) == {
+        "name": "imagefolder",
+        "root": str(photo_folder),
+        "heldout_fraction": 0.2,
+        "split": "heldout",
+        "size": 16,
+    }
     shapes = load_config(TINY, TextToImageConfig)  # a named source stands alone
     assert eval_data_spec(shapes) == {**shapes.eval.data, "size": 16}
 
@@ -57,13 +69,21 @@ def test_metrics_default_to_the_detector_on_shapes_and_the_denoising_loss_elsewh
     assert [name for name, _ in shapes.metrics] == ["caption_accuracy", "attention_miou"]
     cfg = _photo_cfg(photo_folder)
     photos = build_evaluator(build_pipeline(cfg), cfg)
-    assert [name for name, _ in photos.metrics] == ["denoising_loss"] == [s["name"] for s in default_metrics(photos.heldout)]
+    assert (
+        [name for name, _ in photos.metrics]
+        == ["denoising_loss"]
+        == [s["name"] for s in default_metrics(photos.heldout)]
+    )
     assert len(photos.heldout) == 3  # 20% of 15 photos
     cfg.eval.metrics = [{"name": "caption_accuracy"}]
-    with pytest.raises(ValueError, match="'caption_accuracy' reads images with the shapes detector.*ImageFolderCaptions"):
+    with pytest.raises(
+        ValueError, match="'caption_accuracy' reads images with the shapes detector.*ImageFolderCaptions"
+    ):
         build_evaluator(build_pipeline(cfg), cfg)(2)
     cfg.eval.metrics = [{"name": "psnr"}]
-    with pytest.raises(KeyError, match="unknown metric 'psnr'; valid names: attention_miou, caption_accuracy, clip_score"):
+    with pytest.raises(
+        KeyError, match="unknown metric 'psnr'; valid names: attention_miou, caption_accuracy, clip_score"
+    ):
         build_evaluator(build_pipeline(cfg), cfg)
     assert sorted(METRICS.names()) == ["attention_miou", "caption_accuracy", "clip_score", "denoising_loss", "fid"]
 

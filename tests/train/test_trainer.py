@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from mmx.config import load_config
-from mmx.train import latest_checkpoint, train
 from mmx.recipes import load_run
 from mmx.recipes.text_to_image import TextToImageConfig, TextToImageTask
+from mmx.train import latest_checkpoint, train
 
 TINY = Path(__file__).parents[2] / "configs" / "shapes_t2i_tiny.yaml"
 
@@ -20,9 +20,17 @@ def _cfg(*overrides):
 
 def test_tiny_model_overfits_a_few_captions(tmp_path):
     """Four captions, 120 steps: the loss at fixed noise and timesteps falls at least 3x."""
-    cfg = _cfg("data.length=16", "train.batch_size=16", "train.max_steps=120", "train.lr=0.003", "train.ema=false",
-               "train.checkpoint_every=1000", "train.validate_every=1000", "diffusion.cond_drop_prob=0.0",
-               "diffusion.min_snr_gamma=null")
+    cfg = _cfg(
+        "data.length=16",
+        "train.batch_size=16",
+        "train.max_steps=120",
+        "train.lr=0.003",
+        "train.ema=false",
+        "train.checkpoint_every=1000",
+        "train.validate_every=1000",
+        "diffusion.cond_drop_prob=0.0",
+        "diffusion.min_snr_gamma=null",
+    )
     task = TextToImageTask(cfg, tmp_path)
     batch = task.collate([task.train_dataset()[i] for i in range(16)])
 
@@ -55,14 +63,21 @@ def test_stop_and_resume_reproduces_the_uninterrupted_losses(tmp_path):
         train(TextToImageTask(cfg, tmp_path / "b"), cfg.train, tmp_path / "b", on_step=stop_after_checkpoint)
     assert latest_checkpoint(tmp_path / "b").name == "step_0000004"
     rest: list[float] = []
-    train(TextToImageTask(cfg, tmp_path / "b"), cfg.train, tmp_path / "b", resume="latest",
-          on_step=lambda s, l: rest.append(l.item()))
+    train(
+        TextToImageTask(cfg, tmp_path / "b"),
+        cfg.train,
+        tmp_path / "b",
+        resume="latest",
+        on_step=lambda s, l: rest.append(l.item()),
+    )
     assert first[:4] == whole[:4]
     assert rest == pytest.approx(whole[4:], rel=1e-5, abs=1e-6)
 
 
 def test_run_folder_rebuilds_itself_and_keeps_limited_checkpoints(tmp_path):
-    cfg = _cfg("train.max_steps=8", "train.checkpoint_every=2", "train.checkpoints_total_limit=2", "train.validate_every=8")
+    cfg = _cfg(
+        "train.max_steps=8", "train.checkpoint_every=2", "train.checkpoints_total_limit=2", "train.validate_every=8"
+    )
     result = train(TextToImageTask(cfg, tmp_path), cfg.train, tmp_path)
     assert result.step == 8 and "caption_accuracy" in result.metrics
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_0000006", "step_0000008"]
@@ -71,8 +86,11 @@ def test_run_folder_rebuilds_itself_and_keeps_limited_checkpoints(tmp_path):
     loaded = load_run(tmp_path)
     loaded_cfg, pipeline = loaded.config, loaded.model
     assert loaded_cfg == cfg
-    images = pipeline.generate(["a red circle on the left", "a blue square at the top and a green triangle on the right"],
-                               num_steps=2, generator=torch.Generator().manual_seed(0))
+    images = pipeline.generate(
+        ["a red circle on the left", "a blue square at the top and a green triangle on the right"],
+        num_steps=2,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert images.shape == (2, 3, 16, 16) and images.abs().max() <= 1
 
 
@@ -103,8 +121,9 @@ def test_load_run_errors_name_the_missing_file(tmp_path):
 
 def _task_batch_and_plain_loss(tmp_path):
     """A tiny text-to-image task with no caption dropout, a batch of 4 and its loss without extra terms."""
-    cfg = _cfg("train.max_steps=1", "train.validate_every=1000", "train.checkpoint_every=1000",
-               "diffusion.cond_drop_prob=0.0")
+    cfg = _cfg(
+        "train.max_steps=1", "train.validate_every=1000", "train.checkpoint_every=1000", "diffusion.cond_drop_prob=0.0"
+    )
     task = TextToImageTask(cfg, tmp_path)
     batch = task.collate([task.train_dataset()[i] for i in range(4)])
     return task, batch, task.loss(task.model, batch, torch.Generator().manual_seed(0))
@@ -166,8 +185,14 @@ def test_reading_min_cover_comes_from_the_config_and_reaches_the_reading_loss(tm
     assert seen == [0.5]
     task.pipeline.attention_losses = [Reading(0.1, min_cover=0.5, extra_min_cover=0.0)]  # place words: every cell
     task.loss(task.model, batch, torch.Generator().manual_seed(0))
-    named = {(i, t) for i, (spans, objects) in enumerate(zip(task.pipeline.encode(batch["caption"]).words, batch["objects"]))
-             for o in objects for w in o.words if w >= 0 for t in range(spans[w].start, spans[w].end)}
+    named = {
+        (i, t)
+        for i, (spans, objects) in enumerate(zip(task.pipeline.encode(batch["caption"]).words, batch["objects"]))
+        for o in objects
+        for w in o.words
+        if w >= 0
+        for t in range(spans[w].start, spans[w].end)
+    }
     per_token = seen[-1]
     assert per_token.shape[0] == 2 and named
     assert {(i, t) for i, t in torch.nonzero(per_token).tolist()} == named  # colour and shape tokens: 0.5
@@ -216,8 +241,20 @@ class _MLPTask:
 def _mlp_cfg(**changes):
     from mmx.train import TrainConfig
 
-    base = dict(max_steps=6, batch_size=8, lr=1e-2, warmup_steps=1, checkpoint_every=3, checkpoints_total_limit=None,
-                validate_every=1000, log_every=1, progress=False, tensorboard=False, ema=True, ema_decay=0.9)
+    base = dict(
+        max_steps=6,
+        batch_size=8,
+        lr=1e-2,
+        warmup_steps=1,
+        checkpoint_every=3,
+        checkpoints_total_limit=None,
+        validate_every=1000,
+        log_every=1,
+        progress=False,
+        tensorboard=False,
+        ema=True,
+        ema_decay=0.9,
+    )
     return TrainConfig(**{**base, **changes})
 
 
@@ -240,8 +277,12 @@ def test_a_nonfinite_loss_skips_the_step_and_is_counted(tmp_path, caplog):
 
     task = _MLPTask(nan_at={2, 5})
     weights = {}
-    train(task, _mlp_cfg(tensorboard=True), tmp_path,
-          on_step=lambda s, l: weights.__setitem__(s, [p.detach().clone() for p in task.model.parameters()]))
+    train(
+        task,
+        _mlp_cfg(tensorboard=True),
+        tmp_path,
+        on_step=lambda s, l: weights.__setitem__(s, [p.detach().clone() for p in task.model.parameters()]),
+    )
     for step in (2, 5):  # no optimizer step: the weights stay those of the step before
         same = all(torch.equal(a, b) for a, b in zip(weights[step], weights[step - 1]))
         assert same, f"step {step} changed the weights"

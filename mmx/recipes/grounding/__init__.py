@@ -8,5 +8,13 @@ from mmx.recipes.grounding.config import GroundingConfig, GroundingEvalConfig
 from mmx.recipes.grounding.recipe import RECIPE, GroundingRecipe, TrainedGrounding
 from mmx.recipes.grounding.task import GroundingTask, PhraseData, grounding_scores
 
-__all__ = ["RECIPE", "GroundingConfig", "GroundingEvalConfig", "GroundingRecipe", "GroundingTask", "PhraseData",
-           "TrainedGrounding", "grounding_scores"]
+__all__ = [
+    "RECIPE",
+    "GroundingConfig",
+    "GroundingEvalConfig",
+    "GroundingRecipe",
+    "GroundingTask",
+    "PhraseData",
+    "TrainedGrounding",
+    "grounding_scores",
+]

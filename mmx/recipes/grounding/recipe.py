@@ -56,8 +56,10 @@ class GroundingRecipe(Recipe):
         cfg = run.config
         data = self._heldout(cfg, num)
         scores = grounding_scores(run.model.net, run.model.encoder, data, cfg.eval.batch_size, cfg.eval.threshold)
-        lines = [f"held-out phrases ({len(data)}): predicted-mask IoU {scores['mask_iou']:.3f}, "
-                 f"attention mIoU of colour and shape words {scores['attention_miou']:.3f}"]
+        lines = [
+            f"held-out phrases ({len(data)}): predicted-mask IoU {scores['mask_iou']:.3f}, "
+            f"attention mIoU of colour and shape words {scores['attention_miou']:.3f}"
+        ]
         return Result(lines, {"num": len(data), **scores}, "eval.json")
 
     def attend(self, run: Run, prompt: str | None = None, image: Path | None = None, seed: int = 0) -> Result:
@@ -73,7 +75,7 @@ class GroundingRecipe(Recipe):
         item = None
         if image is not None:
             if prompt is None:
-                raise RecipeError("give the phrase to ground in --image with --prompt, e.g. -p \"the red circle\"")
+                raise RecipeError('give the phrase to ground in --image with --prompt, e.g. -p "the red circle"')
             picture = image_tensor(image, tuple(data[0]["image"].shape[-2:]))
         else:
             item = data[seed % len(data)]
@@ -95,10 +97,21 @@ class GroundingRecipe(Recipe):
         for m in maps:
             pictures[f"word_{m.index:02d}_{file_label(m.word)}.png"] = lambda path, m=m: save_overlay(picture, m, path)
         pictures["grid.png"] = lambda path: save_word_grid(picture, maps, prompt, path, scores=scores)
-        stats = [{"word": m.word, "index": m.index, "peak": [int(v) for v in divmod(int(m.map.argmax()), size[1])],
-                  "iou": None if m.index not in scores else round(scores[m.index], 3)} for m in maps]
-        report = {"prompt": prompt, "image": str(image) if image else f"held-out #{seed % len(data)}",
-                  "predicted_region_share": round(float((logits[0, 0] > 0).float().mean()), 4), "words": stats}
+        stats = [
+            {
+                "word": m.word,
+                "index": m.index,
+                "peak": [int(v) for v in divmod(int(m.map.argmax()), size[1])],
+                "iou": None if m.index not in scores else round(scores[m.index], 3),
+            }
+            for m in maps
+        ]
+        report = {
+            "prompt": prompt,
+            "image": str(image) if image else f"held-out #{seed % len(data)}",
+            "predicted_region_share": round(float((logits[0, 0] > 0).float().mean()), 4),
+            "words": stats,
+        }
         lines = []
         if scores:
             names = {m.index: m.word for m in maps}

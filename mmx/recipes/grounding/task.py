@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmx.config import save_config
 from mmx.attnmap.capture import GroundingCapture, TokenTargets
 from mmx.attnmap.losses import build_attention_losses
+from mmx.config import save_config
 from mmx.encoders.cache import CachedTextEncoder
 from mmx.recipes.grounding.config import GroundingConfig
 
@@ -45,13 +45,24 @@ class PhraseData(torch.utils.data.Dataset):
         twins = sum(o.colour == target.colour and o.shape == target.shape for o in objects)
         phrase = f"the {target.colour} {target.shape}"
         if twins > 1 or rng.random() < 0.3:
-            phrase += {"left": " on the left", "right": " on the right", "top": " at the top",
-                       "bottom": " at the bottom", "centre": " in the centre"}[target.position]
-        return {"image": item["image"], "phrase": phrase, "mask": target.mask.float()[None],
-                "word_masks": {1: target.mask, 2: target.mask}}
+            phrase += {
+                "left": " on the left",
+                "right": " on the right",
+                "top": " at the top",
+                "bottom": " at the bottom",
+                "centre": " in the centre",
+            }[target.position]
+        return {
+            "image": item["image"],
+            "phrase": phrase,
+            "mask": target.mask.float()[None],
+            "word_masks": {1: target.mask, 2: target.mask},
+        }
 
 
-def grounding_scores(model: nn.Module, encoder: Any, data: PhraseData, batch_size: int, threshold: float) -> dict[str, float]:
+def grounding_scores(
+    model: nn.Module, encoder: Any, data: PhraseData, batch_size: int, threshold: float
+) -> dict[str, float]:
     """Mask IoU of the prediction and attention mIoU of the colour and shape words on ``data``."""
     from mmx.attnmap import AttentionRecorder, word_maps
     from mmx.data import collate
@@ -63,8 +74,12 @@ def grounding_scores(model: nn.Module, encoder: Any, data: PhraseData, batch_siz
         batch = collate([data[i] for i in range(start, min(start + batch_size, len(data)))])
         images = batch["image"].to(device)
         ctx = encoder(batch["phrase"]).to(device)
-        with torch.no_grad(), AttentionRecorder(model, tuple(images.shape[-2:]) if model.config.input_size is None
-                                                else (model.config.input_size,) * 2) as recorder:
+        with (
+            torch.no_grad(),
+            AttentionRecorder(
+                model, tuple(images.shape[-2:]) if model.config.input_size is None else (model.config.input_size,) * 2
+            ) as recorder,
+        ):
             logits = model(images, ctx)
         predicted = logits[:, 0] > 0
         mask_ious += [iou(p.cpu(), m[0].bool()) for p, m in zip(predicted, batch["mask"])]
@@ -115,7 +130,9 @@ class GroundingTask:
         dice = 1 - (2 * (prob * target).sum((1, 2, 3)) + 1) / (prob.sum((1, 2, 3)) + target.sum((1, 2, 3)) + 1)
         loss = bce + dice.mean()
         if self.attention_losses:
-            targets = TokenTargets(ctx.words, batch["word_masks"], ctx.tokens.shape[1], tuple(images.shape[-2:]), device)
+            targets = TokenTargets(
+                ctx.words, batch["word_masks"], ctx.tokens.shape[1], tuple(images.shape[-2:]), device
+            )
             for term in self.attention_losses:
                 loss = loss + term(capture, targets)
         return loss
@@ -125,8 +142,13 @@ class GroundingTask:
 
         if self._eval is None:
             self._eval = PhraseData(DATASETS.build_from_dict(dict(self.cfg.eval.data)), seed=1)
-        return grounding_scores(model, self.encoder.to(next(model.parameters()).device), self._eval,
-                                self.cfg.eval.batch_size, self.cfg.eval.threshold)
+        return grounding_scores(
+            model,
+            self.encoder.to(next(model.parameters()).device),
+            self._eval,
+            self.cfg.eval.batch_size,
+            self.cfg.eval.threshold,
+        )
 
     def save_model(self, model: nn.Module, out_dir: Path) -> None:
         model.save_pretrained(out_dir / "grounding")

@@ -45,8 +45,10 @@ def _pad_after(cfg: PolicyConfig) -> int:
     """The training windows' ``pad_after``, checked: ``cfg.pad_after`` or Diffusion Policy's ``n_action_steps - 1``."""
     pad_after = cfg.n_action_steps - 1 if cfg.pad_after is None else cfg.pad_after
     if not 0 <= pad_after <= cfg.horizon - cfg.n_obs_steps:
-        raise ValueError(f"pad_after must be in [0, horizon - n_obs_steps = {cfg.horizon - cfg.n_obs_steps}] (or None: "
-                         f"n_action_steps - 1); got {cfg.pad_after}")
+        raise ValueError(
+            f"pad_after must be in [0, horizon - n_obs_steps = {cfg.horizon - cfg.n_obs_steps}] (or None: "
+            f"n_action_steps - 1); got {cfg.pad_after}"
+        )
     return pad_after
 
 
@@ -59,7 +61,9 @@ def load_buffer(cfg: PolicyConfig):
     if d.path is not None:
         return ReplayBuffer.load(d.path, keys=[*_data_keys(cfg), d.action_key])
     if d.env is None:
-        raise ValueError("data.path and data.env are both empty: give a zarr replay buffer or a simulator to demonstrate")
+        raise ValueError(
+            "data.path and data.env are both empty: give a zarr replay buffer or a simulator to demonstrate"
+        )
     logger.info("collecting %d scripted demonstrations of %r (seed %d)", d.episodes, d.env, d.seed)
     return ReplayBuffer.from_episodes(collect_demos(d.env, d.episodes, seed=d.seed))
 
@@ -74,8 +78,10 @@ def _complete(cfg: PolicyConfig, buffer: Any) -> None:
         raise ValueError(f"data[{d.action_key!r}] must be [steps, action_dim]; got shape {action.shape}")
     cfg.action_dim = int(action.shape[1])
     if _attention_losses(cfg) and cfg.attention_mask_key not in buffer.keys():
-        raise KeyError(f"attention_losses need masks under attention_mask_key {cfg.attention_mask_key!r}, which the "
-                       f"data lack; keys: {sorted(buffer.keys())}")
+        raise KeyError(
+            f"attention_losses need masks under attention_mask_key {cfg.attention_mask_key!r}, which the "
+            f"data lack; keys: {sorted(buffer.keys())}"
+        )
     for key, spec in cfg.obs.items():
         if key not in buffer.keys():
             raise KeyError(f"observation key {key!r} is not in the data; keys: {sorted(buffer.keys())}")
@@ -105,10 +111,18 @@ def build_policy(cfg: PolicyConfig, buffer: Any | None = None):
     _pad_after(cfg)  # a bad value fails here, before any data are loaded into a dataset
     losses = _attention_losses(cfg)
     if losses and not attend:
-        raise ValueError(f"attention_losses {cfg.attention_losses} supervise cross-attention, which "
-                         f"model.conditioning={m.conditioning!r} does not have; use cross_attention or both")
-    encoder = ObservationEncoder(cfg.obs, dim=m.dim, n_obs_steps=cfg.n_obs_steps, tokens=attend,
-                                 fusion_layers=m.fusion_layers, fusion_heads=m.heads)
+        raise ValueError(
+            f"attention_losses {cfg.attention_losses} supervise cross-attention, which "
+            f"model.conditioning={m.conditioning!r} does not have; use cross_attention or both"
+        )
+    encoder = ObservationEncoder(
+        cfg.obs,
+        dim=m.dim,
+        n_obs_steps=cfg.n_obs_steps,
+        tokens=attend,
+        fusion_layers=m.fusion_layers,
+        fusion_heads=m.heads,
+    )
     unet = UNet1D(
         input_dim=cfg.action_dim,
         global_cond_dim=encoder.pooled_dim if film else None,
@@ -129,11 +143,30 @@ def build_policy(cfg: PolicyConfig, buffer: Any | None = None):
     if buffer is not None:
         normalizer.fit({"action": buffer.data[cfg.data.action_key], **{k: buffer.data[k] for k in lowdim}})
     d = cfg.diffusion
-    scheduler = make_scheduler("ddpm", num_train_timesteps=d.num_train_timesteps, beta_schedule=d.beta_schedule,
-                               prediction_type=d.prediction_type, clip_sample=True)
-    return DiffusionPolicy(encoder, unet, normalizer, scheduler, cfg.horizon, cfg.n_obs_steps, cfg.n_action_steps,
-                           cfg.action_dim, lowdim, images, d.sampler, d.sample_steps, losses,
-                           cfg.attention_mask_key, cfg.attention_image_key)
+    scheduler = make_scheduler(
+        "ddpm",
+        num_train_timesteps=d.num_train_timesteps,
+        beta_schedule=d.beta_schedule,
+        prediction_type=d.prediction_type,
+        clip_sample=True,
+    )
+    return DiffusionPolicy(
+        encoder,
+        unet,
+        normalizer,
+        scheduler,
+        cfg.horizon,
+        cfg.n_obs_steps,
+        cfg.n_action_steps,
+        cfg.action_dim,
+        lowdim,
+        images,
+        d.sampler,
+        d.sample_steps,
+        losses,
+        cfg.attention_mask_key,
+        cfg.attention_image_key,
+    )
 
 
 class _Sequences(torch.utils.data.Dataset):
@@ -145,8 +178,12 @@ class _Sequences(torch.utils.data.Dataset):
         self.action_key = cfg.data.action_key
         obs = _data_keys(cfg)
         self.data = TrajectoryDataset(
-            buffer, cfg.horizon, pad_before=cfg.n_obs_steps - 1, pad_after=_pad_after(cfg),
-            keys=[*obs, self.action_key], key_first_k={k: cfg.n_obs_steps for k in obs},
+            buffer,
+            cfg.horizon,
+            pad_before=cfg.n_obs_steps - 1,
+            pad_after=_pad_after(cfg),
+            keys=[*obs, self.action_key],
+            key_first_k={k: cfg.n_obs_steps for k in obs},
         )
 
     def __len__(self) -> int:
@@ -180,9 +217,13 @@ class PolicyTask:
         self.run_dir = Path(run_dir)
         self.buffer = load_buffer(cfg)
         self.model = build_policy(cfg, self.buffer)
-        logger.info("policy: %d episodes, %d steps; %s conditioning, %.2fM trainable parameters",
-                    self.buffer.n_episodes, self.buffer.n_steps, cfg.model.conditioning,
-                    sum(p.numel() for p in self.model.parameters() if p.requires_grad) / 1e6)
+        logger.info(
+            "policy: %d episodes, %d steps; %s conditioning, %.2fM trainable parameters",
+            self.buffer.n_episodes,
+            self.buffer.n_steps,
+            cfg.model.conditioning,
+            sum(p.numel() for p in self.model.parameters() if p.requires_grad) / 1e6,
+        )
 
     def train_dataset(self) -> torch.utils.data.Dataset:
         return _Sequences(self.cfg, self.buffer)

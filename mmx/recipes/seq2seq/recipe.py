@@ -49,12 +49,16 @@ class Seq2SeqRecipe(Recipe):
         what = "captions" if task.captioning else "translations"
         lines = [f"[bold]held-out {what}: exact match {scores['exact_match']:.1%}[/bold] ({len(data)} inputs, {how})"]
         if "alignment_accuracy" in scores:
-            lines.append("alignment accuracy (strongest source word is the one translated): "
-                         f"{format_score(scores['alignment_accuracy'])}")
+            lines.append(
+                "alignment accuracy (strongest source word is the one translated): "
+                f"{format_score(scores['alignment_accuracy'])}"
+            )
         if "attention_miou" in scores:
-            lines.append(f"attention mIoU of colour and shape words (threshold {cfg.eval.threshold}): "
-                         f"{format_score(scores['attention_miou'])}; their map peaks on the object: "
-                         f"{format_score(scores['attention_pointing'])}")
+            lines.append(
+                f"attention mIoU of colour and shape words (threshold {cfg.eval.threshold}): "
+                f"{format_score(scores['attention_miou'])}; their map peaks on the object: "
+                f"{format_score(scores['attention_pointing'])}"
+            )
         for e in [e for e in scores["examples"] if e["output"] != e["reference"]][:3]:
             lines.append(f"  wrong: {e['input']!r}\n     got {e['output']!r}\n    want {e['reference']!r}")
         return Result(lines, {"num": len(data), "decoding": how, **scores}, "eval.json")
@@ -78,7 +82,9 @@ class Seq2SeqRecipe(Recipe):
             raise RecipeError(f"--prompt {prompt!r} has no words: give the sentence to translate")
         unknown = task.source.unknown_words(prompt)
         if unknown:
-            raise RecipeError(f"words outside the source vocabulary: {unknown}; known: {' '.join(task.source.words[4:])}")
+            raise RecipeError(
+                f"words outside the source vocabulary: {unknown}; known: {' '.join(task.source.words[4:])}"
+            )
         ids, mask = task.source.encode([prompt])
         memory = task.model.encode(ids, mask)
         decoded = decode_batch(task.model, memory, ev.method, ev.max_len, ev.beam_size, ev.length_penalty)
@@ -86,11 +92,19 @@ class Seq2SeqRecipe(Recipe):
         att = decoder_attention(task.model, memory, decoded.tokens)[0]  # (T, S)
         source = prompt.split()
         rows = words + ["</s>"] * (int(decoded.lengths[0]) > len(words))  # END's row too: what it read to stop
-        picture = {"alignment.png": lambda path: save_alignment(att, source, rows, path,
-                                                                title=f"{prompt} -> {' '.join(words)}",
-                                                                fallback_labels=ROMANISED)}
-        reads = [{"word": w, "reads": source[int(att[t, :len(source)].argmax())],
-                  "attention": [round(float(v), 4) for v in att[t, :len(source)]]} for t, w in enumerate(words)]
+        picture = {
+            "alignment.png": lambda path: save_alignment(
+                att, source, rows, path, title=f"{prompt} -> {' '.join(words)}", fallback_labels=ROMANISED
+            )
+        }
+        reads = [
+            {
+                "word": w,
+                "reads": source[int(att[t, : len(source)].argmax())],
+                "attention": [round(float(v), 4) for v in att[t, : len(source)]],
+            }
+            for t, w in enumerate(words)
+        ]
         lines = [f"{prompt}\n-> [bold]{' '.join(words)}[/bold]", *(f"  {r['word']} <- {r['reads']}" for r in reads)]
         return Result(lines, {"source": prompt, "translation": " ".join(words), "words": reads}, "words.json", picture)
 
@@ -102,8 +116,9 @@ class Seq2SeqRecipe(Recipe):
 
         ev, task = run.config.eval, run.model
         if prompt is not None:
-            raise RecipeError("a captioning run writes its own caption: give an image with --image (or none: a "
-                              "held-out shapes image)")
+            raise RecipeError(
+                "a captioning run writes its own caption: give an image with --image (or none: a held-out shapes image)"
+            )
         item = None
         if image is not None:
             picture = image_tensor(image, tuple(task.eval_dataset()[0]["image"].shape[-2:]))
@@ -115,8 +130,9 @@ class Seq2SeqRecipe(Recipe):
         decoded = decode_batch(task.model, memory, ev.method, ev.max_len, ev.beam_size, ev.length_penalty)
         words = task.target.tokens(decoded.tokens[0])
         caption = " ".join(words)
-        maps = region_maps(decoder_attention(task.model, memory, decoded.tokens), memory.grid,
-                           tuple(picture.shape[-2:]))[0]
+        maps = region_maps(
+            decoder_attention(task.model, memory, decoded.tokens), memory.grid, tuple(picture.shape[-2:])
+        )[0]
         word_maps = caption_word_maps(words, maps)
         scores = {}
         if item is not None:
@@ -124,12 +140,23 @@ class Seq2SeqRecipe(Recipe):
             from mmx.eval.seq2seq import caption_masks
 
             scores = word_ious(word_maps, caption_masks(caption, item["objects"]), ev.threshold)
-        stats = [{"word": m.word, "peak": [int(v) for v in divmod(int(m.map.argmax()), m.map.shape[-1])],
-                  "iou": None if m.index not in scores else round(scores[m.index], 3)} for m in word_maps]
-        report = {"image": str(image) if image else f"held-out #{item['index']}", "caption": caption,
-                  "reference": None if item is None else item["caption"], "words": stats}
-        grid = {"grid.png": lambda path: save_word_grid(picture, word_maps, f"generated: {caption}", path,
-                                                        scores=scores)}
+        stats = [
+            {
+                "word": m.word,
+                "peak": [int(v) for v in divmod(int(m.map.argmax()), m.map.shape[-1])],
+                "iou": None if m.index not in scores else round(scores[m.index], 3),
+            }
+            for m in word_maps
+        ]
+        report = {
+            "image": str(image) if image else f"held-out #{item['index']}",
+            "caption": caption,
+            "reference": None if item is None else item["caption"],
+            "words": stats,
+        }
+        grid = {
+            "grid.png": lambda path: save_word_grid(picture, word_maps, f"generated: {caption}", path, scores=scores)
+        }
         lines = [f"caption: [bold]{caption}[/bold]" + ("" if item is None else f"\n   want: {item['caption']}")]
         return Result(lines, report, "words.json", grid)
 

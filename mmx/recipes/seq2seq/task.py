@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmx.config import save_config
 from mmx.attnmap.capture import AttentionCapture
 from mmx.attnmap.losses import build_attention_losses
+from mmx.config import save_config
 from mmx.recipes.seq2seq.config import Seq2SeqConfig
 
 __all__ = ["Seq2SeqTask", "build_tokenizers", "region_grid"]
@@ -81,8 +81,10 @@ class Seq2SeqTask:
         losses = build_attention_losses(cfg.attention_losses, ("mask_kl",), "seq2seq")
         self.attention_losses = [term for term in losses if term.weight > 0]
         if self.attention_losses and cfg.data.get("name") != "captioning":
-            raise ValueError("attention_losses need object masks: they work with data.name: captioning; "
-                             f"got data.name: {cfg.data.get('name')!r}")
+            raise ValueError(
+                "attention_losses need object masks: they work with data.name: captioning; "
+                f"got data.name: {cfg.data.get('name')!r}"
+            )
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self._eval = None
         if trained is None:
@@ -138,8 +140,12 @@ class Seq2SeqTask:
                 logits = model(batch["image"].to(device), inputs)
             else:
                 logits = model(batch["source"].to(device), inputs, batch["source_mask"].to(device))
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=self.target.pad_id,
-                               label_smoothing=self.cfg.label_smoothing)
+        loss = F.cross_entropy(
+            logits.flatten(0, 1).float(),
+            labels.flatten(),
+            ignore_index=self.target.pad_id,
+            label_smoothing=self.cfg.label_smoothing,
+        )
         if supervise:
             attention, masks = capture.mean_probs(), batch["word_masks"].to(device)  # (B, T, S), (B, T, H, W)
             grid = region_grid(attention, masks)
@@ -151,8 +157,13 @@ class Seq2SeqTask:
         """Held-out exact match and attention score (``overrides``: fields of :class:`Seq2SeqEvalConfig`)."""
         from mmx.eval.seq2seq import score_seq2seq
 
-        ev = {**{k: getattr(self.cfg.eval, k) for k in ("batch_size", "max_len", "method", "beam_size",
-                                                          "length_penalty", "threshold", "attention")}, **overrides}
+        ev = {
+            **{
+                k: getattr(self.cfg.eval, k)
+                for k in ("batch_size", "max_len", "method", "beam_size", "length_penalty", "threshold", "attention")
+            },
+            **overrides,
+        }
         return score_seq2seq(model, data if data is not None else self.eval_dataset(), self.target, self.source, **ev)
 
     def validate(self, model: nn.Module, step: int, out_dir: Path) -> dict[str, float]:

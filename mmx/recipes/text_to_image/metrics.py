@@ -13,8 +13,9 @@ samples, the held-out data set, or both.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -54,9 +55,11 @@ def _is_shapes(data: Any) -> bool:
 
 def _need_shapes(data: Any, metric: str) -> None:
     if not _is_shapes(data):
-        raise ValueError(f"metric {metric!r} reads images with the shapes detector, so it needs the shapes data "
-                         f"(data.name: shapes); the held-out data is {type(data).__name__}. Use denoising_loss, fid or "
-                         "clip_score for other data")
+        raise ValueError(
+            f"metric {metric!r} reads images with the shapes detector, so it needs the shapes data "
+            f"(data.name: shapes); the held-out data is {type(data).__name__}. Use denoising_loss, fid or "
+            "clip_score for other data"
+        )
 
 
 @METRICS.register("caption_accuracy")
@@ -66,18 +69,22 @@ class CaptionAccuracy:
     needs_maps = False
     validates = True
 
-    def __call__(self, evaluator: "Evaluator", samples: Samples) -> MetricResult:
+    def __call__(self, evaluator: Evaluator, samples: Samples) -> MetricResult:
         from mmx.eval import accuracy_by_pair, check_caption
 
         heldout = evaluator.heldout
         _need_shapes(heldout, "caption_accuracy")
         checks = [check_caption(image, prompt) for image, prompt in zip(samples.images, samples.prompts)]
         correct = [check.correct for check in checks]
-        by_pair = accuracy_by_pair(samples.prompts, correct, heldout.heldout_colour_shape,
-                                   heldout.heldout_shape_position)
+        by_pair = accuracy_by_pair(
+            samples.prompts, correct, heldout.heldout_colour_shape, heldout.heldout_shape_position
+        )
         drawn = [[d.describe() for d in check.detections] for check in checks]  # what each image shows
-        return MetricResult({"caption_accuracy": sum(correct) / len(correct)},
-                            {"accuracy_by_pair": by_pair, "correct": correct, "drawn": drawn}, correct)
+        return MetricResult(
+            {"caption_accuracy": sum(correct) / len(correct)},
+            {"accuracy_by_pair": by_pair, "correct": correct, "drawn": drawn},
+            correct,
+        )
 
 
 @METRICS.register("attention_miou")
@@ -95,17 +102,23 @@ class AttentionMIoU:
     def __init__(self, threshold: float = 0.4) -> None:
         self.threshold = threshold
 
-    def __call__(self, evaluator: "Evaluator", samples: Samples) -> MetricResult:
+    def __call__(self, evaluator: Evaluator, samples: Samples) -> MetricResult:
         from mmx.eval.attention import attention_miou_real, generated_miou
 
         _need_shapes(evaluator.heldout, "attention_miou")
         layers = evaluator.max_downsample
         generated = generated_miou(samples.images, samples.prompts, samples.maps, self.threshold)
-        real = attention_miou_real(evaluator.pipeline, evaluator.heldout, len(samples.prompts),
-                                   batch_size=evaluator.cfg.eval.batch_size, threshold=self.threshold,
-                                   max_downsample=layers)
-        return MetricResult({"attention_miou_generated": generated, "attention_miou_real": real},
-                            {"attention_max_downsample": layers})
+        real = attention_miou_real(
+            evaluator.pipeline,
+            evaluator.heldout,
+            len(samples.prompts),
+            batch_size=evaluator.cfg.eval.batch_size,
+            threshold=self.threshold,
+            max_downsample=layers,
+        )
+        return MetricResult(
+            {"attention_miou_generated": generated, "attention_miou_real": real}, {"attention_max_downsample": layers}
+        )
 
 
 @METRICS.register("denoising_loss")
@@ -128,7 +141,7 @@ class DenoisingLoss:
         self.timesteps = None if timesteps is None else [int(t) for t in timesteps]
         self.num_images = num_images
 
-    def __call__(self, evaluator: "Evaluator", samples: Samples) -> MetricResult:
+    def __call__(self, evaluator: Evaluator, samples: Samples) -> MetricResult:
         from mmx.diffusion import denoising_losses
 
         pipeline, unet = evaluator.pipeline, evaluator.unet
@@ -141,12 +154,17 @@ class DenoisingLoss:
         for start in range(0, len(captions), evaluator.cfg.eval.batch_size):
             batch = slice(start, start + evaluator.cfg.eval.batch_size)
             ctx = pipeline.encode(captions[batch])
-            losses.append(denoising_losses(unet, images[batch].to(device), ctx, pipeline.scheduler, timesteps,
-                                           generator).cpu())
+            losses.append(
+                denoising_losses(unet, images[batch].to(device), ctx, pipeline.scheduler, timesteps, generator).cpu()
+            )
         per_step = torch.cat(losses, dim=1).mean(1)  # (K,)
-        return MetricResult({"denoising_loss": float(per_step.mean())},
-                            {"denoising_loss_by_timestep": {int(t): float(v) for t, v in zip(timesteps, per_step)},
-                             "denoising_loss_images": len(captions)})
+        return MetricResult(
+            {"denoising_loss": float(per_step.mean())},
+            {
+                "denoising_loss_by_timestep": {int(t): float(v) for t, v in zip(timesteps, per_step)},
+                "denoising_loss_images": len(captions),
+            },
+        )
 
 
 @METRICS.register("fid")
@@ -161,7 +179,7 @@ class FID:
 
         self.fid = FrechetInceptionDistance(weights)
 
-    def __call__(self, evaluator: "Evaluator", samples: Samples) -> MetricResult:
+    def __call__(self, evaluator: Evaluator, samples: Samples) -> MetricResult:
         real, _ = evaluator.real_images(len(samples.prompts))
         self.fid.metric.to(next(evaluator.unet.parameters()).device)
         return MetricResult({"fid": self.fid(real, samples.images[: len(real)])}, {"fid_images": len(real)})
@@ -179,7 +197,7 @@ class CLIPScoreMetric:
 
         self.clip = CLIPScore(model_name, pretrained)
 
-    def __call__(self, evaluator: "Evaluator", samples: Samples) -> MetricResult:
+    def __call__(self, evaluator: Evaluator, samples: Samples) -> MetricResult:
         self.clip.model.to(next(evaluator.unet.parameters()).device)
         scores = self.clip.per_image(samples.images, samples.prompts)
         return MetricResult({"clip_score": float(scores.mean())}, {"clip_scores": [round(float(s), 3) for s in scores]})
@@ -211,8 +229,12 @@ class Evaluation:
 
     def report(self) -> dict[str, Any]:
         """What ``eval.json`` holds: the scores, each metric's details and the prompts."""
-        return {"num_prompts": len(self.samples.prompts), **self.scores, **self.details,
-                "prompts": self.samples.prompts}
+        return {
+            "num_prompts": len(self.samples.prompts),
+            **self.scores,
+            **self.details,
+            "prompts": self.samples.prompts,
+        }
 
 
 class Evaluator:
@@ -226,8 +248,14 @@ class Evaluator:
         max_downsample: the layers attention metrics read (None: every layer).
     """
 
-    def __init__(self, pipeline: Any, cfg: Any, heldout: Any, metrics: Sequence[dict] | None = None,
-                 max_downsample: int | None = None) -> None:
+    def __init__(
+        self,
+        pipeline: Any,
+        cfg: Any,
+        heldout: Any,
+        metrics: Sequence[dict] | None = None,
+        max_downsample: int | None = None,
+    ) -> None:
         self.pipeline, self.cfg, self.heldout = pipeline, cfg, heldout
         self.max_downsample = max_downsample
         specs = default_metrics(heldout) if metrics is None else list(metrics)
@@ -260,17 +288,26 @@ class Evaluator:
         for start in range(0, len(prompts), ev.batch_size):
             batch = prompts[start : start + ev.batch_size]
             if record:
-                out, ctx, recorder = attend_generate(self.pipeline, batch, steps or d.sample_steps, d.guidance_scale,
-                                                     d.sampler, generator, max_downsample=self.max_downsample)
+                out, ctx, recorder = attend_generate(
+                    self.pipeline,
+                    batch,
+                    steps or d.sample_steps,
+                    d.guidance_scale,
+                    d.sampler,
+                    generator,
+                    max_downsample=self.max_downsample,
+                )
                 maps += word_maps(recorder.maps(), ctx.words, image_size=tuple(out.shape[-2:]))
             else:
-                out = self.pipeline.generate(batch, steps or d.sample_steps, d.guidance_scale, d.sampler, generator,
-                                             unet=self.unet)
+                out = self.pipeline.generate(
+                    batch, steps or d.sample_steps, d.guidance_scale, d.sampler, generator, unet=self.unet
+                )
             images.append(out.float().cpu())
         return Samples(prompts, torch.cat(images), maps if record else None)
 
-    def __call__(self, num_prompts: int, steps: int | None = None, unet: nn.Module | None = None,
-                 validation: bool = False) -> Evaluation:
+    def __call__(
+        self, num_prompts: int, steps: int | None = None, unet: nn.Module | None = None, validation: bool = False
+    ) -> Evaluation:
         """Generate images for the first ``num_prompts`` held-out captions and run every metric on them.
 
         ``unet``: the weights to score (the trainer's EMA-weighted model; default the pipeline's).
@@ -284,7 +321,7 @@ class Evaluator:
             scores: dict[str, float] = {}
             details: dict[str, Any] = {}
             correct = None
-            for name, metric in metrics:
+            for _, metric in metrics:
                 result = metric(self, samples)
                 scores.update(result.scores)
                 details.update(result.details)

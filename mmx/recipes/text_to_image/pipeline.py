@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -12,8 +12,15 @@ from torch import nn
 from mmx.attnmap.losses import build_attention_losses
 from mmx.recipes.text_to_image.config import TextToImageConfig
 
-__all__ = ["build_data", "build_evaluator", "build_pipeline", "caption_components", "eval_data_spec", "fit_data_spec",
-           "heldout_prompts"]
+__all__ = [
+    "build_data",
+    "build_evaluator",
+    "build_pipeline",
+    "caption_components",
+    "eval_data_spec",
+    "fit_data_spec",
+    "heldout_prompts",
+]
 
 ATTENTION_LOSSES_T2I = ("inside", "coverage", "reading")  # what per-word object masks can feed
 
@@ -38,29 +45,47 @@ def build_pipeline(cfg: TextToImageConfig, unet: nn.Module | None = None):
         unet = MODELS.build_from_dict(spec)
     d = cfg.diffusion
     scheduler = make_scheduler(
-        "ddpm", num_train_timesteps=d.num_train_timesteps, beta_schedule=d.beta_schedule, prediction_type=d.prediction_type
+        "ddpm",
+        num_train_timesteps=d.num_train_timesteps,
+        beta_schedule=d.beta_schedule,
+        prediction_type=d.prediction_type,
     )
     parts = None
     if cfg.compose.scale > 0:
         caption_components("a red circle", cfg.compose.pairs)  # checks the pair names now, not at the first validation
         parts = functools.partial(caption_components, pairs=tuple(cfg.compose.pairs))
     losses = build_attention_losses(cfg.attention_losses, ATTENTION_LOSSES_T2I, "text_to_image")
-    return TextToImage(unet, encoder, scheduler, tuple(cfg.image_size), d.cond_drop_prob, d.min_snr_gamma, cfg.max_tokens,
-                       losses, parts, cfg.compose.scale, d.guidance_interval)
+    return TextToImage(
+        unet,
+        encoder,
+        scheduler,
+        tuple(cfg.image_size),
+        d.cond_drop_prob,
+        d.min_snr_gamma,
+        cfg.max_tokens,
+        losses,
+        parts,
+        cfg.compose.scale,
+        d.guidance_interval,
+    )
 
 
 def _match_split_context(spec: dict, encoder: nn.Module, model_cls: type) -> None:
-    """A text encoder whose tokens are ``[keys ; values]`` (``value_layer``) needs a model that splits them, and back."""
+    """Tokens of ``[keys ; values]`` (``text_encoder.value_layer``) need a model that splits them, and back."""
     split = bool(getattr(encoder, "split_context", False))
     if "split_context" not in inspect.signature(model_cls).parameters:
         if split:
-            raise ValueError(f"text_encoder.value_layer gives tokens of keys and values side by side, which model "
-                             f"{spec.get('name')!r} cannot read; use model.name: unet2d")
+            raise ValueError(
+                f"text_encoder.value_layer gives tokens of keys and values side by side, which model "
+                f"{spec.get('name')!r} cannot read; use model.name: unet2d"
+            )
         return
     spec.setdefault("split_context", split)
     if bool(spec["split_context"]) != split:
-        raise ValueError(f"model.split_context={spec['split_context']!r} does not match the text encoder, whose tokens "
-                         f"{'are' if split else 'are not'} keys and values side by side (text_encoder.value_layer)")
+        raise ValueError(
+            f"model.split_context={spec['split_context']!r} does not match the text encoder, whose tokens "
+            f"{'are' if split else 'are not'} keys and values side by side (text_encoder.value_layer)"
+        )
 
 
 def fit_data_spec(spec: dict, image_size: Sequence[int], key: str = "data") -> dict:
@@ -85,9 +110,11 @@ def fit_data_spec(spec: dict, image_size: Sequence[int], key: str = "data") -> d
         return spec
     pair = [given, given] if isinstance(given, int) and not isinstance(given, bool) else given
     if not isinstance(pair, (list, tuple)) or [*pair] != [height, width]:
-        raise ValueError(f"{key}.size = {given!r} but image_size = {list(image_size)}: the data would give images of "
-                         f"another size than the model samples. State the size once: remove {key}.size (the data then "
-                         "takes image_size), or change image_size")
+        raise ValueError(
+            f"{key}.size = {given!r} but image_size = {list(image_size)}: the data would give images of "
+            f"another size than the model samples. State the size once: remove {key}.size (the data then "
+            "takes image_size), or change image_size"
+        )
     return spec
 
 
@@ -109,8 +136,10 @@ def build_data(spec: dict, image_size: Sequence[int], key: str) -> torch.utils.d
     with torch.random.fork_rng(devices=[]):  # a random crop of the first sample draws nothing from the run's seed
         shape = tuple(data[0]["image"].shape)
     if shape != tuple(image_size):
-        raise ValueError(f"{key} ({spec.get('name')}) gives images of shape {list(shape)}, but image_size is "
-                         f"{list(image_size)} (channels, height, width)")
+        raise ValueError(
+            f"{key} ({spec.get('name')}) gives images of shape {list(shape)}, but image_size is "
+            f"{list(image_size)} (channels, height, width)"
+        )
     return data
 
 
@@ -129,7 +158,9 @@ def heldout_prompts(cfg: TextToImageConfig, data: torch.utils.data.Dataset | Non
     return heldout_captions(data, cfg.eval.num_prompts)
 
 
-def caption_components(caption: str, pairs: Sequence[str] = ("colour+position", "shape+position", "colour+shape")) -> list[str]:
+def caption_components(
+    caption: str, pairs: Sequence[str] = ("colour+position", "shape+position", "colour+shape")
+) -> list[str]:
     """Partial descriptions of each object of a shapes caption, one per attribute pair in ``pairs``.
 
     "a red triangle on the left" -> "a red shape on the left", "a triangle on the left", "a red
@@ -140,7 +171,9 @@ def caption_components(caption: str, pairs: Sequence[str] = ("colour+position", 
     from mmx.eval.detector import parse_caption
 
     forms = {
-        "colour+position": "a {c} shape {p}", "shape+position": "a {s} {p}", "colour+shape": "a {c} {s}",
+        "colour+position": "a {c} shape {p}",
+        "shape+position": "a {s} {p}",
+        "colour+shape": "a {c} {s}",
     }
     unknown = [pair for pair in pairs if pair not in forms]
     if unknown:
@@ -149,8 +182,11 @@ def caption_components(caption: str, pairs: Sequence[str] = ("colour+position", 
         claims = parse_caption(caption)
     except ValueError:
         return []
-    return [forms[pair].format(c=claim.colour, s=claim.shape, p=POSITION_PHRASES[claim.position][0])
-            for claim in claims for pair in pairs]
+    return [
+        forms[pair].format(c=claim.colour, s=claim.shape, p=POSITION_PHRASES[claim.position][0])
+        for claim in claims
+        for pair in pairs
+    ]
 
 
 def build_evaluator(pipeline, cfg: TextToImageConfig, num: int | None = None, max_downsample: int | None = None):

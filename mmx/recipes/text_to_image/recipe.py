@@ -37,15 +37,21 @@ def metric_lines(r: dict) -> list[str]:
     """One line per metric an evaluation report holds, in the words a user reads."""
     lines = []
     if "caption_accuracy" in r:
-        lines += [f"held-out caption accuracy: {r['caption_accuracy']:.1%} ({r['num_prompts']} prompts)",
-                  f"captions right, by the held-out pair they name: {by_pair(r)}"]
+        lines += [
+            f"held-out caption accuracy: {r['caption_accuracy']:.1%} ({r['num_prompts']} prompts)",
+            f"captions right, by the held-out pair they name: {by_pair(r)}",
+        ]
     if "attention_miou_generated" in r:
-        lines.append(f"attention mIoU (object words, threshold 0.4, {_layers_read(r['attention_max_downsample'])}): "
-                     f"generated images {format_score(r['attention_miou_generated'])}, real renders noised "
-                     f"{format_score(r['attention_miou_real'])}")
+        lines.append(
+            f"attention mIoU (object words, threshold 0.4, {_layers_read(r['attention_max_downsample'])}): "
+            f"generated images {format_score(r['attention_miou_generated'])}, real renders noised "
+            f"{format_score(r['attention_miou_real'])}"
+        )
     if "denoising_loss" in r:
-        lines.append(f"held-out denoising loss: {r['denoising_loss']:.4f} ({r['denoising_loss_images']} images, "
-                     f"{len(r['denoising_loss_by_timestep'])} fixed timesteps, fixed noise)")
+        lines.append(
+            f"held-out denoising loss: {r['denoising_loss']:.4f} ({r['denoising_loss_images']} images, "
+            f"{len(r['denoising_loss_by_timestep'])} fixed timesteps, fixed noise)"
+        )
     if "fid" in r:
         lines.append(f"FID: {r['fid']:.2f} ({r['fid_images']} generated against as many held-out images)")
     if "clip_score" in r:
@@ -75,9 +81,8 @@ class TextToImageRecipe(Recipe):
         unet = cls.from_pretrained(path / self.model_folder)
         return Run(path, self, cfg, build_pipeline(cfg, unet=unet).to(device).eval())
 
-    def evaluation(self, run: Run, num: int | None = None, steps: int | None = None,
-                   max_downsample: int | None = None):
-        """The :class:`~mmx.recipes.text_to_image.metrics.Evaluation` of ``num`` held-out prompts with the run's metrics."""
+    def evaluation(self, run: Run, num: int | None = None, steps: int | None = None, max_downsample: int | None = None):
+        """The :class:`~mmx.recipes.text_to_image.metrics.Evaluation` of ``num`` held-out prompts."""
         from mmx.recipes.text_to_image.pipeline import build_evaluator
 
         cfg, pipeline = run.config, run.model
@@ -92,18 +97,28 @@ class TextToImageRecipe(Recipe):
         samples, correct = evaluation.samples, evaluation.correct
 
         def grid(path: Path) -> None:
-            save_grid(samples.images[:k], samples.prompts[:k], path, None if correct is None else correct[:k], title=title)
+            save_grid(
+                samples.images[:k], samples.prompts[:k], path, None if correct is None else correct[:k], title=title
+            )
 
         return Result(lines, evaluation.report(), "eval.json", {"heldout_grid.png": grid})
 
-    def evaluate(self, run: Run, num: int | None = None, steps: int | None = None,
-                 max_downsample: int | None = None) -> Result:
-        """Held-out prompts scored by the run's metrics (``eval.metrics``, or what fits its data); a grid and eval.json."""
+    def evaluate(
+        self, run: Run, num: int | None = None, steps: int | None = None, max_downsample: int | None = None
+    ) -> Result:
+        """Held-out prompts scored by the run's metrics (``eval.metrics``, or what fits its data); grid, eval.json."""
         evaluation = self.evaluation(run, num, steps, max_downsample)
         return self._result(run, evaluation, f"{run.name}: held-out captions", metric_lines(evaluation.report()))
 
-    def sample(self, run: Run, prompts: list[str] | None = None, steps: int | None = None,
-               guidance: float | None = None, seed: int = 0, scheduler: str | None = None) -> Result:
+    def sample(
+        self,
+        run: Run,
+        prompts: list[str] | None = None,
+        steps: int | None = None,
+        guidance: float | None = None,
+        seed: int = 0,
+        scheduler: str | None = None,
+    ) -> Result:
         """One image per prompt: a PNG each and a grid."""
         from PIL import Image
 
@@ -115,19 +130,33 @@ class TextToImageRecipe(Recipe):
         d = cfg.diffusion
         check_steps(steps, pipeline.scheduler)
         try:
-            images = pipeline.generate(list(prompts), steps or d.sample_steps,
-                                       d.guidance_scale if guidance is None else guidance, scheduler or d.sampler,
-                                       torch.Generator().manual_seed(seed))
+            images = pipeline.generate(
+                list(prompts),
+                steps or d.sample_steps,
+                d.guidance_scale if guidance is None else guidance,
+                scheduler or d.sampler,
+                torch.Generator().manual_seed(seed),
+            )
         except KeyError as err:  # an unknown scheduler name lists the valid ones
             raise RecipeError(str(err)) from None
-        pictures = {f"{i:03d}.png": (lambda path, pixels=pixels: Image.fromarray(pixels.numpy()).save(path))
-                    for i, pixels in enumerate(to_uint8(images))}
+        pictures = {
+            f"{i:03d}.png": (lambda path, pixels=pixels: Image.fromarray(pixels.numpy()).save(path))
+            for i, pixels in enumerate(to_uint8(images))
+        }
         pictures["grid.png"] = lambda path: save_grid(images, list(prompts), path, title=f"{run.name}: seed {seed}")
         return Result([f"wrote {len(prompts)} images and grid.png"], pictures=pictures)
 
-    def attend(self, run: Run, prompt: str | None = None, image: Path | None = None, steps: int | None = None,
-               guidance: float | None = None, seed: int = 0, gif: bool = False,
-               max_downsample: int | None = None) -> Result:
+    def attend(
+        self,
+        run: Run,
+        prompt: str | None = None,
+        image: Path | None = None,
+        steps: int | None = None,
+        guidance: float | None = None,
+        seed: int = 0,
+        gif: bool = False,
+        max_downsample: int | None = None,
+    ) -> Result:
         """Each word's map over a generated image (or a real one, noised): overlays, a grid, words.json."""
         from mmx.attnmap import attend_generate, attend_real, save_overlay, save_steps_gif, save_word_grid, word_maps
         from mmx.data.imagefolder import image_tensor
@@ -148,8 +177,9 @@ class TextToImageRecipe(Recipe):
             ctx, recorder = attend_real(pipeline, images, [prompt], generator=generator, max_downsample=layers)
         else:
             scale = d.guidance_scale if guidance is None else guidance
-            images, ctx, recorder = attend_generate(pipeline, [prompt], n_steps, scale, d.sampler, generator,
-                                                    window=window, max_downsample=layers)
+            images, ctx, recorder = attend_generate(
+                pipeline, [prompt], n_steps, scale, d.sampler, generator, window=window, max_downsample=layers
+            )
         maps = word_maps(recorder.maps(), ctx.words, image_size=(height, width))[0]
         try:
             scores = word_ious(maps, detection_masks(prompt, detect_objects(images[0])))
@@ -161,19 +191,28 @@ class TextToImageRecipe(Recipe):
             name = f"word_{m.index:02d}_{file_label(m.word)}"
             pictures[f"{name}.png"] = lambda path, m=m: save_overlay(images[0], m, path)
             weight = m.map / m.map.sum().clamp_min(1e-12)
-            stats.append({"word": m.word, "index": m.index, "tokens": [m.span.start, m.span.end],
-                          "peak": [int(v) for v in divmod(int(m.map.argmax()), width)],
-                          "centroid_xy": [round(float((weight * xs).sum()) / width, 3),
-                                          round(float((weight * ys).sum()) / height, 3)],
-                          "area_above_0.4": round(float((m.map >= 0.4).float().mean()), 3),
-                          "iou": None if m.index not in scores else round(scores[m.index], 3)})
+            stats.append(
+                {
+                    "word": m.word,
+                    "index": m.index,
+                    "tokens": [m.span.start, m.span.end],
+                    "peak": [int(v) for v in divmod(int(m.map.argmax()), width)],
+                    "centroid_xy": [
+                        round(float((weight * xs).sum()) / width, 3),
+                        round(float((weight * ys).sum()) / height, 3),
+                    ],
+                    "area_above_0.4": round(float((m.map >= 0.4).float().mean()), 3),
+                    "iou": None if m.index not in scores else round(scores[m.index], 3),
+                }
+            )
             if gif and recorder.window_totals:
                 keys = sorted(recorder.window_totals)
                 frames = [word_maps(recorder.window_totals[k], ctx.words, image_size=(height, width))[0] for k in keys]
                 frame_maps = [next(f.map for f in frame if f.index == m.index) for frame in frames]
                 labels = [f"steps {k * window}-{(k + 1) * window - 1}" for k in keys]
-                pictures[f"{name}.gif"] = (lambda path, m=m, frame_maps=frame_maps, labels=labels:
-                                           save_steps_gif(images[0], frame_maps, m.word, path, labels=labels))
+                pictures[f"{name}.gif"] = lambda path, m=m, frame_maps=frame_maps, labels=labels: save_steps_gif(
+                    images[0], frame_maps, m.word, path, labels=labels
+                )
         pictures["grid.png"] = lambda path: save_word_grid(images[0], maps, prompt, path, scores=scores)
         lines = []
         if scores:
@@ -192,14 +231,17 @@ class TextToImageRecipe(Recipe):
         if "caption_accuracy" not in r:
             raise RecipeError(f"the demo scores shapes captions; {run.path} was trained on other data (use mmx eval)")
         samples = evaluation.samples
-        lines = [f"[bold]held-out caption accuracy: {r['caption_accuracy']:.1%}[/bold] on {num} captions with "
-                 f"colour-shape and shape-position pairs never seen in training; attention mIoU of object words "
-                 f"{format_score(r['attention_miou_generated'])}",
-                 f"captions right, by the held-out pair they name: {by_pair(r)}"]
+        lines = [
+            f"[bold]held-out caption accuracy: {r['caption_accuracy']:.1%}[/bold] on {num} captions with "
+            f"colour-shape and shape-position pairs never seen in training; attention mIoU of object words "
+            f"{format_score(r['attention_miou_generated'])}",
+            f"captions right, by the held-out pair they name: {by_pair(r)}",
+        ]
         result = self._result(run, evaluation, "captions never seen in training (green: detector agrees)", lines)
         for i in range(min(4, len(samples.prompts))):
-            result.pictures[f"attention_{i}.png"] = (lambda path, i=i: save_word_grid(
-                samples.images[i], samples.maps[i], samples.prompts[i], path))
+            result.pictures[f"attention_{i}.png"] = lambda path, i=i: save_word_grid(
+                samples.images[i], samples.maps[i], samples.prompts[i], path
+            )
         return result
 
 

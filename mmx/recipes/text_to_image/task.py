@@ -51,10 +51,13 @@ class TextToImageTask:
         reading = None
         if any(isinstance(term, Reading) for term in self.pipeline.attention_losses) and "objects" in batch:
             # each object's colour, shape and place words
-            reading = [{w: o.mask for o in objects for w in (*o.words, *o.position_words) if w >= 0}
-                       for objects in batch["objects"]]
-        return self.pipeline.loss(images, batch["caption"], generator, unet=model, word_masks=batch.get("word_masks"),
-                                  reading_masks=reading)
+            reading = [
+                {w: o.mask for o in objects for w in (*o.words, *o.position_words) if w >= 0}
+                for objects in batch["objects"]
+            ]
+        return self.pipeline.loss(
+            images, batch["caption"], generator, unet=model, word_masks=batch.get("word_masks"), reading_masks=reading
+        )
 
     def validate(self, model: nn.Module, step: int, out_dir: Path) -> dict[str, float]:
         from mmx.train.visual import save_grid
@@ -62,8 +65,13 @@ class TextToImageTask:
         result = self.evaluator(self.cfg.eval.num_prompts, unet=model, validation=True)
         k = self.cfg.eval.grid_prompts
         correct = None if result.correct is None else result.correct[:k]
-        save_grid(result.samples.images[:k], result.samples.prompts[:k], out_dir / f"step_{step:07d}.png", correct,
-                  title=f"step {step}: held-out captions")
+        save_grid(
+            result.samples.images[:k],
+            result.samples.prompts[:k],
+            out_dir / f"step_{step:07d}.png",
+            correct,
+            title=f"step {step}: held-out captions",
+        )
         return result.scores
 
     def save_model(self, model: nn.Module, out_dir: Path) -> None:
