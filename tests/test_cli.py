@@ -278,7 +278,7 @@ def test_attend_writes_overlays_grid_and_word_statistics(tmp_path):
 
 
 def test_shipped_demo_model_is_the_committed_recipe_and_runs(tmp_path):
-    from mmx.cli import DEMO_RUN
+    from mmx.cli.runs import DEMO_RUN
     from mmx.config import load_config
     from mmx.recipes.text_to_image import TextToImageConfig
 

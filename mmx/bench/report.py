@@ -124,7 +124,8 @@ def _num(value: float | None, unit: str = "") -> str:
 
 
 def tables(report: BenchReport) -> list[Any]:
-    """rich renderables: the figures of every suite (ratios), then the scaling points if measured."""
+    """What ``mmx bench`` shows: rich tables of every suite's figures (ratios) and of the scaling points if
+    measured, then each suite's notes and the files it wrote, as lines."""
     from rich.table import Table
 
     m = report.meta
@@ -184,4 +185,6 @@ def tables(report: BenchReport) -> list[Any]:
                 _num(p["peak_mib"]),
             )
         out.append(points)
+    for result in report.suites.values():
+        out += [f"{result.name}: {note}" for note in result.notes] + [f"wrote {path}" for path in result.files]
     return out

@@ -1,4 +1,4 @@
-"""GroundingNet: region logits at image resolution, masks honoured, save/load, recipe end to end."""
+"""GroundingNet: region logits at image resolution, masks honoured, save/load; phrases name their object."""
 
 from pathlib import Path
 
@@ -7,7 +7,6 @@ import torch
 
 from mmx import Context
 from mmx.models import GroundingNet
-from mmx.recipes import load_recipe
 from mmx.recipes.grounding import PhraseData
 
 CONFIG = Path(__file__).parents[2] / "configs" / "shapes_grounding.yaml"
@@ -47,68 +46,3 @@ def test_phrases_name_their_target_object():
         assert named and torch.equal(item["mask"][0].bool(), item["word_masks"][1])
         if len(named) > 1:
             assert len(words) > 3, "an ambiguous phrase must name the position"
-
-
-def test_grounding_recipe_trains_and_validates(tmp_path):
-    from mmx.train import train
-
-    cfg, recipe = load_recipe(
-        CONFIG,
-        [
-            "train.max_steps=2",
-            "train.batch_size=4",
-            "data.length=8",
-            "train.validate_every=2",
-            "train.tensorboard=false",
-            "train.progress=false",
-            "eval.data.length=4",
-            "model.depth=1",
-            "model.input_size=32",
-        ],
-    )
-    result = train(recipe.task_class(cfg, tmp_path), cfg.train, tmp_path)
-    assert set(result.metrics) == {"mask_iou", "attention_miou"}
-    assert (tmp_path / "model" / "grounding" / "config.json").is_file()
-    from typer.testing import CliRunner
-
-    from mmx.cli import app
-
-    out = CliRunner().invoke(app, ["eval", str(tmp_path), "--num", "4"])
-    assert out.exit_code == 0, out.output
-    assert "predicted-mask IoU" in out.output and "attention mIoU" in out.output
-    att = CliRunner().invoke(app, ["attend", str(tmp_path), "--seed", "2", "--out", str(tmp_path / "att")])
-    assert att.exit_code == 0, att.output
-    words = __import__("json").loads((tmp_path / "att" / "words.json").read_text())
-    assert [w["word"] for w in words["words"]] == words["prompt"].split()
-    assert (tmp_path / "att" / "grid.png").is_file() and (tmp_path / "att" / "region.png").is_file()
-    blank = CliRunner().invoke(app, ["attend", str(tmp_path), "-p", " ", "--out", str(tmp_path / "att2")])
-    assert blank.exit_code == 2 and "has no words" in blank.output
-
-
-def test_unknown_task_lists_the_recipes(tmp_path):
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("task: painting\n")
-    with pytest.raises(KeyError, match="grounding, policy, seq2seq, text_to_image"):
-        load_recipe(bad)
-
-
-def test_the_coverage_loss_adds_to_the_loss_and_reaches_the_keys(tmp_path):
-    overrides = ["train.batch_size=4", "data.length=8", "model.depth=1", "model.input_size=32"]
-    cfg, recipe = load_recipe(CONFIG, overrides + ["attention_losses=[{name: coverage, weight: 1.0}]"])
-    task_cls = recipe.task_class
-    supervised = task_cls(cfg, tmp_path)
-    plain_cfg, _ = load_recipe(CONFIG, overrides + ["attention_losses=[]"])
-    plain = task_cls(plain_cfg, tmp_path)
-    plain.model.load_state_dict(supervised.model.state_dict())
-    data = supervised.train_dataset()
-    batch = supervised.collate([data[i] for i in range(4)])
-    g = torch.Generator().manual_seed(0)
-    loss = supervised.loss(supervised.model, batch, g)
-    assert loss.item() > plain.loss(plain.model, batch, torch.Generator().manual_seed(0)).item()
-    loss.backward()
-    keys = [m.to_k.weight.grad for m in supervised.model.modules() if getattr(m, "is_cross", False)]
-    assert keys and all(k is not None and k.abs().sum() > 0 for k in keys)
-    with pytest.raises(ValueError, match="weight must be a number >= 0; got -0.5"):
-        recipe.task_class(load_recipe(CONFIG, ["attention_losses=[{name: coverage, weight: -0.5}]"])[0], tmp_path)
-    with pytest.raises(ValueError, match="the grounding recipe takes coverage, inside; got .*reading"):
-        recipe.task_class(load_recipe(CONFIG, ["attention_losses=[{name: reading, weight: 1.0}]"])[0], tmp_path)

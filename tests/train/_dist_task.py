@@ -1,6 +1,6 @@
 """A tiny deterministic task for the distributed trainer tests; run as a script, under torchrun or alone.
 
-``tests/train/test_distributed.py`` starts it as
+``tests/train/test_trainer_distributed.py`` starts it as
 ``torchrun --nproc_per_node 2 _dist_task.py OUT RUN --batch-size B`` and as
 ``python _dist_task.py OUT RUN... --batch-size 2B`` (one process, twice the batch) and compares what
 the runs leave behind. Every run ``NAME`` trains :class:`RegressionTask` with :func:`mmx.train.train`
