@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The full fuzz run of tests/fuzz (hostile inputs, see FUZZING.md): MMX_FUZZ=full selects the
+# The full fuzz run of tests/fuzz (hostile inputs, see docs/fuzzing.md): MMX_FUZZ=full selects the
 # hypothesis profile with many random examples per test (the default, in CI, is a small
 # derandomized slice). Extra arguments go to pytest, e.g.  scripts/fuzz.sh -k attention
 set -euo pipefail

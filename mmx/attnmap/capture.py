@@ -214,7 +214,7 @@ class GroundingCapture(AttentionCapture):
         ``min_cover``: a token is left out of the target of the positions (map cells) its object
         covers less of; a float for every token or ``[B, S]`` per token. A cell on an object's edge
         asked to read only the object's words pulls those words' maps past the object; 0.5 keeps
-        the cells that lie mostly inside (BENCHMARKS.md, session 12, for what that did on shapes).
+        the cells that lie mostly inside.
         """
         if not torch.is_tensor(min_cover) and not 0.0 <= min_cover <= 1.0:
             raise ValueError(f"min_cover must be in [0, 1]; got {min_cover}")

@@ -216,7 +216,7 @@ class ImageCaptioner(_DecoderMixin, ModelMixin, ConfigMixin):
             split): the trunk sees only the intensity (the channel mean, repeated), and each token
             gets a learned embedding of its region's mean colour added. Shape features then cannot
             depend on the colour they were seen in, which is what lets a captioner name colour and
-            shape pairs it never saw together (see BENCHMARKS.md, captioning).
+            shape pairs it never saw together.
         pad_id, bos_id, eos_id: special ids.
     """
 

@@ -372,7 +372,7 @@ def test_train_command_catches_errors_raised_while_training(scratch: Path, args:
     assert isinstance(result.exception, SystemExit) and result.exit_code == 2, repr(result.exception)
 
 
-# -- regressions of the failures the fuzzing found (see FUZZING.md) ------------------------------------
+# -- regressions of the failures the fuzzing found (see docs/fuzzing.md) ------------------------------------
 
 
 @pytest.mark.parametrize(
