@@ -38,3 +38,39 @@ def test_options_a_recipe_has_no_use_for_are_refused_by_name():
     assert recipe.options(recipe.evaluate, {"num": 4, "beam": None, "steps": None}) == {"num": 4}
     with pytest.raises(RecipeError, match="--steps do.*not apply to seq2seq runs; they take: --beam, --num"):
         recipe.options(recipe.evaluate, {"num": 4, "steps": 2})
+
+
+TINY = {  # each recipe's tiny config, and the options its evaluate and attend take here
+    "text_to_image": ("configs/shapes_t2i_tiny.yaml", {"num": 2, "steps": 2}, {"prompt": "a red circle", "steps": 2}),
+    "policy": (
+        "configs/policy_targets_tiny.yaml",
+        {"num": 2, "steps": 2},
+        {"prompt": "go to the red circle", "steps": 2},
+    ),
+    "seq2seq": ("configs/seq2seq_translation_tiny.yaml", {"num": 2}, {"prompt": "a red circle on the left"}),
+    "grounding": ("configs/shapes_grounding_tiny.yaml", {"num": 2}, {"seed": 1}),
+}
+
+
+def test_every_recipe_has_a_tiny_config_here():
+    assert sorted(TINY) == sorted(RECIPES.names())
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_each_tiny_recipe_trains_evaluates_and_attends_through_the_registry(name, tmp_path):
+    from mmx.recipes import load_run
+    from mmx.train import train
+
+    config, evaluate, attend = TINY[name]
+    cfg, recipe = load_recipe(config, ["train.max_steps=2", "train.tensorboard=false", "train.progress=false"])
+    assert recipe is get_recipe(name) and isinstance(cfg, recipe.config_class)
+    run_dir = tmp_path / "run"
+    assert train(recipe.task_class(cfg, run_dir), cfg.train, run_dir).step == 2
+    run = load_run(run_dir)
+    assert run.recipe is recipe and run.config == cfg
+    report = recipe.evaluate(run, **evaluate)
+    written = report.save(tmp_path / "eval")
+    assert tmp_path / "eval" / "eval.json" in written and report.summary()
+    maps = recipe.attend(run, **attend)
+    written = maps.save(tmp_path / "attend")
+    assert any(path.suffix == ".png" for path in written) and any(path.suffix == ".json" for path in written)
