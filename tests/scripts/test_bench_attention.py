@@ -21,6 +21,6 @@ def test_bench_attention_quick_run_writes_results(tmp_path):
     impls = {r["impl"] for r in data["results"]}
     assert impls == {"a", "b", "c", "d"}
     assert all(r["max_abs_diff_vs_a"] < 1e-4 for r in data["results"]), "all four must compute the same attention"
-    assert len(data["targets"]) == 8 and "# targets" in proc.stdout
+    assert len(data["targets"]) == 8
     big = [r for r in data["results"] if r["peak_fwd_mib"] is not None]
     assert big and all(r["peak_fwd_mib"] >= 0 for r in big)

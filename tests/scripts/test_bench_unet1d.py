@@ -52,4 +52,3 @@ def test_bench_unet1d_tiny_run_writes_results(tmp_path):
     assert data["max_abs_diff"] < 1e-4 and data["max_abs_diff_xattn"] < 1e-4
     assert data["results"][0]["params_m"] == data["results"][1]["params_m"] < data["results"][2]["params_m"]
     assert all(r["fwd_bwd_ms"] > 0 and r["fwd_ms"] > 0 for r in data["results"])
-    assert "mmx / upstream fwd+bwd" in proc.stdout
