@@ -4,6 +4,7 @@ differentiable maps (AttentionCapture) with the training losses on them (ATTENTI
 from mmx.attnmap.capture import AttentionCapture, GroundingCapture, TokenTargets, mask_kl, token_targets
 from mmx.attnmap.grid import query_grid
 from mmx.attnmap.losses import ATTENTION_LOSSES, AttentionLoss, build_attention_losses
+from mmx.attnmap.pipelines import TraceResult, trace
 from mmx.attnmap.plot import save_overlay, save_steps_gif, save_word_grid
 from mmx.attnmap.policy import PolicyAttention, attend_policy, save_region_overlays, save_token_heatmap
 from mmx.attnmap.recorder import AttentionRecorder
@@ -21,6 +22,8 @@ __all__ = [
     "mask_kl",
     "query_grid",
     "token_targets",
+    "trace",
+    "TraceResult",
     "NORMALIZATIONS",
     "PolicyAttention",
     "WordMap",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
@@ -10,7 +11,7 @@ import torch
 
 from mmx.attnmap.words import WordMap
 
-__all__ = ["save_overlay", "save_word_grid", "save_steps_gif"]
+__all__ = ["file_label", "save_overlay", "save_word_grid", "save_steps_gif"]
 
 
 def _plt():
@@ -112,3 +113,12 @@ def save_steps_gif(
     path.parent.mkdir(parents=True, exist_ok=True)
     pictures[0].save(path, save_all=True, append_images=pictures[1:], duration=duration_ms, loop=0)
     return path
+
+
+def file_label(word: str, limit: int = 40) -> str:
+    """``word`` as a safe part of a file name: letters, digits, '-' and '_' only, at most ``limit`` characters.
+
+    A prompt word such as ``x/../../y`` or a 400-letter word must not pick the folder or break the name.
+    """
+    label = re.sub(r"[^\w-]+", "_", word).strip("_")[:limit]
+    return label or "word"

@@ -138,13 +138,16 @@ def eval(
 
 @app.command()
 def attend(
-    run: Path = RUN,
+    run: Path | None = typer.Argument(None, help="A run folder (from `mmx train`); or give --pipeline."),
     prompt: str | None = typer.Option(
         None,
         "--prompt",
         "-p",
         help="The caption whose words to map (policy runs: replaces the instruction; "
         "translation runs: the sentence; grounding runs: the phrase).",
+    ),
+    pipeline: Path | None = typer.Option(
+        None, help="A local diffusers pipeline folder (SD, SDXL, SD3, Flux; with model_index.json) instead of a run."
     ),
     image: Path | None = typer.Option(
         None,
@@ -157,8 +160,20 @@ def attend(
     seed: int = SEED,
     gif: bool = typer.Option(False, help="Also write a GIF per word across windows of denoising steps."),
     max_downsample: int | None = MAX_DOWNSAMPLE,
+    word: str | None = typer.Option(None, help="--pipeline: write the overlay of this word only."),
+    height: int | None = typer.Option(None, callback=in_range(8, COUNT_MAX), help="--pipeline: image height."),
+    width: int | None = typer.Option(None, callback=in_range(8, COUNT_MAX), help="--pipeline: image width."),
 ) -> None:
     """Which image region (or action step, or written word) looked at which word: overlays, a grid, statistics."""
+    if pipeline is not None:
+        _attend_pipeline(
+            pipeline, run, prompt, image, out, steps, guidance, seed, gif, max_downsample, word, height, width
+        )
+        return
+    if run is None:
+        fail("give a run folder, or a diffusers pipeline folder with --pipeline")
+    if word is not None or height is not None or width is not None:
+        fail("--word, --height and --width go with --pipeline")
     _serve(
         "attend",
         run,
@@ -171,6 +186,35 @@ def attend(
         gif=gif,
         max_downsample=max_downsample,
     )
+
+
+def _attend_pipeline(
+    folder: Path,
+    run: Path | None,
+    prompt: str | None,
+    image: Path | None,
+    out: Path,
+    steps: int | None,
+    guidance: float | None,
+    seed: int,
+    gif: bool,
+    max_downsample: int | None,
+    word: str | None,
+    height: int | None,
+    width: int | None,
+) -> None:
+    from mmx.attnmap.pipelines.load import attend_pipeline
+
+    if run is not None or image is not None or max_downsample is not None:
+        fail("--pipeline takes a prompt and generates: give no run folder, --image or --max-downsample with it")
+    if not prompt or not prompt.split():
+        fail(f"--pipeline needs the prompt whose words to map; got --prompt {prompt!r}")
+    make_dir(out)
+    try:
+        lines, _ = attend_pipeline(folder, prompt, out, steps, guidance, seed, height, width, word, gif)
+    except USER_ERRORS as err:
+        fail(message(err))
+    console.print("\n".join(lines) + f"\n-> {out}")
 
 
 DEMO_RUN = Path(__file__).parents[1] / "assets" / "shapes_t2i"

@@ -9,11 +9,12 @@ Task, rebuilds a run folder with :meth:`Recipe.load`, and scores and maps it wit
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from mmx.attnmap.plot import file_label
 
 __all__ = ["Recipe", "Result", "Run", "RecipeError", "check_steps", "file_label", "format_score"]
 
@@ -119,15 +120,6 @@ class Recipe:
                 f"runs; they take: {', '.join('--' + k.replace('_', '-') for k in sorted(accepted))}"
             )
         return given
-
-
-def file_label(word: str, limit: int = 40) -> str:
-    """``word`` as a safe part of a file name: letters, digits, '-' and '_' only, at most ``limit`` characters.
-
-    A prompt word such as ``x/../../y`` or a 400-letter word must not pick the folder or break the name.
-    """
-    label = re.sub(r"[^\w-]+", "_", word).strip("_")[:limit]
-    return label or "word"
 
 
 def format_score(value: float) -> str:
