@@ -72,9 +72,28 @@ def test_bench_unknown_device_is_refused():
 
 
 def test_registry_and_ratio():
-    assert sorted(ORDER) == SUITES.names()
+    assert sorted([*ORDER, "trace"]) == SUITES.names()  # trace runs by name only
     assert resolve("all") == list(ORDER) and resolve(["unet1d", "unet1d"]) == ["unet1d"]
+    assert resolve(["trace"]) == ["trace"]
     with pytest.raises(KeyError, match="valid names"):
         resolve(["unet1d", "nope"])
     figure = Figure("step", 2.0, "other", 4.0, "ms")
     assert figure.ratio == 0.5 and math.isnan(Figure("x", 1.0, "y", 0.0, "ms").ratio)
+
+
+def test_bench_trace_quick_compares_tracing_with_no_tracing_and_full_maps(tmp_path):
+    out = tmp_path / "trace.json"
+    result = runner.invoke(app, ["bench", "trace", "--quick", "--device", "cpu", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert data["errors"] == {} and list(data["suites"]) == ["trace"]
+    suite = data["suites"]["trace"]
+    assert [f["alternative"] for f in suite["figures"]] == ["untraced", "full maps", "full maps", "untraced"]
+    for case in ("sd15", "flux"):
+        details = suite["details"][case]
+        assert details["identical"] is True  # tracing reads the attention, it does not change the output
+        # both record the same layer-steps; full maps keep them whole, tracing keeps one running sum
+        assert details["traced_layer_steps"] == details["full_layer_steps"] > 0
+        assert 0 < details["trace_sum_mib"] < details["full_kept_mib"]
+    flux = suite["details"]["flux"]
+    assert flux["traced_layer_steps"] == 2  # one double- and one single-stream block, one step

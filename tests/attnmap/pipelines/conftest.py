@@ -87,7 +87,7 @@ def build(family: str, clip_tokenizer, t5_tokenizer):
             text_encoder=_clip(),
             tokenizer=clip_tokenizer,
             unet=unet,
-            scheduler=diffusers.DDIMScheduler(),
+            scheduler=diffusers.DDIMScheduler(clip_sample=False, steps_offset=1),
             safety_checker=None,
             feature_extractor=None,
             requires_safety_checker=False,

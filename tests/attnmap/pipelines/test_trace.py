@@ -261,3 +261,26 @@ def test_overlay_draws_on_the_generated_image(tiny_pipelines, tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert maps.image(1).shape == (3, 32, 48) and maps.image(1).min() >= -1
     assert mmx.attnmap.TraceResult is type(maps)
+
+
+@pytest.mark.parametrize("family", ["sdxl", "flux"])
+def test_the_callers_step_callback_still_runs_and_the_pipeline_is_left_as_it_was(tiny_pipelines, family):
+    pipe = tiny_pipelines[family]
+    denoiser = pipe.unet if family == "sdxl" else pipe.transformer
+    cls, processors = type(pipe), dict(denoiser.attn_processors)
+    seen = []
+
+    def on_step_end(pipeline, step, timestep, kwargs):
+        seen.append(step)
+        return kwargs
+
+    call = _call(family, True, None, images=1, num_inference_steps=4)
+    with trace(pipe, window=2) as maps:
+        pipe(**call, callback_on_step_end=on_step_end, generator=torch.Generator().manual_seed(0))
+    assert seen == [0, 1, 2, 3] and maps.steps == 4
+    # steps 0-1 and 2-3 sum to the whole
+    assert sorted(maps.window_totals) == [0, 1]
+    torch.testing.assert_close(maps.window_totals[0] + maps.window_totals[1], maps.total)
+    assert type(pipe) is cls and "__call__" not in vars(pipe)
+    assert {k: type(v) for k, v in denoiser.attn_processors.items()} == {k: type(v) for k, v in processors.items()}
+    assert "encode_prompt" not in vars(pipe) and "step" not in vars(pipe.scheduler)
