@@ -90,6 +90,23 @@ def test_train_sample_eval_on_the_tiny_recipe(tmp_path):
     assert json.loads((run / "eval" / "eval.json").read_text())["attention_max_downsample"] == 2
 
 
+def test_the_diffusers_unet_trains_with_attention_losses_and_evaluates_and_attends(tmp_path):
+    run = tmp_path / "run"
+    losses = "attention_losses=[{name: coverage, weight: 0.05}, {name: reading, weight: 0.1}]"
+    args = ["configs/shapes_t2i_tiny.yaml", "model.name=diffusers_unet2d", losses, "train.max_steps=2"]
+    result = runner.invoke(app, ["train", *args, "train.validate_every=2", "--out", str(run)])
+    assert result.exit_code == 0, result.output
+    assert json.loads((run / "model" / "unet" / "config.json").read_text())["_class_name"] == "UNet2DConditionModel"
+    result = runner.invoke(app, ["eval", str(run), "--num", "4", "--steps", "2"])
+    assert result.exit_code == 0, result.output
+    assert "held-out caption accuracy" in result.output and "attention mIoU" in result.output
+    result = runner.invoke(
+        app, ["attend", str(run), "-p", "a red circle", "--steps", "2", "--out", str(tmp_path / "a")]
+    )
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "a" / "words.json").is_file()
+
+
 def test_own_photos_with_free_form_captions_train_validate_save_sample_eval_and_attend(
     photo_folder, tmp_path, tiny_clip_file, inception_weights
 ):

@@ -1,7 +1,8 @@
 """Differentiable attention maps of a model's own cross-attention, for training losses on where it looks.
 
 :class:`AttentionCapture` keeps the q/k/mask of every cross-attention call (through
-``CrossAttention`` hooks, the same tensors the fused kernel used, with their gradients);
+:func:`~mmx.attnmap.taps.tap_cross_attention`: mmx's ``CrossAttention`` hooks, the same tensors the
+fused kernel used, or diffusers' ``Attention``; with their gradients);
 :class:`GroundingCapture` adds the token-level losses of a text-to-image or grounding model (in
 the spirit of TokenCompose, Wang et al. 2024): seen from the words, each word that names an
 object should look at that object, inside its mask (``inside``) or covering it (``coverage``);
@@ -19,8 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmx.attnmap.grid import query_grid
+from mmx.attnmap.taps import tap_cross_attention
 from mmx.context import WordSpan
-from mmx.nn.attention import CrossAttention, attention_probs
+from mmx.nn.attention import attention_probs
 
 __all__ = ["AttentionCapture", "GroundingCapture", "TokenTargets", "mask_kl", "token_targets"]
 
@@ -28,8 +30,9 @@ __all__ = ["AttentionCapture", "GroundingCapture", "TokenTargets", "mask_kl", "t
 class AttentionCapture:
     """Context manager keeping the q/k/mask of every cross-attention call of ``model``, for a loss on the maps.
 
-    The hooks see the same q and k the fused attention used, with their gradients, so a loss on
-    :meth:`mean_probs` (or on ``calls``) trains the projections that made them.
+    The hooks see the q and k of the attention, with their gradients, so a loss on
+    :meth:`mean_probs` (or on ``calls``) trains the projections that made them. Works on mmx models
+    and on diffusers' ``UNet2DConditionModel``; a model without cross-attention is an error.
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -38,9 +41,14 @@ class AttentionCapture:
         self._undo: list = []
 
     def __enter__(self) -> AttentionCapture:
-        for module in self.model.modules():
-            if isinstance(module, CrossAttention) and module.is_cross:
-                self._undo.append(module.add_hook(lambda m, q, k, mask: self.calls.append((q, k, mask, m.scale))))
+        self._undo = tap_cross_attention(
+            self.model, lambda name, q, k, mask, scale: self.calls.append((q, k, mask, scale))
+        )
+        if not self._undo:
+            raise ValueError(
+                f"{type(self.model).__name__} has no cross-attention layer (mmx CrossAttention or diffusers "
+                "Attention reading a context) for the attention losses to read"
+            )
         return self
 
     def __exit__(self, *exc: Any) -> None:

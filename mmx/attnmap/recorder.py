@@ -21,8 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmx.attnmap.grid import query_grid
+from mmx.attnmap.taps import tap_cross_attention
 from mmx.context import current_conditional_rows
-from mmx.nn.attention import CrossAttention, attention_probs
+from mmx.nn.attention import attention_probs
 
 __all__ = ["AttentionRecorder"]
 
@@ -114,18 +115,8 @@ class AttentionRecorder:
 
     # -- attaching -------------------------------------------------------------------------------
     def __enter__(self) -> AttentionRecorder:
-        found = 0
-        for name, module in self.model.named_modules():
-            if not self.keep_layer(name):
-                continue
-            if isinstance(module, CrossAttention) and module.is_cross:
-                self._undo.append(module.add_hook(self._mmx_hook(name)))
-                found += 1
-            elif _is_diffusers_cross_attention(module):
-                original = module.processor
-                module.set_processor(_RecordingProcessor(self, name, original))
-                self._undo.append(lambda m=module, p=original: m.set_processor(p))
-                found += 1
+        self._undo = tap_cross_attention(self.model, self.record, self.keep_layer)
+        found = len(self._undo)
         if found == 0:
             raise ValueError(f"no cross-attention layer matched in {type(self.model).__name__}")
         self.layers_attached = found
@@ -149,12 +140,6 @@ class AttentionRecorder:
         self.window_totals.clear()
 
     # -- recording -------------------------------------------------------------------------------
-    def _mmx_hook(self, name: str):
-        def hook(module: CrossAttention, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None) -> None:
-            self.record(name, q, k, mask, module.scale)
-
-        return hook
-
     def _rows(self, batch: int) -> slice:
         declared = current_conditional_rows()
         if declared is not None:
@@ -224,44 +209,3 @@ def _accumulate(total: torch.Tensor | None, maps: torch.Tensor, name: str) -> to
             "record one batch of prompts at a time (recorder.reset() between batches)"
         )
     return total.add_(maps)
-
-
-def _is_diffusers_cross_attention(module: nn.Module) -> bool:
-    try:
-        from diffusers.models.attention_processor import Attention
-    except ImportError:  # pragma: no cover - diffusers is a dependency
-        return False
-    return isinstance(module, Attention) and getattr(module, "is_cross_attention", False)
-
-
-class _RecordingProcessor:
-    """Wraps a diffusers attention processor: records the probabilities, then runs the original."""
-
-    def __init__(self, recorder: AttentionRecorder, name: str, original: Any) -> None:
-        self.recorder, self.name, self.original = recorder, name, original
-
-    def __call__(
-        self,
-        attn: Any,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        **kwargs: Any,
-    ) -> torch.Tensor:
-        if encoder_hidden_states is not None and hidden_states.ndim == 3:
-            b, l, _ = hidden_states.shape
-            context = encoder_hidden_states
-            if attn.norm_cross:
-                context = attn.norm_encoder_hidden_states(context)
-            heads = attn.heads
-            q = attn.to_q(hidden_states)
-            k = attn.to_k(context)
-            d = k.shape[-1] // heads
-            q = q.view(b, -1, heads, d).transpose(1, 2)  # (B, H, L, D)
-            k = k.view(b, -1, heads, d).transpose(1, 2)  # (B, H, S, D)
-            mask = None
-            if attention_mask is not None:
-                mask = attn.prepare_attention_mask(attention_mask, k.shape[2], b)
-                mask = mask.view(b, heads, -1, mask.shape[-1])  # (B, H, 1|L, S) additive
-            self.recorder.record(self.name, q, k, mask, attn.scale)
-        return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)

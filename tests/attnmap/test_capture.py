@@ -177,3 +177,39 @@ def test_mask_kl_is_zero_for_a_map_that_covers_its_mask_and_skips_empty_rows():
     three[0, 0, [0, 1, 4]] = 1.0  # three of the four positions
     assert mask_kl(peak, mask, (4, 4)).item() > mask_kl(three, mask, (4, 4)).item() > 0, "more cover, less loss"
     assert mask_kl(peak, mask, (4, 4), valid=torch.tensor([[False, True]])).item() == 0.0
+
+
+def test_a_diffusers_unet_is_captured_like_an_mmx_one_and_its_projections_get_gradients():
+    from mmx.models.unet2d import DiffusersUNet2D
+
+    torch.manual_seed(0)
+    model = DiffusersUNet2D(
+        channels=(16, 32),
+        layers_per_block=1,
+        attention_levels=(True, True),
+        attention={"heads": 2},
+        context_dim=12,
+        norm_groups=8,
+        sample_size=8,
+    )
+    ctx = Context(tokens=torch.randn(1, 3, 12), mask=torch.tensor([[True, True, False]]))
+    with GroundingCapture(model) as capture:
+        model(torch.randn(1, 3, 8, 8), torch.tensor([10]), ctx)
+    assert len(capture.calls) == 7  # like the mmx UNet: 2 down, 1 middle, 2 x 2 up
+    q, k, mask, scale = capture.calls[0]
+    assert q.shape[:2] == (1, 2) and k.shape[2] == 3 and scale == q.shape[-1] ** -0.5
+    probs, _ = capture._layer_maps((8, 8))[0]
+    assert probs[..., 2].max() < 1e-6  # the padding token is masked out
+    targets = torch.zeros(1, 3, 8, 8)
+    targets[:, :, :4, :4] = 1
+    loss = capture.coverage_loss(targets, torch.tensor([[False, True, False]]), (8, 8))
+    assert loss > 0
+    loss.backward()
+    to_k = next(m.to_k for m in model.modules() if getattr(m, "is_cross_attention", False))
+    assert to_k.weight.grad is not None and to_k.weight.grad.abs().sum() > 0
+
+
+def test_a_model_without_cross_attention_is_an_error_not_a_silent_zero_loss():
+    with pytest.raises(ValueError, match="Identity has no cross-attention layer"):
+        with GroundingCapture(torch.nn.Identity()):
+            pass

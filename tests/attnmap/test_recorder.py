@@ -190,9 +190,7 @@ def test_diffusers_unet_path_records_and_keeps_outputs_identical():
     assert maps.shape == (3, 7, 8, 12) and rec.layers_attached > 0
     assert maps[1, 3:].abs().max() < 1e-6, "the Context mask reaches diffusers as encoder_attention_mask"
     # processors are restored on exit
-    assert not any(
-        type(m.processor).__name__ == "_RecordingProcessor" for m in model.modules() if hasattr(m, "processor")
-    )
+    assert not any(type(m.processor).__name__ == "_TappedProcessor" for m in model.modules() if hasattr(m, "processor"))
 
 
 def test_diffusers_pipeline_layout_takes_the_second_half():
