@@ -116,6 +116,9 @@ class DiffusionPolicy(nn.Module):
         attention_image_key: the image observation the masks are drawn on (None: the only one).
     """
 
+    # the UNet's blocks, kept whole when Accelerate's FSDP shards the policy (TRANSFORMER_BASED_WRAP)
+    _no_split_modules = ["ResBlock1D", "TemporalTransformer"]
+
     def __init__(
         self,
         obs_encoder: nn.Module,

@@ -34,6 +34,9 @@ class GroundingNet(ModelMixin, ConfigMixin):
         self_attention: let positions also attend to each other in every block.
     """
 
+    # blocks kept whole when sharded (Accelerate's FSDP TRANSFORMER_BASED_WRAP, diffusers' device_map)
+    _no_split_modules = ["SpatialTransformer"]
+
     @register_to_config
     def __init__(
         self,

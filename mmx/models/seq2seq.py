@@ -127,6 +127,9 @@ class Seq2SeqTransformer(_DecoderMixin, ModelMixin, ConfigMixin):
             ``src_mask`` is given).
     """
 
+    # blocks kept whole when sharded (Accelerate's FSDP TRANSFORMER_BASED_WRAP, diffusers' device_map)
+    _no_split_modules = ["TransformerBlock"]
+
     @register_to_config
     def __init__(
         self,
@@ -219,6 +222,9 @@ class ImageCaptioner(_DecoderMixin, ModelMixin, ConfigMixin):
             shape pairs it never saw together.
         pad_id, bos_id, eos_id: special ids.
     """
+
+    # blocks kept whole when sharded (Accelerate's FSDP TRANSFORMER_BASED_WRAP, diffusers' device_map)
+    _no_split_modules = ["TransformerBlock"]
 
     @register_to_config
     def __init__(

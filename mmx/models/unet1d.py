@@ -86,6 +86,8 @@ class UNet1D(ModelMixin, ConfigMixin):
     outputs and gradients are unchanged.
     """
 
+    # blocks kept whole when sharded (Accelerate's FSDP TRANSFORMER_BASED_WRAP, diffusers' device_map)
+    _no_split_modules = ["ResBlock1D", "TemporalTransformer"]
     _supports_gradient_checkpointing = True
 
     @register_to_config

@@ -122,6 +122,8 @@ class UNet2D(ModelMixin, ConfigMixin):
     may fire again during that second run.
     """
 
+    # blocks kept whole when sharded (Accelerate's FSDP TRANSFORMER_BASED_WRAP, diffusers' device_map)
+    _no_split_modules = ["ResBlock2D", "SpatialTransformer"]
     _supports_gradient_checkpointing = True
 
     @register_to_config
@@ -337,6 +339,11 @@ class DiffusersUNet2D(nn.Module):
             norm_num_groups=norm_groups,
         )
         self.heads, self.dim_head = heads, dim_head
+
+    @property
+    def _no_split_modules(self) -> list[str]:
+        """diffusers' blocks, kept whole when Accelerate's FSDP shards the wrapper (TRANSFORMER_BASED_WRAP)."""
+        return list(self.unet._no_split_modules or [])
 
     def save_pretrained(self, path: str) -> None:
         """Write the wrapped diffusers model (safetensors + config.json)."""

@@ -29,6 +29,7 @@ from mmx.train.checkpoint import (  # noqa: F401  (re-exported: the trainer's pu
     save_checkpoint,
     verify_checkpoint,
 )
+from mmx.train.fsdp import FullModel, is_fsdp, wrap_policy_hint
 
 __all__ = [
     "TrainConfig",
@@ -283,11 +284,24 @@ def train(
         _speed_options(model, cfg, accelerator.device)
     except ValueError as err:
         raise TrainSetupError(str(err)) from err
+    sharded = is_fsdp(accelerator)
+    if sharded and cfg.ema:
+        raise TrainSetupError(
+            "train.ema keeps a copy of every parameter, but FSDP shards the parameters across the processes: "
+            "set train.ema=false, or train with DDP or DeepSpeed ZeRO-2 (configs/accelerate/)"
+        )
+    full = FullModel(model, sharded, accelerator.is_main_process)  # validation and saving see every parameter
     images_channels_last = cfg.channels_last and _has_conv2d(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
-    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    try:
+        model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    except ValueError as err:
+        if sharded and (hint := wrap_policy_hint(err, model)):
+            raise TrainSetupError(hint) from err
+        raise
+    params = [p for p in model.parameters() if p.requires_grad]  # FSDP has replaced them by sharded ones
     # Only the training forward is compiled; checkpoints, EMA, validation and the saved weights keep using
     # `model`, so no state_dict key gains torch.compile's `_orig_mod.` prefix.
     forward_model = torch.compile(model) if cfg.compile else model
@@ -408,29 +422,32 @@ def train(
                 else:
                     last_checkpoint = save_checkpoint(accelerator, run_dir, state, ema, cfg.checkpoints_total_limit)
             if state.step == cfg.max_steps:  # before the last validation: an error there cannot cost the model
-                _save_model(accelerator, task, model, ema, run_dir)
+                _save_model(accelerator, task, full, model, ema, run_dir)
                 saved = True
             if state.step % cfg.validate_every == 0 or state.step == cfg.max_steps:
                 with clock.paused():
-                    metrics = _validate(accelerator, task, model, ema, state.step, run_dir, clock.seconds) or metrics
+                    metrics = (
+                        _validate(accelerator, task, full, model, ema, state.step, run_dir, clock.seconds) or metrics
+                    )
             if state.step >= cfg.max_steps:
                 break
         epoch, skip = epoch + 1, 0
     progress.close()
 
     if not saved:  # resumed at the last step: nothing trained, the weights are the checkpoint's
-        _save_model(accelerator, task, model, ema, run_dir)
+        _save_model(accelerator, task, full, model, ema, run_dir)
     accelerator.end_training()
     return TrainResult(step=state.step, loss=last_loss, metrics=metrics)
 
 
-def _save_model(accelerator: Any, task: Task, model: nn.Module, ema: Any, run_dir: Path) -> None:
+def _save_model(accelerator: Any, task: Task, full: FullModel, model: nn.Module, ema: Any, run_dir: Path) -> None:
     """The task saves the final (EMA) weights into ``run_dir/model`` on the main process."""
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
-        with _ema_weights(ema, unwrapped):
-            task.save_model(unwrapped, run_dir / "model")
+    whole = full.get(accelerator, model)  # every process joins in gathering FSDP's shards
+    if whole is not None:
+        with _ema_weights(ema, whole):
+            task.save_model(whole, run_dir / "model")
+    full.release()
     accelerator.wait_for_everyone()
 
 
@@ -521,7 +538,14 @@ class _ema_weights:
 
 
 def _validate(
-    accelerator: Any, task: Task, model: nn.Module, ema: Any, step: int, run_dir: Path, train_seconds: float
+    accelerator: Any,
+    task: Task,
+    full: FullModel,
+    model: nn.Module,
+    ema: Any,
+    step: int,
+    run_dir: Path,
+    train_seconds: float,
 ) -> dict[str, float]:
     """Run the task's validation with EMA weights on the main process; log its metrics.
 
@@ -529,17 +553,18 @@ def _validate(
     """
     metrics: dict[str, float] = {}
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
-        was_training = unwrapped.training
-        unwrapped.eval()
-        with _ema_weights(ema, unwrapped):
-            metrics = task.validate(unwrapped, step, run_dir / "samples") or {}
-        unwrapped.train(was_training)
+    whole = full.get(accelerator, model)  # every process joins in gathering FSDP's shards
+    if whole is not None:
+        was_training = whole.training
+        whole.eval()
+        with _ema_weights(ema, whole):
+            metrics = task.validate(whole, step, run_dir / "samples") or {}
+        whole.train(was_training)
         if metrics:
             accelerator.log({f"val/{k}": v for k, v in metrics.items()}, step=step)
             logger.info("step %d: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
             with open(run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps({"step": step, "train_seconds": round(train_seconds, 1), **metrics}) + "\n")
+    full.release()
     accelerator.wait_for_everyone()
     return metrics

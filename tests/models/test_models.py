@@ -169,3 +169,12 @@ def test_padding_changes_nothing(name):
     if case.real is not None:  # padded positions of the model's own sequence: the real ones must not change
         out, again = out[case.real(args)], again[case.real(args)]
     torch.testing.assert_close(again, out, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_the_blocks_fsdp_keeps_whole_are_in_the_model(name):
+    """``_no_split_modules`` names the blocks Accelerate's FSDP (TRANSFORMER_BASED_WRAP) shards one by one:
+    a name the model does not hold would leave that block unwrapped, and the whole model one FSDP unit."""
+    model = _build(name)
+    held = {type(m).__name__ for m in model.modules()}
+    assert model._no_split_modules and set(model._no_split_modules) <= held, (model._no_split_modules, held)
