@@ -72,7 +72,9 @@ def test_bench_unknown_device_is_refused():
 
 
 def test_registry_and_ratio():
-    assert sorted([*ORDER, "trace"]) == SUITES.names()  # trace runs by name only
+    by_name_only = ["trace", "training", "latency", "fsdp"]
+    assert sorted([*ORDER, *by_name_only]) == SUITES.names()
+    assert resolve("gpu") == [*ORDER, "training", "latency", "fsdp"]
     assert resolve("all") == list(ORDER) and resolve(["unet1d", "unet1d"]) == ["unet1d"]
     assert resolve(["trace"]) == ["trace"]
     with pytest.raises(KeyError, match="valid names"):
@@ -97,3 +99,69 @@ def test_bench_trace_quick_compares_tracing_with_no_tracing_and_full_maps(tmp_pa
         assert 0 < details["trace_sum_mib"] < details["full_kept_mib"]
     flux = suite["details"]["flux"]
     assert flux["traced_layer_steps"] == 2  # one double- and one single-stream block, one step
+
+
+def test_bench_gpu_without_cuda_says_so_in_one_line_and_fails(monkeypatch):
+    monkeypatch.setattr("mmx.cli.tools.torch_cuda_available", lambda: False)
+    result = runner.invoke(app, ["bench", "gpu"])
+    assert result.exit_code == 1
+    assert result.output.strip() == "mmx bench gpu needs a CUDA GPU, and torch sees none on this machine"
+
+
+def test_bench_options_of_the_gpu_command_are_checked(tmp_path):
+    result = runner.invoke(app, ["bench", "unet1d", "--results", str(tmp_path / "r.md")])
+    assert result.exit_code == 2 and "goes with `mmx bench gpu`" in " ".join(result.output.split())
+    result = runner.invoke(app, ["bench", "unet1d", "--peak-tflops", "0"])
+    assert result.exit_code == 2 and "--peak-tflops must be a positive number" in result.output
+
+
+def test_bench_training_and_latency_quick_write_their_figures_and_details(tmp_path):
+    out = tmp_path / "gpu.json"
+    result = runner.invoke(app, ["bench", "training", "--quick", "--device", "cpu", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    training = json.loads(out.read_text())["suites"]["training"]
+    row = training["details"]["throughput"][0]
+    assert row["batch"] == 8 and row["samples_per_s"] > 0 and row["flops_per_step"] > 1e8
+    assert row["mfu"] is None and training["details"]["peak_source"] == "CPU: no peak"  # no bf16 peak for a CPU
+    backends = training["details"]["sdpa_backends"]
+    assert backends and all(b["backend"] == "flash (CPU)" and b["dtype"] == "bfloat16" for b in backends)
+    assert training["details"]["host_syncs"]["per_step"] is None  # nothing to sync with on a CPU
+    reach = training["details"]["time_to_accuracy"]
+    assert reach["steps"] == 4 and [v["step"] for v in reach["validations"]] == [2, 4]
+    result = runner.invoke(app, ["bench", "latency", "--quick", "--device", "cpu", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    latency = json.loads(out.read_text())["suites"]["latency"]
+    assert list(latency["details"]["modes"]) == ["eager"] and latency["details"]["modes"]["eager"]["steps"] == 16
+    assert latency["figures"][-1]["alternative"] == "target" and latency["figures"][-1]["other"] == 5.0
+
+
+def test_bench_fsdp_off_cuda_says_it_did_not_run():
+    import torch
+
+    from mmx.bench.gpu import fsdp_suite
+
+    result = fsdp_suite(torch.device("cpu"))
+    assert result.figures == [] and result.notes[0].startswith(
+        "not run: Accelerate shards models with FSDP on GPUs only"
+    )
+
+
+def test_the_gpu_section_of_the_results_page_is_replaced_whole(tmp_path):
+    from mmx.bench import run_suites
+    from mmx.bench.gpu import BEGIN, END, results_section, write_section
+
+    report = run_suites(["latency"], "cpu", quick=True, command="mmx bench gpu")
+    text = results_section(report)
+    assert "| latency | policy chunk latency, eager |" in text and "Measured by `mmx bench gpu` on cpu" in text
+    page = tmp_path / "results.md"
+    page.write_text(f"# Results\n\n## GPU\n\n{BEGIN}\nNo GPU has been lent yet.\n{END}\n\n## Next\n")
+    write_section(page, text)
+    written = page.read_text()
+    assert "No GPU has been lent yet" not in written and text in written and written.endswith("## Next\n")
+    write_section(page, "second run")  # a rerun replaces the section again
+    assert page.read_text().count(BEGIN) == 1 and "second run" in page.read_text() and text not in page.read_text()
+    other = tmp_path / "other.md"
+    other.write_text("# no markers\n")
+    with pytest.raises(ValueError, match="has no GPU section: add the lines"):
+        write_section(other, text)
+    assert other.read_text() == "# no markers\n" and not list(tmp_path.glob(".*.tmp"))

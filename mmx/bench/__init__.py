@@ -12,7 +12,13 @@ Suites (registered in :data:`SUITES`, in the order ``all`` runs them):
   bf16 autocast, TF32 on CUDA) against plain fp32, UNet2D and UNet1D
 * ``scaling``: training-step time and peak memory against resolution, context length and horizon
 * ``trace``: tracing diffusers pipelines (``mmx.attnmap.trace``) against no tracing and against keeping
-  full attention maps (run by name only: ``all`` leaves it out)
+  full attention maps
+* ``training``: bf16 training of the shapes recipe: samples/s, MFU, SDPA backends, host syncs, time to
+  90% held-out accuracy (:mod:`mmx.bench.gpu`)
+* ``latency``: a policy's action chunk eager, compiled and under CUDA graphs
+* ``fsdp``: the trainer under Accelerate's FSDP2 saves, resumes and saves again (CUDA only)
+
+The last four run by name only (``all`` leaves them out); ``gpu`` runs all of them after ``all``, on CUDA.
 
 >>> from mmx.bench import run_suites
 >>> report = run_suites(["unet1d"], quick=True)  # doctest: +SKIP
@@ -27,6 +33,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -34,7 +41,19 @@ from mmx.bench.report import BenchReport, Figure, Log, SuiteResult, log_info, ma
 from mmx.bench.timing import pick_device
 from mmx.registry import Registry, UnknownNameError
 
-__all__ = ["ALL", "ORDER", "SUITES", "BenchReport", "Figure", "SuiteResult", "resolve", "run_suites", "tables"]
+__all__ = [
+    "ALL",
+    "GPU",
+    "GPU_ORDER",
+    "ORDER",
+    "SUITES",
+    "BenchReport",
+    "Figure",
+    "SuiteResult",
+    "resolve",
+    "run_suites",
+    "tables",
+]
 
 SUITES: Registry[SuiteResult] = Registry("benchmark suite")
 ALL = "all"
@@ -47,18 +66,26 @@ _WHERE = {  # suite name -> (module of mmx.bench, function), in the order `all` 
     "decoding": ("decoding", "suite"),
     "options": ("options", "suite"),
     "scaling": ("scaling", "suite"),
-    "trace": ("trace", "suite"),  # minutes of a 860M-parameter UNet on the CPU: run by name, not by `all`
+    "trace": ("trace", "suite"),
+    "training": ("gpu", "training_suite"),
+    "latency": ("gpu", "latency_suite"),
+    "fsdp": ("gpu", "fsdp_suite"),
 }
-ORDER = tuple(name for name in _WHERE if name != "trace")
+BY_NAME_ONLY = ("trace", "training", "latency", "fsdp")  # minutes on a CPU: `all` leaves them out
+ORDER = tuple(name for name in _WHERE if name not in BY_NAME_ONLY)
 """The suites in the order ``all`` runs them."""
+GPU = "gpu"
+GPU_ORDER = (*ORDER, "training", "latency", "fsdp")
+"""What ``gpu`` runs (on CUDA only): every suite of ``all``, then bf16 training, policy latency, FSDP2."""
 
 
 def _lazy(module: str, function: str) -> Callable[..., SuiteResult]:
     """A suite whose module is imported only when it runs (each pulls in diffusers, models, ...)."""
 
-    def run(device: torch.device, quick: bool = False, log: Log = log_info, out: Path | None = None) -> SuiteResult:
+    def run(device: torch.device, quick: bool = False, log: Log = log_info, **options: Any) -> SuiteResult:
         suite = getattr(importlib.import_module(f"mmx.bench.{module}"), function)
-        extra = {"out": out} if "out" in inspect.signature(suite).parameters else {}
+        accepted = inspect.signature(suite).parameters
+        extra = {k: v for k, v in options.items() if k in accepted}
         return suite(device, quick=quick, log=log, **extra)
 
     run.__name__ = f"{module}.{function}"
@@ -71,7 +98,7 @@ for _name, (_module, _function) in _WHERE.items():
 
 
 def resolve(names: str | Sequence[str]) -> list[str]:
-    """Suite names to run: ``"all"`` means every suite (in :data:`ORDER`).
+    """Suite names to run: ``"all"`` means every suite of :data:`ORDER`, ``"gpu"`` those of :data:`GPU_ORDER`.
 
     Raises:
         UnknownNameError: (a KeyError) an unknown name; the message lists the valid ones.
@@ -79,9 +106,13 @@ def resolve(names: str | Sequence[str]) -> list[str]:
     names = [names] if isinstance(names, str) else list(names)
     if ALL in names:
         return list(ORDER)
+    if GPU in names:
+        return list(GPU_ORDER)
     unknown = [name for name in names if name not in _WHERE]
     if unknown:
-        raise UnknownNameError(f"unknown benchmark suite {unknown[0]!r}; valid names: {', '.join(_WHERE)}, {ALL}")
+        raise UnknownNameError(
+            f"unknown benchmark suite {unknown[0]!r}; valid names: {', '.join(_WHERE)}, {ALL}, {GPU}"
+        )
     return list(dict.fromkeys(names))
 
 
@@ -93,6 +124,7 @@ def run_suites(
     log: Log = quiet,
     command: str | None = None,
     keep_going: bool = True,
+    peak_tflops: float | None = None,
 ) -> BenchReport:
     """Run the named suites (``"all"``: every one) and collect their figures.
 
@@ -105,6 +137,7 @@ def run_suites(
         command: recorded in the report's meta data (default: this process's command line).
         keep_going: a failing suite is recorded in ``report.errors`` and the others still run;
             False re-raises its error.
+        peak_tflops: the device's dense bf16 peak for MFU (``training``), instead of the table's.
     """
     chosen = resolve(names)
     if not isinstance(device, torch.device):
@@ -116,7 +149,7 @@ def run_suites(
         log(f"## {name}")
         start = time.perf_counter()
         try:
-            result = runner(device, quick=quick, log=log, out=Path(out) if out is not None else None)
+            result = runner(device, quick=quick, log=log, out=Path(out) if out is not None else None, peak=peak_tflops)
         except Exception as err:  # noqa: BLE001 - one broken suite must not cost the others' figures
             if not keep_going:
                 raise

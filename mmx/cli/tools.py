@@ -130,7 +130,9 @@ def convert(
 @app.command()
 def bench(
     suite: str = typer.Argument(
-        "all", help="attention, unet2d, sample, recorder, unet1d, decoding, options, scaling, or all (every suite)."
+        "all",
+        help="attention, unet2d, sample, recorder, unet1d, decoding, options, scaling, all (every one of those); "
+        "trace, training, latency (by name only); gpu (all, then training and latency, on CUDA).",
     ),
     json_path: Path | None = typer.Option(None, "--json", help="Write every figure and raw measurement here."),
     device: str | None = typer.Option(None, help="cpu or cuda (default: cuda when available)."),
@@ -140,6 +142,12 @@ def bench(
     out: Path | None = typer.Option(
         None, help="Folder for the scaling PNGs (default: the folder of --json, else the current folder)."
     ),
+    peak_tflops: float | None = typer.Option(
+        None, "--peak-tflops", help="The GPU's dense bf16 peak for MFU (default: mmx's table by device name)."
+    ),
+    results: Path | None = typer.Option(
+        None, help="gpu: also write the figures into the GPU section of this results page (docs/results.md)."
+    ),
 ) -> None:
     """Time mmx against its alternatives in one run; each figure is printed as a ratio (below 1: mmx takes less).
 
@@ -148,6 +156,8 @@ def bench(
     (`options`: gradient checkpointing, channels_last, torch.compile, bf16, TF32); `scaling` draws
     step time and peak memory against resolution, context length and horizon. `all` takes about
     10 minutes on 2 idle CPU cores (half of it the two cold compilations of `options`); --quick about 30 s.
+    `gpu` adds bf16 training (samples/s, MFU, SDPA kernels, host syncs, time to 90% held-out accuracy)
+    and policy chunk latency (eager, torch.compile, CUDA graphs), and needs a CUDA GPU.
     """
     import time
 
@@ -155,8 +165,17 @@ def bench(
     from mmx.bench.timing import pick_device
 
     start = time.perf_counter()
+    from mmx.bench import GPU
+
+    if suite == GPU and not torch_cuda_available():
+        console.print("mmx bench gpu needs a CUDA GPU, and torch sees none on this machine")
+        raise typer.Exit(code=1)
+    if peak_tflops is not None and not peak_tflops > 0:
+        fail(f"--peak-tflops must be a positive number of TFLOP/s; got {peak_tflops}")
+    if results is not None and suite != GPU:
+        fail(f"--results writes the GPU section of a results page: it goes with `mmx bench gpu`, not {suite!r}")
     try:
-        names, torch_device = resolve(suite), pick_device(device)
+        names, torch_device = resolve(suite), pick_device("cuda" if suite == GPU else device)
     except (KeyError, ValueError) as err:
         fail(message(err))
     folder = make_dir(out if out is not None else json_path.parent if json_path is not None else Path("."))
@@ -166,6 +185,7 @@ def bench(
         quick=quick,
         out=folder,
         log=lambda line: console.print(line, style="dim", markup=False, highlight=False),
+        peak_tflops=peak_tflops,
     )
     report.meta["wall_seconds"] = time.perf_counter() - start
     for item in tables(report):
@@ -175,6 +195,20 @@ def bench(
             console.print(f"wrote {report.write_json(json_path)}")
         except OSError as err:
             fail(f"cannot write {json_path}: {err.strerror or err}")
+    if results is not None:
+        from mmx.bench.gpu import results_section, write_section
+
+        try:
+            console.print(f"wrote the GPU section of {write_section(results, results_section(report))}")
+        except (OSError, ValueError) as err:
+            fail(f"cannot write {results}: {getattr(err, 'strerror', None) or err}")
     console.print(f"{len(report.suites)} suite(s) in {report.meta['wall_seconds']:.0f} s")
     if report.errors:
         fail("failed: " + "; ".join(f"{name}: {text}" for name, text in report.errors.items()))
+
+
+def torch_cuda_available() -> bool:
+    """Whether torch sees a CUDA device (a function, so tests can pretend)."""
+    import torch
+
+    return torch.cuda.is_available()
