@@ -1,7 +1,7 @@
-"""The GPU path in figures: bf16 training of the shapes recipe, and the latency of a policy's action chunk.
+"""The GPU path in figures: bf16 training of the shapes recipe, a policy's action-chunk latency, FSDP2.
 
-Two suites, which ``mmx bench gpu`` runs after every suite of ``mmx bench all`` on a CUDA device
-(:data:`mmx.bench.GPU`); each also runs alone, on any device (``mmx bench training --quick``):
+Three suites, which ``mmx bench gpu`` runs after every suite of ``mmx bench all`` on a CUDA device
+(:data:`mmx.bench.GPU`); training and latency also run alone, on any device (``mmx bench training --quick``):
 
 * ``training`` (:func:`training_suite`), the shapes text-to-image recipe (``configs/shapes_t2i.yaml``)
   under bf16 autocast:
@@ -22,6 +22,9 @@ Two suites, which ``mmx bench gpu`` runs after every suite of ``mmx bench all`` 
   ``torch.compile``, and under ``torch.compile(mode="reduce-overhead")``, which replays CUDA graphs
   (CUDA only). Random weights: latency does not depend on training.
 
+* ``fsdp`` (:func:`fsdp_suite`): the trainer under ``configs/accelerate/fsdp_4gpu.yaml`` saves,
+  resumes and saves again (CUDA only).
+
 ``--quick`` runs the tiny configs with a few steps: a smoke test of the code path, not figures.
 """
 
@@ -38,7 +41,7 @@ from typing import Any
 import torch
 
 from mmx.bench.hardware import count_flops, host_syncs, mfu, peak_tflops, sdpa_backends
-from mmx.bench.report import Figure, Log, SuiteResult, log_info
+from mmx.bench.report import Figure, Log, SuiteResult, _num, log_info
 from mmx.bench.timing import _sync, device_name
 
 __all__ = ["fsdp_suite", "latency_suite", "results_section", "time_to_accuracy", "training_suite", "write_section"]
@@ -293,23 +296,16 @@ def results_section(report: Any) -> str:
     for name, suite in report.suites.items():
         for f in suite.figures:
             lines.append(
-                f"| {name} | {f.label} | {_fmt(f.value, f.unit)} | {f.alternative}: {_fmt(f.other, f.unit)} | "
-                f"{_fmt(f.ratio, '')} |"
+                f"| {name} | {f.label} | {_num(f.value, f.unit)} | {f.alternative}: {_num(f.other, f.unit)} | "
+                f"{_num(f.ratio)} |"
             )
-    for name in ("training", "latency"):
+    for name in ("training", "latency", "fsdp"):
         suite = report.suites.get(name)
         if suite is not None:
             lines += [""] + [f"* {name}: {note}" for note in suite.notes]
     for name, message in report.errors.items():
         lines.append(f"* {name} failed: {message}")
     return "\n".join(lines)
-
-
-def _fmt(value: float, unit: str) -> str:
-    if value != value:  # NaN
-        return "n/a"
-    text = f"{value:,.3g}" if abs(value) < 1000 else f"{value:,.0f}"
-    return f"{text} {unit}".strip()
 
 
 def write_section(path: str | Path, text: str) -> Path:

@@ -132,7 +132,7 @@ def bench(
     suite: str = typer.Argument(
         "all",
         help="attention, unet2d, sample, recorder, unet1d, decoding, options, scaling, all (every one of those); "
-        "trace, training, latency (by name only); gpu (all, then training and latency, on CUDA).",
+        "trace, training, latency, fsdp (by name only); gpu (all, then training, latency and fsdp, on CUDA).",
     ),
     json_path: Path | None = typer.Option(None, "--json", help="Write every figure and raw measurement here."),
     device: str | None = typer.Option(None, help="cpu or cuda (default: cuda when available)."),
@@ -157,16 +157,15 @@ def bench(
     step time and peak memory against resolution, context length and horizon. `all` takes about
     10 minutes on 2 idle CPU cores (half of it the two cold compilations of `options`); --quick about 30 s.
     `gpu` adds bf16 training (samples/s, MFU, SDPA kernels, host syncs, time to 90% held-out accuracy)
-    and policy chunk latency (eager, torch.compile, CUDA graphs), and needs a CUDA GPU.
+    policy chunk latency (eager, torch.compile, CUDA graphs) and an FSDP2 save and resume, and needs a
+    CUDA GPU.
     """
     import time
 
-    from mmx.bench import resolve, run_suites, tables
+    from mmx.bench import GPU, resolve, run_suites, tables
     from mmx.bench.timing import pick_device
 
     start = time.perf_counter()
-    from mmx.bench import GPU
-
     if suite == GPU and not torch_cuda_available():
         console.print("mmx bench gpu needs a CUDA GPU, and torch sees none on this machine")
         raise typer.Exit(code=1)
