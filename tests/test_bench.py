@@ -116,9 +116,6 @@ def test_bench_options_of_the_gpu_command_are_checked(tmp_path):
 
 
 def test_bench_training_and_latency_quick_write_their_figures_and_details(tmp_path):
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(True)  # an earlier test's Accelerator (another mixed precision) must not linger
     out = tmp_path / "gpu.json"
     result = runner.invoke(app, ["bench", "training", "--quick", "--device", "cpu", "--json", str(out)])
     assert result.exit_code == 0, result.output

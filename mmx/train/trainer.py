@@ -241,15 +241,36 @@ def train(
             (loss stays a tensor: no host synchronisation unless the callback asks for it).
         hparams: flat values recorded in tensorboard's hparams.
     """
-    from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
-    from tqdm.auto import tqdm
+    from accelerate.state import AcceleratorState, is_initialized
 
     try:
         _check_config(cfg)
     except ValueError as err:
         raise TrainSetupError(str(err)) from err
-    run_dir = Path(run_dir)
+    # Accelerate keeps one AcceleratorState per process and refuses a second Accelerator with another
+    # mixed precision. When this run creates that state, it releases it on the way out, so the next
+    # train() in the same process (a notebook, `mmx bench training`) can pick its own. The process
+    # group (PartialState) stays; a state made by the caller's own Accelerator is left alone.
+    owns_state = not is_initialized()
+    try:
+        return _train(task, cfg, Path(run_dir), resume, on_step, hparams)
+    finally:
+        if owns_state:
+            AcceleratorState._reset_state()
+
+
+def _train(
+    task: Task,
+    cfg: TrainConfig,
+    run_dir: Path,
+    resume: str | Path | None,
+    on_step: Callable[[int, torch.Tensor], None] | None,
+    hparams: dict[str, Any] | None,
+) -> TrainResult:
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+    from tqdm.auto import tqdm
+
     accelerator = Accelerator(
         cpu=multi_process_cpu_launch(),
         step_scheduler_with_optimizer=False,  # stepped below, once per optimiser step, whatever the process count

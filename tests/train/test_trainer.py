@@ -247,6 +247,27 @@ def test_under_a_grad_scaler_overflow_is_the_scalers_and_a_nan_loss_is_counted(t
     assert _checkpoint_counts(tmp_path / "checkpoints" / "step_0000006") == (6, 1, 4, 4)
 
 
+def test_runs_in_one_process_may_change_mixed_precision_and_a_callers_accelerator_is_kept(tmp_path):
+    """A notebook trains in bf16, then in fp32; the trainer releases the Accelerate state it made."""
+    import accelerate
+    from accelerate.state import AcceleratorState, is_initialized
+
+    AcceleratorState._reset_state()  # as in a fresh process
+    cfg = _mlp_cfg(max_steps=2, checkpoint_every=2, ema=False)
+    seen = []
+    train(_MLPTask(), _mlp_cfg(max_steps=2, checkpoint_every=2, ema=False, mixed_precision="bf16"), tmp_path / "bf16",
+          on_step=lambda s, l: seen.append(AcceleratorState().mixed_precision))  # fmt: skip
+    assert not is_initialized()
+    train(_MLPTask(), cfg, tmp_path / "fp32", on_step=lambda s, l: seen.append(AcceleratorState().mixed_precision))
+    assert seen == ["bf16", "bf16", "no", "no"]
+    try:
+        mine = accelerate.Accelerator(mixed_precision="no")  # the caller's own, made before training
+        train(_MLPTask(), cfg, tmp_path / "own")
+        assert is_initialized() and mine.state.mixed_precision == "no"
+    finally:
+        AcceleratorState._reset_state()
+
+
 def test_stop_and_resume_is_bit_identical_with_ema(tmp_path):
     """Weights, EMA and Adam state after an interrupted + resumed run equal the uninterrupted run's exactly."""
     from safetensors.torch import load_file
