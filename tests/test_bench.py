@@ -165,3 +165,36 @@ def test_the_gpu_section_of_the_results_page_is_replaced_whole(tmp_path):
     with pytest.raises(ValueError, match="has no GPU section: add the lines"):
         write_section(other, text)
     assert other.read_text() == "# no markers\n" and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_trainer_syncs_count_only_steps_5_to_8_per_step(tmp_path, monkeypatch):
+    """A loss that syncs once a step reads as 1 sync a step: setup, steps 1-4 and 9-10 are not counted."""
+    import warnings
+
+    import torch
+
+    from mmx.bench import gpu
+
+    mode = [0]  # CUDA's sync debug mode, stood in for on a CPU
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", lambda m: mode.__setitem__(0, m))
+    monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: mode[0])
+    real_task = gpu._task
+
+    def task_whose_loss_syncs(*args):
+        cfg, task = real_task(*args)
+        loss = task.loss
+
+        def syncing_loss(*a, **k):
+            if mode[0] == "warn":
+                warnings.warn("called a synchronizing CUDA operation", UserWarning, stacklevel=1)
+            return loss(*a, **k)
+
+        task.loss = syncing_loss
+        return cfg, task
+
+    monkeypatch.setattr(gpu, "_task", task_whose_loss_syncs)
+    overrides = ["train.progress=false", "train.tensorboard=false", "train.max_steps=10", "train.validate_every=1000"]
+    syncs = gpu.trainer_syncs("shapes_t2i_tiny.yaml", overrides, tmp_path, torch.device("cuda"))
+    assert syncs["per_step"] == 1.0 and sum(syncs["sites"].values()) == 4, syncs
+    assert all(site.startswith("train/trainer.py:") for site in syncs["sites"]) and mode[0] == 0
+    assert gpu.trainer_syncs("shapes_t2i_tiny.yaml", overrides, tmp_path, torch.device("cpu"))["per_step"] is None
