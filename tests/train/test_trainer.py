@@ -1,5 +1,6 @@
 """The Accelerate training loop on the tiny text-to-image recipe: learning, exact resume, run folders."""
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -255,10 +256,13 @@ def test_runs_in_one_process_may_change_mixed_precision_and_a_callers_accelerato
     AcceleratorState._reset_state()  # as in a fresh process
     cfg = _mlp_cfg(max_steps=2, checkpoint_every=2, ema=False)
     seen = []
-    train(_MLPTask(), _mlp_cfg(max_steps=2, checkpoint_every=2, ema=False, mixed_precision="bf16"), tmp_path / "bf16",
-          on_step=lambda s, l: seen.append(AcceleratorState().mixed_precision))  # fmt: skip
+
+    def precision(step, loss):
+        seen.append(AcceleratorState().mixed_precision)
+
+    train(_MLPTask(), dataclasses.replace(cfg, mixed_precision="bf16"), tmp_path / "bf16", on_step=precision)
     assert not is_initialized()
-    train(_MLPTask(), cfg, tmp_path / "fp32", on_step=lambda s, l: seen.append(AcceleratorState().mixed_precision))
+    train(_MLPTask(), cfg, tmp_path / "fp32", on_step=precision)
     assert seen == ["bf16", "bf16", "no", "no"]
     try:
         mine = accelerate.Accelerator(mixed_precision="no")  # the caller's own, made before training
